@@ -1,0 +1,165 @@
+"""Every setting, one dataclass per part.
+
+Sources, later ones win: defaults < YAML file (``--config`` or ``KVTIER_CONFIG``) < environment
+(``KVTIER_<FIELD>``, e.g. ``KVTIER_BLOCK_SIZE=32``) < explicit arguments (flags, ``LLM(...)`` kwargs).
+Field names are unique across parts, so a flat ``name=value`` finds its part; YAML may be flat or
+nested by part (``pool: {block_size: 32}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "KVTIER_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSettings:
+    model: str = "synthetic:small"  # a local HF checkpoint folder or synthetic:<name>
+    dtype: str = "auto"  # auto (bf16 on CUDA, float32 on CPU for synthetic; the checkpoint's own otherwise)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0  # synthetic weights
+    attention_backend: str = "auto"
+
+
+@dataclass
+class PoolSettings:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the device pool; None: see gpu_memory_utilization / cpu default
+    gpu_memory_utilization: float = 0.9  # fraction of free device memory after weights (CUDA)
+    cpu_kv_cache_fraction: float = 0.25  # fraction of available RAM when kv_cache_memory is None (CPU)
+    eviction_policy: str = "lru"
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerSettings:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class EngineConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+
+    def parts(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        p, s = self.pool, self.scheduler
+        if p.block_size < 1 or p.block_size & (p.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 1, got {p.block_size}")
+        if p.kv_cache_memory is not None and p.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be > 0 bytes, got {p.kv_cache_memory}")
+        if not 0.0 < p.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {p.gpu_memory_utilization}")
+        if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
+            raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+    @classmethod
+    def load(cls, overrides: dict[str, Any] | None = None, yaml_path: str | os.PathLike[str] | None = None,
+             env: typing.Mapping[str, str] | None = None) -> EngineConfig:
+        cfg = cls()
+        env = os.environ if env is None else env
+        yaml_path = yaml_path or env.get(ENV_PREFIX + "CONFIG")
+        if yaml_path:
+            cfg._apply(_read_yaml(Path(yaml_path)), source=str(yaml_path))
+        cfg._apply(_from_env(cfg, env), source="environment")
+        cfg._apply({k: v for k, v in (overrides or {}).items() if v is not None}, source="arguments")
+        cfg.validate()
+        return cfg
+
+    def _apply(self, values: dict[str, Any], source: str) -> None:
+        index = {f.name: (part, f) for part in self.parts().values() for f in dataclasses.fields(part)}
+        for name, value in _flatten(values, self.parts()).items():
+            if name not in index:
+                raise ConfigError(f"unknown setting {name!r} in {source}; known: {', '.join(sorted(index))}")
+            part, f = index[name]
+            setattr(part, name, _coerce(value, f.type, name))
+
+
+def _flatten(values: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in values.items():
+        if k in parts and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _from_env(cfg: EngineConfig, env: typing.Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in cfg.parts().values():
+        for f in dataclasses.fields(part):
+            value = env.get(ENV_PREFIX + f.name.upper())
+            if value is not None:
+                out[f.name] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Strings from env and flags into the field's type (int, float, bool, str, optional)."""
+    hint = _resolve(annotation)
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"setting {name} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base is int:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+
+
+def _resolve(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        namespace = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+        parts = [p.strip() for p in annotation.split("|")]
+        types_ = [namespace[p] for p in parts]
+        if len(types_) == 1:
+            return types_[0]
+        return typing.Union[tuple(types_)]  # noqa: UP007 - built at run time
+    if isinstance(annotation, types.UnionType):
+        return typing.Union[annotation.__args__]  # noqa: UP007
+    return annotation

@@ -1,0 +1,114 @@
+"""Batch -> tensors -> model -> sampled tokens. Owns the KV cache tensor and the device.
+
+One host synchronisation per step: reading the sampled token ids back. Inputs are built on the host
+in pinned memory (on CUDA) and copied without blocking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.cache.keys import KVLayout
+from kvtier.engine.request import Request
+from kvtier.engine.scheduler import ScheduledChunk
+from kvtier.model.attention import AttentionMetadata
+from kvtier.model.llama import CausalLM
+from kvtier.model.sampler import SamplingBatch, sample
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request id -> new token
+    logits: dict[str, torch.Tensor]  # request id -> [vocab] float32 (only for return_logits requests)
+
+
+def kv_cache_shape(layout: KVLayout, num_blocks: int) -> tuple[int, ...]:
+    return (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+        self.model = model
+        self.layout = layout
+        self.device = device
+        self.dtype = getattr(torch, layout.dtype)
+        self.kv_cache = torch.zeros(kv_cache_shape(layout, num_blocks), dtype=self.dtype, device=device)
+        self._pin = device.type == "cuda"
+
+    def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
+        return t.to(self.device, non_blocking=True)
+
+    def build_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.layout.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_rows: list[int] = []
+        max_blocks = max(-(-(c.request.num_computed_tokens + c.num_new_tokens) // bs) for c in chunks)
+        tables: list[int] = []
+        num_decodes = 0
+        for c in chunks:
+            req, start, n = c.request, c.request.num_computed_tokens, c.num_new_tokens
+            tokens = req.all_token_ids
+            ids.extend(tokens[start : start + n])
+            positions.extend(range(start, start + n))
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            query_start.append(query_start[-1] + n)
+            tables.extend(table[:max_blocks] + [0] * (max_blocks - min(len(table), max_blocks)))
+            if c.samples:
+                logits_rows.append(len(ids) - 1)
+            if n == 1 and c.samples:
+                num_decodes += 1
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            query_start_loc=self._to_device(query_start, torch.int32),
+            context_lens=self._to_device(context_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32).view(len(chunks), max_blocks),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
+            num_decodes=num_decodes,
+        )
+        return self._to_device(ids, torch.int64), self._to_device(positions, torch.int64), meta, logits_rows
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
+        input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
+        sampling = [c.request for c in chunks if c.samples]
+        if not sampling:
+            self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
+            return StepResult({}, {})
+        logits = self.model(input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64))
+        batch = self._sampling_batch(sampling)
+        token_ids = sample(logits, batch).tolist()  # the step's one host synchronisation
+        kept = {r.request_id: logits[i].cpu() for i, r in enumerate(sampling) if r.params.return_logits}
+        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids)}, kept)
+
+    def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
+        ps = [r.params for r in reqs]
+        penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps)
+        batch = SamplingBatch.build(
+            temperature=[p.temperature for p in ps],
+            top_k=[p.top_k for p in ps],
+            top_p=[p.top_p for p in ps],
+            min_p=[p.min_p for p in ps],
+            repetition_penalty=[p.repetition_penalty for p in ps],
+            presence_penalty=[p.presence_penalty for p in ps],
+            frequency_penalty=[p.frequency_penalty for p in ps],
+            seeds=[p.seed for p in ps],
+            prompt_tokens=[r.prompt_token_ids for r in reqs] if penalties else None,
+            output_tokens=[r.output_token_ids for r in reqs] if penalties else None,
+            device=self.device,
+            generators=[r.generator for r in reqs],
+        )
+        for r, g in zip(reqs, batch.generators):
+            r.generator = g
+        return batch

@@ -1,0 +1,224 @@
+"""Continuous batching with a per-step token budget, chunked prefill, preemption by recompute.
+
+Each step the scheduler gives every running request its next tokens (one for a decode, a chunk for a
+prompt still being prefilled), then admits waiting requests in arrival order while blocks and budget
+last. A prompt's leading full blocks that the pool already holds (same chained key, same tokens) are
+pinned instead of computed. When blocks run out, the most recently admitted running request is
+preempted: its blocks are released (they keep their keys, so its re-admission usually hits them) and
+it goes back to the head of the queue. A request is never larger than the pool: that is rejected at
+admission with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvtier.cache.blocks import BlockPool
+from kvtier.cache.keys import BlockKey, chain_keys
+from kvtier.engine.request import FinishReason, InvalidRequestError, Request, RequestState
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """A token is sampled when this chunk reaches the end of the known tokens."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first, then prefills
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+@dataclass
+class SchedulerLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, limits: SchedulerLimits, root_key: Callable[[str | None], BlockKey]) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.block_size = pool.block_size
+        self._root_key = root_key
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- admission control ----------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """Raise InvalidRequestError for a prompt that can never run; say which limit it breaks."""
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty: at least one token is needed")
+        if num_prompt_tokens >= self.limits.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt_tokens} tokens; the model's context is "
+                f"{self.limits.max_model_len} tokens, and at least one must be left to generate"
+            )
+        blocks = self._blocks_for(num_prompt_tokens + 1)
+        if blocks > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt needs {blocks} KV blocks of {self.block_size} tokens; the KV pool holds "
+                f"{self.pool.num_blocks} blocks ({self.pool.num_blocks * self.block_size} tokens): "
+                f"raise --kv-cache-memory or shorten the prompt"
+            )
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.limits.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:  # after a preemption the pool is tight: let running requests drain
+            self._admit_waiting(out, budget)
+        decodes = [c for c in out.chunks if c.num_new_tokens == 1 and c.samples]
+        prefills = [c for c in out.chunks if not (c.num_new_tokens == 1 and c.samples)]
+        out.chunks = decodes + prefills
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.limits.enable_chunked_prefill and num_new < req.num_tokens - req.num_computed_tokens:
+                break
+            total = self._blocks_for(req.num_computed_tokens + num_new)
+            if total > self.pool.num_blocks:  # it outgrew the whole pool: stop it, never livelock
+                self.finish(req, FinishReason.LENGTH)
+                req.error = f"the KV pool ({self.pool.num_blocks} blocks) is full at {req.num_tokens} tokens"
+                out.failed.append(req)
+                continue
+            needed = total - len(req.block_table)
+            while needed > self.pool.num_available:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.state is not RequestState.RUNNING:
+                break
+            req.block_table.extend(self.pool.allocate(needed))
+            out.chunks.append(ScheduledChunk(req, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.pool.release(req.block_table)
+        req.block_table = []
+        req.num_computed_tokens = 0
+        req.num_committed_blocks = 0
+        req.state = RequestState.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            req = self.waiting[0]
+            if req.wait_for is not None and not _prefilled(req.wait_for):
+                skipped.append(self.waiting.popleft())  # a sibling of n > 1 waits to share blocks
+                continue
+            if not self._try_admit(req, out, budget, first=not out.chunks):
+                break
+            self.waiting.popleft()
+            budget -= out.chunks[-1].num_new_tokens
+        self.waiting.extendleft(reversed(skipped))
+
+    def _try_admit(self, req: Request, out: SchedulerOutput, budget: int, first: bool) -> bool:
+        hits = self._match(req)
+        num_cached = len(hits) * self.block_size
+        remaining = req.num_tokens - num_cached
+        num_new = min(remaining, budget)
+        if num_new < remaining and not self.limits.enable_chunked_prefill:
+            if not first:
+                return False
+            num_new = remaining  # whole prefill: a step may exceed the budget for one long prompt
+        new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
+        hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if new_blocks + hits_evictable > self.pool.num_available:
+            return False
+        self.pool.pin(hits)
+        req.block_table = hits + self.pool.allocate(new_blocks)
+        req.num_computed_tokens = num_cached
+        req.num_committed_blocks = len(hits)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = min(num_cached, len(req.prompt_token_ids))
+        req.state = RequestState.RUNNING
+        self.running.append(req)
+        out.chunks.append(ScheduledChunk(req, num_new))
+        return True
+
+    def _match(self, req: Request) -> list[int]:
+        self.extend_keys(req)
+        # The last token is always computed: its logits give the next token.
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        tokens = req.all_token_ids
+        bs = self.block_size
+        block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(max_blocks)]
+        return self.pool.match_prefix(req.block_keys[:max_blocks], block_tokens)
+
+    # -- after the model ran ---------------------------------------------------------------------
+    def extend_keys(self, req: Request) -> None:
+        """Key every full block of the request's tokens not keyed yet (chained from the last)."""
+        full = req.num_tokens // self.block_size
+        have = len(req.block_keys)
+        if full > have:
+            parent = req.block_keys[-1] if have else None
+            root = self._root_key(req.cache_salt)
+            req.block_keys.extend(chain_keys(root, req.all_token_ids, self.block_size, start=have, parent=parent))
+
+    def commit_computed_blocks(self, req: Request) -> None:
+        """Full blocks whose KV is now computed get their key and become shareable."""
+        full_computed = min(req.num_computed_tokens // self.block_size, len(req.block_table))
+        if full_computed <= req.num_committed_blocks:
+            return
+        self.extend_keys(req)
+        tokens = req.all_token_ids
+        bs = self.block_size
+        for i in range(req.num_committed_blocks, full_computed):
+            self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
+        req.num_committed_blocks = full_computed
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.block_table:
+            self.pool.release(req.block_table)
+            req.block_table = []
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+def _prefilled(req: Request) -> bool:
+    return req.is_finished or (
+        req.state is RequestState.RUNNING and req.num_computed_tokens >= len(req.prompt_token_ids)
+    )

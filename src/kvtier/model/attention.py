@@ -1,0 +1,146 @@
+"""Paged attention: the metadata a batch carries, the backend interface, and the torch reference.
+
+KV cache layout (one tensor for the whole model):
+``kv_cache[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``; index 0 of the second
+axis is K, 1 is V. Per layer, ``kv_cache[l, 0]`` is a contiguous ``[num_blocks, block_size, H, D]``
+array (the layout paged flash-attention kernels expect), and a token lives at
+``slot = block_id * block_size + offset``. One block of every layer is ``kv_cache[:, :, block_id]``,
+the unit that the cache tiers store.
+
+A batch is flattened: all new tokens of all sequences in one ``[T]`` axis, decode rows (one query
+token) first, then prefill rows (a chunk of a prompt, or a whole one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries are in the flat batch and where its keys are in the pool.
+
+    Device tensors feed the kernels; the host lists let the reference loop without a device sync.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V is written to
+    query_start_loc: torch.Tensor  # [B + 1] int32: cumulative query lengths (cu_seqlens_q)
+    context_lens: torch.Tensor  # [B] int32: keys each row attends to (cached + new)
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    query_lens_host: list[int]
+    context_lens_host: list[int]
+    num_decodes: int  # rows [0, num_decodes) have exactly one query token
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.query_lens_host)
+
+
+class AttentionBackend(Protocol):
+    """Writes the new tokens' K/V into the paged cache, then attends causally over each row's context.
+
+    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]; kv_layer: ``kv_cache[l]``, shape
+    [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim]. Row i's
+    query j sits at position ``context_lens[i] - query_lens[i] + j`` and sees keys 0..that position
+    (and only the last ``sliding_window`` of them when a window is set).
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor: ...
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _, num_blocks, block_size, heads, dim = kv_layer.shape
+    kv_layer[0].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, k.to(kv_layer.dtype))
+    kv_layer[1].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
+
+
+def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, nb] block ids -> K and V as [R, heads, nb * block_size, dim]."""
+    rows, nb = block_tables.shape
+    _, _, block_size, heads, dim = kv_layer.shape
+    idx = block_tables.long()
+    k = kv_layer[0][idx].view(rows, nb * block_size, heads, dim).transpose(1, 2)
+    v = kv_layer[1][idx].view(rows, nb * block_size, heads, dim).transpose(1, 2)
+    return k, v
+
+
+def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, context_len: torch.Tensor,
+             sliding_window: int | None) -> torch.Tensor:
+    mask = (key_pos <= query_pos) & (key_pos < context_len)
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+class TorchReferenceAttention:
+    """Gather + ``scaled_dot_product_attention``: runs anywhere, and is the oracle for GPU kernels.
+
+    Decode rows are done in one padded batch; prefill rows one at a time (their query counts differ
+    too much to pad).
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        write_kv(kv_layer, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        block_size = kv_layer.shape[2]
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_layer, meta, scale, sliding_window, block_size)
+        start = nd
+        for row in range(nd, meta.num_rows):
+            qlen, ctx = meta.query_lens_host[row], meta.context_lens_host[row]
+            nb = -(-ctx // block_size)
+            kk, vv = gather_kv(kv_layer, meta.block_tables[row : row + 1, :nb])
+            qq = q[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
+            query_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+            key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
+            mask = _visible(query_pos, key_pos, torch.tensor(ctx, device=q.device), sliding_window)
+            o = F.scaled_dot_product_attention(
+                qq, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+            )
+            out[start : start + qlen] = o[0].transpose(0, 1)
+            start += qlen
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None, block_size: int) -> torch.Tensor:
+        nd = meta.num_decodes
+        nb = -(-max(meta.context_lens_host[:nd]) // block_size)
+        kk, vv = gather_kv(kv_layer, meta.block_tables[:nd, :nb])
+        ctx = meta.context_lens[:nd].long()[:, None]  # [nd, 1]
+        key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
+        mask = _visible(ctx - 1, key_pos, ctx, sliding_window)[:, None, None, :]  # [nd, 1, 1, S]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return o.squeeze(2)
+
+
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``torch`` is the reference and runs everywhere; GPU kernels register here as they land."""
+    if name in ("torch", "auto"):
+        return TorchReferenceAttention()
+    raise ValueError(f"unknown attention backend {name!r}; supported: auto, torch")
