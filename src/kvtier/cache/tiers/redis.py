@@ -1,0 +1,528 @@
+"""The Redis tier: KV blocks shared by every kvtier instance that can reach one Redis (or Redis Cluster).
+
+Objects live under ``kvtier:<namespace>:<key hex>`` as plain strings, optionally with a TTL. The
+namespace separates deployments (or model generations) sharing one server; ``clear`` touches only its
+own namespace, ``drop_other_namespaces`` removes everyone else's block objects.
+
+URLs: ``redis://`` and ``rediss://`` (TLS) go to redis-py's ``Redis.from_url``; ``redis+cluster://`` and
+``rediss+cluster://`` go to ``RedisCluster.from_url`` with the plain scheme (one startup node is enough,
+the client discovers the rest).
+
+Every batch is one round trip per node: ``lookup`` pipelines EXISTS, ``get`` is one MGET on a single
+node (a pipeline of GETs on a cluster, where MGET cannot span slots), ``put`` pipelines SET (with EX when
+a TTL is set), ``delete`` is one UNLINK (a pipeline of UNLINKs on a cluster).
+
+Failures never reach the caller (see ``base.Tier``): a backend error becomes a miss, a dropped write or
+an empty listing, and is counted in ``stats().errors``. A circuit breaker keeps a dead server from
+costing every request a timeout: after ``breaker_failures`` consecutive failures it opens, and for the
+backoff period every call returns a miss at once without touching the network; then one call is let
+through as a probe (half-open): success closes the breaker, failure reopens it with the backoff doubled
+(up to ``breaker_max_backoff_seconds``). A server that answers with an error reply (say OOM under
+``maxmemory`` with ``noeviction``) is alive: that error is counted but does not count toward opening.
+
+``capacity_bytes`` (0 = unbounded) is not enforced by eviction here: the server's ``maxmemory`` policy
+and the TTL bound the space. A positive capacity only drops objects larger than it, as the contract
+asks. ``used_bytes`` is best effort: the server's ``used_memory`` from INFO (summed over the primaries
+of a cluster), which counts every namespace and Redis's own overhead; it is cached for a second and is
+0 while the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import redis
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from kvtier.cache.keys import DIGEST_SIZE, BlockKey
+from kvtier.cache.tiers.base import TierStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Client = redis.Redis | redis.cluster.RedisCluster
+
+KEY_PREFIX = "kvtier"
+_PLAIN_SCHEMES = ("redis", "rediss")
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# ':' would make one namespace a prefix of another in SCAN MATCH; glob characters would widen the match.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._/+=-]{1,128}")
+_HEX_LEN = 2 * DIGEST_SIZE
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+_SCAN_COUNT = 1000
+_DELETE_BATCH = 500
+_USED_BYTES_TTL_S = 1.0
+
+
+def parse_url(url: str) -> tuple[str, bool]:
+    """``(url for redis-py, is_cluster)``; raises ValueError for a scheme kvtier does not support."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in _PLAIN_SCHEMES:
+        return url, False
+    if scheme in _CLUSTER_SCHEMES:
+        return _CLUSTER_SCHEMES[scheme] + url[len(scheme) :], True
+    supported = [f"{s}://" for s in (*_PLAIN_SCHEMES, *_CLUSTER_SCHEMES)]
+    raise ValueError(f"unsupported Redis URL scheme {scheme!r} in {url!r}; supported: {supported}")
+
+
+def _connect(url: str, timeout_seconds: float, connect_timeout_seconds: float) -> Client:
+    """A client whose every call fails within about the timeouts: no client-side retries.
+
+    The single-node client connects lazily; the cluster client contacts its startup node here.
+    """
+    plain, cluster = parse_url(url)
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": connect_timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(plain, **options)
+    return redis.Redis.from_url(plain, **options)
+
+
+def ping(url: str, timeout_seconds: float = 0.5) -> bool:
+    """True if the server (every node of a cluster) answers PING within the timeout; never raises
+    for an unreachable server (a malformed URL still raises ValueError)."""
+    parse_url(url)
+    client: Client | None = None
+    try:
+        client = _connect(url, timeout_seconds, timeout_seconds)
+        return bool(client.ping())
+    except _BACKEND_ERRORS:
+        return False
+    finally:
+        if client is not None:
+            client.close()
+
+
+class CircuitBreaker:
+    """Closed -> (``failures`` in a row) -> open -> (backoff elapsed) -> half-open: one probe.
+
+    Thread-safe. While open, ``allow()`` is False without any I/O. While half-open exactly one caller
+    gets True (the probe); its success closes the breaker, its failure reopens it with the backoff
+    doubled up to ``max_backoff``.
+    """
+
+    CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+    STATE_NAMES = ("closed", "open", "half_open")
+
+    def __init__(
+        self,
+        failures: int,
+        backoff: float,
+        max_backoff: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failures < 1:
+            raise ValueError(f"breaker_failures must be >= 1, got {failures}")
+        if backoff <= 0 or max_backoff < backoff:
+            raise ValueError(f"need 0 < breaker backoff <= max backoff, got {backoff} and {max_backoff}")
+        self.failures_to_open = failures
+        self.base_backoff = backoff
+        self.max_backoff = max_backoff
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.state = self.CLOSED
+        self.consecutive_failures = 0
+        self.trips = 0
+        self.short_circuits = 0
+        self.backoff = backoff
+        self._open_until = 0.0
+        self._probe_in_flight = False
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.state == self.CLOSED:
+                return True
+            if self.state == self.OPEN and self._clock() >= self._open_until:
+                self.state = self.HALF_OPEN
+                self._probe_in_flight = False
+            if self.state == self.HALF_OPEN and not self._probe_in_flight:
+                self._probe_in_flight = True
+                return True
+            self.short_circuits += 1
+            return False
+
+    def record_success(self) -> bool:
+        """Returns True if this closed an open or half-open breaker."""
+        with self._lock:
+            was_open = self.state != self.CLOSED
+            self.state = self.CLOSED
+            self.consecutive_failures = 0
+            self.backoff = self.base_backoff
+            self._probe_in_flight = False
+            return was_open
+
+    def record_failure(self) -> bool:
+        """Returns True if this failure opened the breaker."""
+        with self._lock:
+            self.consecutive_failures += 1
+            if self.state == self.HALF_OPEN:
+                self.backoff = min(self.backoff * 2, self.max_backoff)
+                self._open()
+                return True
+            if self.state == self.CLOSED and self.consecutive_failures >= self.failures_to_open:
+                self._open()
+                return True
+            return False  # open already: a call that started before it opened failed late
+
+    def release_probe(self) -> None:
+        """The probe ended without telling anything about the backend (a programming error)."""
+        with self._lock:
+            self._probe_in_flight = False
+
+    def _open(self) -> None:
+        self.state = self.OPEN
+        self._open_until = self._clock() + self.backoff
+        self._probe_in_flight = False
+        self.trips += 1
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "breaker_state": float(self.state),  # 0 closed, 1 open, 2 half-open
+                "breaker_open": float(self.state != self.CLOSED),
+                "breaker_trips": float(self.trips),
+                "breaker_consecutive_failures": float(self.consecutive_failures),
+                "breaker_backoff_seconds": self.backoff,
+                "breaker_short_circuits": float(self.short_circuits),
+            }
+
+
+class RedisTier:
+    """Blocks in Redis or Redis Cluster, behind the ``Tier`` protocol; safe to share between threads."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        ttl_seconds: int | None = None,
+        timeout_seconds: float = 0.5,
+        connect_timeout_seconds: float = 0.5,
+        breaker_failures: int = 3,
+        breaker_backoff_seconds: float = 0.5,
+        breaker_max_backoff_seconds: float = 30.0,
+        capacity_bytes: int = 0,
+    ) -> None:
+        if not _NAMESPACE_RE.fullmatch(namespace):
+            raise ValueError(
+                f"invalid Redis namespace {namespace!r}: use 1-128 characters from A-Z a-z 0-9 . _ / + = -"
+            )
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds}")
+        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
+            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.url = url
+        self._plain_url, self.cluster = parse_url(url)
+        self.namespace = namespace
+        self.ttl_seconds = ttl_seconds
+        self.timeout_seconds = timeout_seconds
+        self.connect_timeout_seconds = connect_timeout_seconds
+        self._capacity = capacity_bytes
+        self._prefix = f"{KEY_PREFIX}:{namespace}:".encode()
+        self._breaker = CircuitBreaker(breaker_failures, breaker_backoff_seconds, breaker_max_backoff_seconds)
+        self._stats = TierStats()
+        self._stats_lock = threading.Lock()
+        self._extra = {"response_errors": 0.0, "dropped_too_large": 0.0}
+        self._client_lock = threading.Lock()
+        self._client: Client | None = None
+        self._connect_failed_at = -1.0
+        self._closed = False
+        self._used_bytes = (0, -_USED_BYTES_TTL_S)  # (value, monotonic time it was read)
+        if not self.cluster:  # lazy: no I/O until the first call
+            self._client = _connect(url, timeout_seconds, connect_timeout_seconds)
+
+    # ------------------------------------------------------------------ Tier protocol
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        value, when = self._used_bytes
+        now = time.monotonic()
+        if now - when < _USED_BYTES_TTL_S:
+            return value
+        value = self._run(self._server_used_memory, 0)
+        self._used_bytes = (value, now)
+        return value
+
+    def lookup(self, keys: Sequence[BlockKey]) -> int:
+        names = [self._name(k) for k in keys]
+        with self._stats_lock:
+            self._stats.lookups += len(names)
+        if not names:
+            return 0
+
+        def op(client: Client) -> int:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            held = 0
+            for found in pipe.execute():
+                if not found:
+                    break
+                held += 1
+            return held
+
+        return self._run(op, 0)
+
+    def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+        names = [self._name(k) for k in keys]
+        if not names:
+            return []
+        start = time.perf_counter()
+
+        def op(client: Client) -> list[bytes | None]:
+            if self.cluster:
+                pipe = client.pipeline(transaction=False)
+                for name in names:
+                    pipe.get(name)
+                return list(pipe.execute())
+            return cast(list[bytes | None], client.mget(names))  # decode_responses is off
+
+        values = self._run(op, None)
+        if values is None:
+            values = [None] * len(names)
+        hits = sum(v is not None for v in values)
+        with self._stats_lock:
+            s = self._stats
+            s.lookups += len(names)
+            s.hits += hits
+            s.misses += len(names) - hits
+            s.bytes_read += sum(len(v) for v in values if v is not None)
+            s.read_seconds += time.perf_counter() - start
+        return values
+
+    def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
+        batch: list[tuple[bytes, bytes]] = []
+        for key, data in items:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"RedisTier.put: data must be bytes, got {type(data).__name__}")
+            if self._capacity and len(data) > self._capacity:
+                with self._stats_lock:
+                    self._extra["dropped_too_large"] += 1
+                continue
+            batch.append((self._name(key), bytes(data)))
+        if not batch:
+            return
+        start = time.perf_counter()
+
+        def op(client: Client) -> bool:
+            pipe = client.pipeline(transaction=False)
+            for name, data in batch:
+                pipe.set(name, data, ex=self.ttl_seconds)
+            pipe.execute()
+            return True
+
+        stored = self._run(op, False)
+        with self._stats_lock:
+            if stored:
+                self._stats.puts += len(batch)
+                self._stats.bytes_written += sum(len(d) for _, d in batch)
+            self._stats.write_seconds += time.perf_counter() - start
+
+    def delete(self, keys: Sequence[BlockKey]) -> None:
+        names = [self._name(k) for k in keys]
+        if names:
+            self._run(lambda client: self._unlink(client, names), 0)
+
+    def keys(self) -> list[BlockKey]:
+        """Every block key of this namespace (SCAN over every primary); [] if the server is unreachable."""
+
+        def op(client: Client) -> list[BlockKey]:
+            found: list[BlockKey] = []
+            for name in self._scan(client, self._prefix + b"*"):
+                parsed = _parse_name(name)
+                if parsed is not None and parsed[0] == self.namespace:
+                    found.append(parsed[1])
+            return found
+
+        return self._run(op, [])
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def stats(self) -> TierStats:
+        with self._stats_lock:
+            snapshot = dataclasses.replace(self._stats, extra=dict(self._stats.extra))
+            snapshot.extra.update(self._extra)
+        snapshot.extra.update(self._breaker.snapshot())
+        return snapshot
+
+    def clear(self) -> None:
+        """Delete this namespace's objects (nothing else on the server); a no-op if unreachable."""
+        self._delete_matching(self._prefix + b"*", lambda ns: ns == self.namespace)
+
+    def drop_other_namespaces(self) -> int:
+        """Delete the block objects (``kvtier:<ns>:<64 hex>``) of every namespace but this one.
+
+        Other keys, under ``kvtier:`` or not, are left alone. Returns how many were deleted (those
+        deleted before a failure, if the server fails midway).
+        """
+        return self._delete_matching(f"{KEY_PREFIX}:*".encode(), lambda ns: ns != self.namespace)
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+            self._closed = True
+        if client is not None:
+            with contextlib.suppress(*_BACKEND_ERRORS):
+                client.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _name(self, key: BlockKey) -> bytes:
+        if not isinstance(key, bytes | bytearray):
+            raise TypeError(f"block key must be bytes, got {type(key).__name__}")
+        if len(key) != DIGEST_SIZE:
+            raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
+        return self._prefix + key.hex().encode()
+
+    def _get_client(self) -> Client:
+        asked = time.monotonic()
+        with self._client_lock:
+            if self._closed:
+                raise RuntimeError("RedisTier is closed")
+            if self._client is None:  # cluster: discovering the nodes is I/O, done under the breaker
+                if self._connect_failed_at >= asked:  # failed while we waited: don't queue another timeout
+                    raise redis.ConnectionError(f"cannot reach the Redis cluster at {_redact(self.url)}")
+                try:
+                    self._client = _connect(self.url, self.timeout_seconds, self.connect_timeout_seconds)
+                except BaseException:
+                    self._connect_failed_at = time.monotonic()
+                    raise
+            return self._client
+
+    def _run(self, op: Callable[[Client], T], default: T) -> T:
+        """Run ``op`` under the breaker; a backend failure returns ``default`` and is counted."""
+        if not self._breaker.allow():
+            return default
+        try:
+            result = op(self._get_client())
+        except ResponseError as e:
+            if isinstance(e, ClusterError):  # cluster down / master down: the backend is unusable
+                self._failed(e)
+            else:  # the server answered (OOM, wrong type...): it is alive, don't open the breaker
+                with self._stats_lock:
+                    self._stats.errors += 1
+                    self._extra["response_errors"] += 1
+                if self._breaker.record_success():
+                    log.info("redis tier %s: reachable again, breaker closed", self._where())
+                log.warning("redis tier %s: error reply: %s", self._where(), e)
+            return default
+        except _BACKEND_ERRORS as e:
+            self._failed(e)
+            return default
+        except BaseException:
+            self._breaker.release_probe()
+            raise
+        if self._breaker.record_success():
+            log.info("redis tier %s: reachable again, breaker closed", self._where())
+        return result
+
+    def _failed(self, error: BaseException) -> None:
+        with self._stats_lock:
+            self._stats.errors += 1
+        if self._breaker.record_failure():
+            log.warning(
+                "redis tier %s: %s; breaker open for %.2fs (misses meanwhile)",
+                self._where(),
+                error,
+                self._breaker.backoff,
+            )
+        else:
+            log.debug("redis tier %s: %s", self._where(), error)
+
+    def _where(self) -> str:
+        return f"{_redact(self.url)} ns={self.namespace}"
+
+    def _unlink(self, client: Client, names: Sequence[bytes]) -> int:
+        if not self.cluster:
+            return int(client.unlink(*names))
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.unlink(name)
+        return sum(int(n) for n in pipe.execute())
+
+    def _scan(self, client: Client, pattern: bytes) -> Iterator[bytes]:
+        if self.cluster:
+            return client.scan_iter(
+                match=pattern, count=_SCAN_COUNT, target_nodes=redis.cluster.RedisCluster.PRIMARIES
+            )
+        return client.scan_iter(match=pattern, count=_SCAN_COUNT)
+
+    def _delete_matching(self, pattern: bytes, namespace_ok: Callable[[str], bool]) -> int:
+        deleted = 0
+
+        def op(client: Client) -> int:
+            nonlocal deleted
+            for batch in _batched(self._scan(client, pattern), _DELETE_BATCH):
+                doomed = [n for n in batch if (p := _parse_name(n)) is not None and namespace_ok(p[0])]
+                if doomed:
+                    deleted += self._unlink(client, doomed)
+            return deleted
+
+        self._run(op, 0)
+        return deleted
+
+    def _server_used_memory(self, client: Client) -> int:
+        if self.cluster:
+            info = client.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+            per_node = info.values() if isinstance(info, dict) and "used_memory" not in info else [info]
+            return sum(int(i.get("used_memory", 0)) for i in per_node)
+        return int(client.info("memory").get("used_memory", 0))
+
+
+def _parse_name(name: bytes) -> tuple[str, BlockKey] | None:
+    """``kvtier:<namespace>:<64 hex>`` -> (namespace, key); None for anything else."""
+    head, sep, hexpart = name.rpartition(b":")
+    prefix = KEY_PREFIX.encode() + b":"
+    if not sep or len(hexpart) != _HEX_LEN or not head.startswith(prefix):
+        return None
+    try:
+        namespace = head[len(prefix) :].decode("ascii")
+        key = bytes.fromhex(hexpart.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        return None
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        return None
+    return namespace, key
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
