@@ -52,11 +52,54 @@ class SchedulerSettings:
     enable_chunked_prefill: bool = True
 
 
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvtier")
+
+
+@dataclass
+class TierSettings:
+    """The hierarchy below the device pool. Codecs are ``<quantization>+<compression>`` or "none"."""
+
+    tiers: str = "auto"  # auto (host on CUDA, disk, redis when a URL is set), none, or a list "host,disk,redis"
+    tier_policy: str = "lru"  # eviction policy of the host and disk tiers
+    write_policy: str = "write-back"  # write-back, write-through, selective
+    selective_hits: int = 2  # selective: device hits before a block is written down
+    host_capacity: int = 4 << 30
+    host_codec: str = "none"
+    disk_path: str | None = None  # None: the user cache folder (~/.cache/kvtier)
+    disk_capacity: int = 16 << 30
+    disk_codec: str = "none"
+    disk_fsync: bool = False
+    redis_url: str | None = None  # redis://, rediss:// (TLS), redis+cluster://
+    redis_codec: str = "none+lz4"
+    redis_ttl: int | None = None  # seconds
+    redis_timeout: float = 0.5
+
+    def enabled(self, cuda: bool) -> list[str]:
+        if self.tiers == "none":
+            return []
+        if self.tiers == "auto":
+            names = (["host"] if cuda else []) + ["disk"] + (["redis"] if self.redis_url else [])
+            return names
+        names = [n.strip() for n in self.tiers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ("host", "disk", "redis")]
+        if unknown:
+            raise ConfigError(f"unknown tier {unknown[0]!r}; tiers are host, disk, redis (or auto, none)")
+        if "redis" in names and not self.redis_url:
+            raise ConfigError("the redis tier needs redis_url (KVTIER_REDIS_URL)")
+        return names
+
+    def resolved_disk_path(self) -> str:
+        return self.disk_path or default_cache_dir()
+
+
 @dataclass
 class EngineConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    tiers: TierSettings = field(default_factory=TierSettings)
 
     def parts(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -126,13 +126,18 @@ class BlockPool:
                     self._free.append(b)
 
     # -- caching ------------------------------------------------------------------------------
-    def commit(self, block_id: int, key: BlockKey, tokens: Sequence[int]) -> None:
-        """Give a full, computed, in-use block its key. A key already held elsewhere stays with
-        the first block (this one then stays private and is freed, not cached, at release)."""
+    def commit(self, block_id: int, key: BlockKey, tokens: Sequence[int]) -> bool:
+        """Give a full, computed, in-use block its key; True when it became shareable. A key already
+        held elsewhere stays with the first block (this one then stays private and is freed, not
+        cached, at release)."""
         if not self.enable_caching or key in self._by_key or block_id in self._cached:
-            return
+            return False
         self._by_key[key] = block_id
         self._cached[block_id] = CachedBlock(key, tuple(tokens))
+        return True
+
+    def cached_blocks(self) -> list[tuple[int, CachedBlock]]:
+        return list(self._cached.items())
 
     def contains(self, key: BlockKey) -> bool:
         return key in self._by_key

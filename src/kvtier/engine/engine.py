@@ -29,6 +29,7 @@ from kvtier.engine.request import (
     SamplingParams,
 )
 from kvtier.engine.runner import ModelRunner
+from kvtier.engine.tiers import build_hierarchy
 from kvtier.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.model.attention import make_attention_backend
 from kvtier.model.loader import LoadedModel, load_model
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 MIN_CPU_KV_BYTES = 64 << 20
+PREFILL_SAMPLE_TOKENS = 64  # steps with at least this many prefill tokens teach the cost model
 
 
 @dataclass
@@ -89,8 +91,12 @@ class Engine:
         max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         limits = SchedulerLimits(ss.max_num_batched_tokens, ss.max_num_seqs, max_len, ss.enable_chunked_prefill)
         self._roots: dict[str | None, BlockKey] = {}
-        self.scheduler = Scheduler(self.pool, limits, self.root_key)
+        self.hierarchy = build_hierarchy(config, self.layout, self.fingerprint, self.device) \
+            if ps.enable_prefix_caching else None
+        self.scheduler = Scheduler(self.pool, limits, self.root_key, self.hierarchy)
         self.runner = ModelRunner(self.model, self.layout, self.num_blocks, self.device)
+        if self.hierarchy is not None:
+            self.pool.on_evict = self._write_back
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, DetokenizerState] = {}
         self._ids = itertools.count()
@@ -180,6 +186,7 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of requests that produced a token or finished."""
+        self._install_loads()
         sched = self.scheduler.schedule()
         now = time.monotonic()
         failed = []
@@ -187,11 +194,68 @@ class Engine:
             self._finish(req, FinishReason.LENGTH, now)
             failed.append(self._output(req))
         if not sched.chunks:
+            if self.scheduler.loading:
+                time.sleep(0.0005)  # only loads are in flight: let the I/O thread run
             return failed
+        start = time.perf_counter()
         result = self.runner.execute(sched.chunks)
+        if self.hierarchy is not None:
+            prefill = sum(c.num_new_tokens for c in sched.chunks if c.num_new_tokens > 1)
+            if prefill >= PREFILL_SAMPLE_TOKENS:
+                self.hierarchy.observe_prefill(sched.num_tokens, time.perf_counter() - start)
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
         return failed + self._update(sched, result.sampled, result.logits)
+
+    # -- the hierarchy below the device pool ----------------------------------------------------
+    def _install_loads(self) -> None:
+        """Copy finished loads into their device blocks; the requests then run."""
+        for req in list(self.scheduler.loading):
+            future = req.load_future
+            if future is None or not future.done():
+                continue
+            try:
+                blocks = future.result()
+            except Exception:  # a failed load is a miss: recompute
+                log.exception("load of request %s failed; recomputing", req.request_id)
+                blocks = torch.empty(0)
+            n = int(blocks.shape[0]) if blocks.numel() else 0
+            base = req.num_committed_blocks
+            if n:
+                ids = torch.tensor(req.block_table[base : base + n], device=self.device)
+                data = blocks.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
+                self.runner.kv_cache.index_copy_(2, ids, data)
+            self.scheduler.complete_load(req, n)
+
+    def _read_block(self, block_id: int) -> torch.Tensor:
+        return self.runner.kv_cache[:, :, block_id].to("cpu", copy=True)
+
+    def _write_back(self, block_id: int, key: BlockKey, tokens: tuple[int, ...]) -> None:
+        assert self.hierarchy is not None
+        if self.hierarchy.wants_write_on_evict(key):
+            self.hierarchy.write_async(key, tokens, self._read_block(block_id))
+
+    def _write_through(self, blocks: list[int]) -> None:
+        assert self.hierarchy is not None
+        for b in blocks:
+            key = self.pool.key_of(b)
+            cached = dict(self.pool.cached_blocks()).get(b)
+            if key is not None and cached is not None:
+                self.hierarchy.write_async(key, cached.tokens, self._read_block(b))
+
+    def close(self) -> None:
+        """Write every block the device still caches down the hierarchy (so a restart or another
+        instance finds it), wait for the writes, and close the tiers."""
+        if self.hierarchy is None:
+            return
+        if not self.hierarchy.wants_write_on_commit():
+            for block_id, cached in self.pool.cached_blocks():
+                if self.hierarchy.wants_write_on_evict(cached.key):
+                    self.hierarchy.write_async(cached.key, cached.tokens, self._read_block(block_id))
+        self.hierarchy.close()
+        self.hierarchy = None
+        self.scheduler.hierarchy = None
+        self.pool.on_evict = None
 
     def _update(self, sched: SchedulerOutput, sampled: dict[str, int],
                 logits: dict[str, torch.Tensor]) -> list[RequestOutput]:
@@ -200,7 +264,9 @@ class Engine:
         for chunk in sched.chunks:
             req = chunk.request
             req.num_computed_tokens += chunk.num_new_tokens
-            self.scheduler.commit_computed_blocks(req)
+            shared = self.scheduler.commit_computed_blocks(req)
+            if shared and self.hierarchy is not None and self.hierarchy.wants_write_on_commit():
+                self._write_through(shared)
             token = sampled.get(req.request_id)
             if token is None:
                 continue
@@ -250,7 +316,7 @@ class Engine:
             s.ttft.append(req.first_token_time - req.arrival_time)
 
     def _output(self, req: Request) -> RequestOutput:
-        metrics: dict[str, Any] = {"num_preemptions": req.num_preemptions}
+        metrics: dict[str, Any] = {"num_preemptions": req.num_preemptions, "num_loaded_tokens": req.num_loaded_tokens}
         if req.first_token_time is not None:
             metrics["ttft"] = req.first_token_time - req.arrival_time
         if req.finish_time is not None:
@@ -319,6 +385,16 @@ class LLM:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Persist the device cache down the hierarchy and close the tiers."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  cache_salt: str | None = None) -> list[RequestOutput]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ class SamplingParams:
 
 class RequestState(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # holds its blocks while the hierarchy fetches KV from a lower tier
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -97,6 +99,8 @@ class Request:
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full blocks, in order
     num_committed_blocks: int = 0  # leading blocks registered in the pool's key map
     num_cached_tokens: int = -1  # prompt tokens found in the cache at first admission
+    num_loaded_tokens: int = 0  # of those, loaded from a tier below the device pool
+    load_future: Future[torch.Tensor] | None = None
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.cache.blocks import BlockPool
+from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import BlockKey, chain_keys
 from kvtier.engine.request import FinishReason, InvalidRequestError, Request, RequestState
 
@@ -51,8 +52,11 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, limits: SchedulerLimits, root_key: Callable[[str | None], BlockKey]) -> None:
+    def __init__(self, pool: BlockPool, limits: SchedulerLimits, root_key: Callable[[str | None], BlockKey],
+                 hierarchy: KVHierarchy | None = None) -> None:
         self.pool = pool
+        self.hierarchy = hierarchy
+        self.loading: list[Request] = []
         self.limits = limits
         self.block_size = pool.block_size
         self._root_key = root_key
@@ -82,7 +86,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     # -- the step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -137,19 +141,25 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.limits.max_num_seqs:
             req = self.waiting[0]
             if req.wait_for is not None and not _prefilled(req.wait_for):
                 skipped.append(self.waiting.popleft())  # a sibling of n > 1 waits to share blocks
                 continue
-            if not self._try_admit(req, out, budget, first=not out.chunks):
+            scheduled = self._try_admit(req, out, budget, first=not out.chunks)
+            if scheduled is None:
                 break
             self.waiting.popleft()
-            budget -= out.chunks[-1].num_new_tokens
+            budget -= scheduled
         self.waiting.extendleft(reversed(skipped))
 
-    def _try_admit(self, req: Request, out: SchedulerOutput, budget: int, first: bool) -> bool:
+    def _try_admit(self, req: Request, out: SchedulerOutput, budget: int, first: bool) -> int | None:
+        """Admit ``req``: returns the tokens scheduled now (0 while it loads), None if it must wait."""
         hits = self._match(req)
+        if self.hierarchy is not None:
+            loads = self._try_load(req, hits)
+            if loads is not None:
+                return 0 if loads else None
         num_cached = len(hits) * self.block_size
         remaining = req.num_tokens - num_cached
         num_new = min(remaining, budget)
@@ -160,7 +170,10 @@ class Scheduler:
         new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_evictable > self.pool.num_available:
-            return False
+            return None
+        if self.hierarchy is not None:
+            for b in hits:
+                self.hierarchy.note_hit(self.pool.key_of(b) or b"")
         self.pool.pin(hits)
         req.block_table = hits + self.pool.allocate(new_blocks)
         req.num_computed_tokens = num_cached
@@ -170,7 +183,56 @@ class Scheduler:
         req.state = RequestState.RUNNING
         self.running.append(req)
         out.chunks.append(ScheduledChunk(req, num_new))
+        return num_new
+
+    def _try_load(self, req: Request, hits: list[int]) -> bool | None:
+        """Start loading the blocks after the device hit from the tiers below, when that beats
+        recomputing them. None: nothing worth loading (admit normally); False: no room yet."""
+        assert self.hierarchy is not None
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        if len(hits) >= max_blocks:
+            return None
+        plan = self.hierarchy.plan(req.block_keys[len(hits) : max_blocks])
+        if not plan.num_blocks:
+            return None
+        hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if plan.num_blocks + hits_evictable > self.pool.num_available:
+            return False
+        for b in hits:
+            self.hierarchy.note_hit(self.pool.key_of(b) or b"")
+        self.pool.pin(hits)
+        req.block_table = hits + self.pool.allocate(plan.num_blocks)
+        req.num_computed_tokens = len(hits) * self.block_size
+        req.num_committed_blocks = len(hits)
+        tokens, bs = req.all_token_ids, self.block_size
+        first = len(hits)
+        block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(first, first + plan.num_blocks)]
+        req.load_future = self.hierarchy.load_async(plan, block_tokens)
+        req.state = RequestState.LOADING
+        self.loading.append(req)
         return True
+
+    def complete_load(self, req: Request, num_loaded: int) -> list[int]:
+        """The request's load finished with ``num_loaded`` verified blocks (installed by the engine):
+        commit them, free the blocks that stayed empty, and let the request run. Returns the
+        loaded block ids."""
+        base = req.num_committed_blocks
+        loaded = req.block_table[base : base + num_loaded]
+        self.pool.release(req.block_table[base + num_loaded :])
+        req.block_table = req.block_table[: base + num_loaded]
+        tokens, bs = req.all_token_ids, self.block_size
+        for i in range(base, base + num_loaded):
+            self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
+        req.num_committed_blocks = base + num_loaded
+        req.num_computed_tokens = (base + num_loaded) * bs
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_token_ids))
+            req.num_loaded_tokens = num_loaded * bs
+        req.load_future = None
+        self.loading.remove(req)
+        req.state = RequestState.RUNNING
+        self.running.append(req)
+        return loaded
 
     def _match(self, req: Request) -> list[int]:
         self.extend_keys(req)
@@ -191,21 +253,28 @@ class Scheduler:
             root = self._root_key(req.cache_salt)
             req.block_keys.extend(chain_keys(root, req.all_token_ids, self.block_size, start=have, parent=parent))
 
-    def commit_computed_blocks(self, req: Request) -> None:
-        """Full blocks whose KV is now computed get their key and become shareable."""
+    def commit_computed_blocks(self, req: Request) -> list[int]:
+        """Full blocks whose KV is now computed get their key and become shareable. Returns the
+        ids of blocks that became shareable now (write-through stores them down the hierarchy)."""
         full_computed = min(req.num_computed_tokens // self.block_size, len(req.block_table))
         if full_computed <= req.num_committed_blocks:
-            return
+            return []
         self.extend_keys(req)
         tokens = req.all_token_ids
         bs = self.block_size
+        shared = []
         for i in range(req.num_committed_blocks, full_computed):
-            self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
+            if self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs]):
+                shared.append(req.block_table[i])
         req.num_committed_blocks = full_computed
+        return shared
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         if req in self.running:
             self.running.remove(req)
+        elif req in self.loading:
+            self.loading.remove(req)
+            req.load_future = None
         elif req in self.waiting:
             self.waiting.remove(req)
         if req.block_table:

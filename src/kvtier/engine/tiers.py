@@ -1,0 +1,66 @@
+"""Builds the tier hierarchy an engine uses from its settings (host, disk, Redis)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.cache.codec import CodecConfig, secret_from_env
+from kvtier.cache.hierarchy import KVHierarchy
+from kvtier.cache.keys import KVLayout
+from kvtier.cache.tiers.base import Tier
+from kvtier.cache.tiers.disk import DiskTier
+from kvtier.cache.tiers.host import HostTier
+from kvtier.cache.tiers.redis import RedisTier
+from kvtier.config import ConfigError, EngineConfig, TierSettings
+
+log = logging.getLogger(__name__)
+
+# Seeds for the recompute side of the cost model until real prefills are measured.
+SEED_PREFILL_SECONDS_PER_TOKEN = {"cpu": 1e-3, "cuda": 2e-5}
+
+
+def parse_codec(text: str) -> CodecConfig:
+    """``none``, ``zstd``, ``int8``, ``fp8+lz4``...: quantization and compression in any order."""
+    quantization, compression = "none", "none"
+    for part in (p.strip() for p in text.split("+") if p.strip()):
+        if part in ("fp8", "int8"):
+            quantization = part
+        elif part in ("lz4", "zstd"):
+            compression = part
+        elif part != "none":
+            raise ConfigError(f"unknown codec part {part!r} in {text!r}; use none, fp8, int8, lz4, zstd")
+    return CodecConfig(quantization=quantization, compression=compression)
+
+
+def make_tier(name: str, settings: TierSettings, namespace: str, layout: KVLayout) -> Tier:
+    entries = max(1, settings.host_capacity // layout.bytes_per_block)
+    if name == "host":
+        return HostTier(namespace, settings.host_capacity, settings.tier_policy, expected_entries=entries)
+    if name == "disk":
+        return DiskTier(settings.resolved_disk_path(), namespace, settings.disk_capacity, settings.tier_policy,
+                        fsync=settings.disk_fsync,
+                        expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block))
+    if name == "redis":
+        assert settings.redis_url
+        return RedisTier(settings.redis_url, namespace, ttl_seconds=settings.redis_ttl,
+                         timeout_seconds=settings.redis_timeout)
+    raise ConfigError(f"unknown tier {name!r}")
+
+
+def build_hierarchy(config: EngineConfig, layout: KVLayout, fingerprint: str,
+                    device: torch.device) -> KVHierarchy | None:
+    settings = config.tiers
+    names = settings.enabled(cuda=device.type == "cuda")
+    if not names:
+        return None
+    secret = secret_from_env()
+    if "redis" in names and secret is None:
+        log.warning("the Redis tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
+                    "so anyone who can write to this Redis can feed this engine KV")
+    codec_text = {"host": settings.host_codec, "disk": settings.disk_codec, "redis": settings.redis_codec}
+    tiers = [make_tier(n, settings, fingerprint, layout) for n in names]
+    codecs = [parse_codec(codec_text[n]) for n in names]
+    return KVHierarchy(tiers, codecs, layout, fingerprint, settings.write_policy, settings.selective_hits, secret,
+                       SEED_PREFILL_SECONDS_PER_TOKEN.get(device.type, 1e-3))
