@@ -401,7 +401,6 @@ def test_huge_length_fields_do_not_allocate():
         "raw": patch(good, trailer_at + 10, "<Q", 2**64 - 1),
         "dims": patch(good, layout_at + 2, "<I", 0xFFFFFFFF),
     }
-    assert read_header(good).payload_length == h.payload_length
     tracemalloc.start()
     try:
         for name, data in cases.items():

@@ -37,7 +37,9 @@ class ModelSettings:
 @dataclass
 class PoolSettings:
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the device pool; None: see gpu_memory_utilization / cpu default
+    kv_cache_memory: int | None = (
+        None  # bytes for the device pool; None: see gpu_memory_utilization / cpu default
+    )
     gpu_memory_utilization: float = 0.9  # fraction of free device memory after weights (CUDA)
     cpu_kv_cache_fraction: float = 0.25  # fraction of available RAM when kv_cache_memory is None (CPU)
     eviction_policy: str = "lru"
@@ -61,7 +63,9 @@ def default_cache_dir() -> str:
 class TierSettings:
     """The hierarchy below the device pool. Codecs are ``<quantization>+<compression>`` or "none"."""
 
-    tiers: str = "auto"  # auto (host on CUDA, disk, redis when a URL is set), none, or a list "host,disk,redis"
+    tiers: str = (
+        "auto"  # auto (host on CUDA, disk, redis when a URL is set), none, or a list "host,disk,redis"
+    )
     tier_policy: str = "lru"  # eviction policy of the host and disk tiers
     write_policy: str = "write-back"  # write-back, write-through, selective
     selective_hits: int = 2  # selective: device hits before a block is written down
@@ -116,8 +120,12 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
 
     @classmethod
-    def load(cls, overrides: dict[str, Any] | None = None, yaml_path: str | os.PathLike[str] | None = None,
-             env: typing.Mapping[str, str] | None = None) -> EngineConfig:
+    def load(
+        cls,
+        overrides: dict[str, Any] | None = None,
+        yaml_path: str | os.PathLike[str] | None = None,
+        env: typing.Mapping[str, str] | None = None,
+    ) -> EngineConfig:
         cfg = cls()
         env = os.environ if env is None else env
         yaml_path = yaml_path or env.get(ENV_PREFIX + "CONFIG")
@@ -192,7 +200,9 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {name}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        raise ConfigError(
+            f"setting {name}: cannot read {value!r} as {getattr(base, '__name__', base)}"
+        ) from None
 
 
 def _resolve(annotation: Any) -> Any:

@@ -34,8 +34,9 @@ EvictCallback = Callable[[int, BlockKey, tuple[int, ...]], None]
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, policy: str = "lru",
-                 enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, policy: str = "lru", enable_caching: bool = True
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least 1 block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -68,7 +69,7 @@ class BlockPool:
         if not self.enable_caching:
             return []
         hits: list[int] = []
-        for key, tokens in zip(keys, block_tokens):
+        for key, tokens in zip(keys, block_tokens, strict=False):
             block = self._by_key.get(key)
             if block is None or self._cached[block].tokens != tuple(tokens):
                 break

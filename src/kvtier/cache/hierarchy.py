@@ -87,9 +87,18 @@ class HierarchyStats:
 
 
 class KVHierarchy:
-    def __init__(self, tiers: Sequence[Tier], codecs: Sequence[CodecConfig], layout: KVLayout, fingerprint: str,
-                 write_policy: str = "write-back", selective_hits: int = 2, secret: bytes | None = None,
-                 prefill_seconds_per_token: float = 1e-3, io_threads: int = 2) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        codecs: Sequence[CodecConfig],
+        layout: KVLayout,
+        fingerprint: str,
+        write_policy: str = "write-back",
+        selective_hits: int = 2,
+        secret: bytes | None = None,
+        prefill_seconds_per_token: float = 1e-3,
+        io_threads: int = 2,
+    ) -> None:
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
         if len(codecs) != len(tiers):
@@ -185,12 +194,20 @@ class KVHierarchy:
             return torch.empty((0, *self.layout.block_shape), dtype=getattr(torch, self.layout.dtype))
         return torch.stack(blocks)
 
-    def _verify(self, tier: Tier, key: BlockKey, data: bytes | None, tokens: list[int]) -> torch.Tensor | None:
+    def _verify(
+        self, tier: Tier, key: BlockKey, data: bytes | None, tokens: list[int]
+    ) -> torch.Tensor | None:
         if data is None:
             return None
         try:
-            return decode_block(data, key=key, fingerprint=self.fingerprint, layout=self.layout, tokens=tokens,
-                                secret=self.secret)
+            return decode_block(
+                data,
+                key=key,
+                fingerprint=self.fingerprint,
+                layout=self.layout,
+                tokens=tokens,
+                secret=self.secret,
+            )
         except CorruptObjectError as e:
             log.warning("%s tier: rejected object %s: %s", tier.name, key.hex()[:16], e)
             self.stats.corrupt += 1
@@ -232,7 +249,9 @@ class KVHierarchy:
         for tier, codec in zip(self.tiers, self.codecs, strict=True):
             try:
                 if codec not in encoded:
-                    encoded[codec] = encode_block(key, self.fingerprint, self.layout, tokens, kv, codec, self.secret)
+                    encoded[codec] = encode_block(
+                        key, self.fingerprint, self.layout, tokens, kv, codec, self.secret
+                    )
                 tier.put([(key, encoded[codec])])
             except Exception:  # a tier failure must never reach the engine
                 log.exception("%s tier: write failed", tier.name)

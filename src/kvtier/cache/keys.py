@@ -22,7 +22,7 @@ BlockKey = bytes
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of one KV block as stored and transferred: ``[num_layers, 2, block_size, num_kv_heads, head_dim]``.
+    """Shape of one KV block as stored and moved: ``[num_layers, 2, block_size, num_kv_heads, head_dim]``.
 
     The device pool keeps the same numbers as ``[num_layers, 2, num_blocks, block_size, heads, dim]``;
     one block is the slice ``[:, :, block_id]``.
@@ -56,9 +56,12 @@ class KVLayout:
     def to_bytes(self) -> bytes:
         """Explicit, versioned encoding used in the root key and in stored-object headers."""
         dtype = self.dtype.encode()
-        return struct.pack(
-            "<IIIIB", self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, len(dtype)
-        ) + dtype
+        return (
+            struct.pack(
+                "<IIIIB", self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, len(dtype)
+            )
+            + dtype
+        )
 
 
 _DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "int8": 1}
@@ -90,8 +93,9 @@ def next_key(parent: BlockKey, block_tokens: Sequence[int]) -> BlockKey:
     return h.digest()
 
 
-def chain_keys(root: BlockKey, tokens: Sequence[int], block_size: int, start: int = 0,
-               parent: BlockKey | None = None) -> list[BlockKey]:
+def chain_keys(
+    root: BlockKey, tokens: Sequence[int], block_size: int, start: int = 0, parent: BlockKey | None = None
+) -> list[BlockKey]:
     """Keys of every full block of ``tokens`` from block index ``start`` on.
 
     ``parent`` is the key of block ``start - 1`` (the root when ``start == 0``); passing it lets a

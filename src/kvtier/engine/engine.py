@@ -29,8 +29,8 @@ from kvtier.engine.request import (
     SamplingParams,
 )
 from kvtier.engine.runner import ModelRunner
-from kvtier.engine.tiers import build_hierarchy
 from kvtier.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from kvtier.engine.tiers import build_hierarchy
 from kvtier.model.attention import make_attention_backend
 from kvtier.model.loader import LoadedModel, load_model
 
@@ -84,15 +84,21 @@ class Engine:
         self.model.attention_backend = make_attention_backend(ms.attention_backend, self.device)
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
-        self.layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, ps.block_size,
-                               str(mc.dtype).removeprefix("torch."))
+        self.layout = KVLayout(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, ps.block_size, str(mc.dtype).removeprefix("torch.")
+        )
         self.num_blocks = self._num_blocks()
         self.pool = BlockPool(self.num_blocks, ps.block_size, ps.eviction_policy, ps.enable_prefix_caching)
         max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        limits = SchedulerLimits(ss.max_num_batched_tokens, ss.max_num_seqs, max_len, ss.enable_chunked_prefill)
+        limits = SchedulerLimits(
+            ss.max_num_batched_tokens, ss.max_num_seqs, max_len, ss.enable_chunked_prefill
+        )
         self._roots: dict[str | None, BlockKey] = {}
-        self.hierarchy = build_hierarchy(config, self.layout, self.fingerprint, self.device) \
-            if ps.enable_prefix_caching else None
+        self.hierarchy = (
+            build_hierarchy(config, self.layout, self.fingerprint, self.device)
+            if ps.enable_prefix_caching
+            else None
+        )
         self.scheduler = Scheduler(self.pool, limits, self.root_key, self.hierarchy)
         self.runner = ModelRunner(self.model, self.layout, self.num_blocks, self.device)
         if self.hierarchy is not None:
@@ -124,7 +130,8 @@ class Engine:
         num = budget // self.layout.bytes_per_block
         if num < 1:
             raise ValueError(
-                f"kv_cache_memory={budget} bytes holds no block: one block takes {self.layout.bytes_per_block} bytes"
+                f"kv_cache_memory={budget} bytes holds no block: "
+                f"one block takes {self.layout.bytes_per_block} bytes"
             )
         return int(num)
 
@@ -148,8 +155,13 @@ class Engine:
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
         return list(ids)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    cache_salt: str | None = None) -> list[str]:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[str]:
         """Queue a request (n > 1: one per completion). Returns the ids. Raises InvalidRequestError."""
         params = params or SamplingParams()
         params.validate(self.loaded.config.vocab_size)
@@ -165,8 +177,15 @@ class Engine:
             child = params
             if params.n > 1 and params.seed is not None:
                 child = _replace(params, seed=params.seed + i)
-            req = Request(rid, token_ids, child, self.loaded.config.eos_token_ids, cache_salt,
-                          prompt=prompt if isinstance(prompt, str) else None, wait_for=first)
+            req = Request(
+                rid,
+                token_ids,
+                child,
+                self.loaded.config.eos_token_ids,
+                cache_salt,
+                prompt=prompt if isinstance(prompt, str) else None,
+                wait_for=first,
+            )
             first = first or req
             self.requests[rid] = req
             self._detok[rid] = DetokenizerState()
@@ -257,8 +276,9 @@ class Engine:
         self.scheduler.hierarchy = None
         self.pool.on_evict = None
 
-    def _update(self, sched: SchedulerOutput, sampled: dict[str, int],
-                logits: dict[str, torch.Tensor]) -> list[RequestOutput]:
+    def _update(
+        self, sched: SchedulerOutput, sampled: dict[str, int], logits: dict[str, torch.Tensor]
+    ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for chunk in sched.chunks:
@@ -316,7 +336,10 @@ class Engine:
             s.ttft.append(req.first_token_time - req.arrival_time)
 
     def _output(self, req: Request) -> RequestOutput:
-        metrics: dict[str, Any] = {"num_preemptions": req.num_preemptions, "num_loaded_tokens": req.num_loaded_tokens}
+        metrics: dict[str, Any] = {
+            "num_preemptions": req.num_preemptions,
+            "num_loaded_tokens": req.num_loaded_tokens,
+        }
         if req.first_token_time is not None:
             metrics["ttft"] = req.first_token_time - req.arrival_time
         if req.finish_time is not None:
@@ -328,8 +351,16 @@ class Engine:
             finish_reason=req.finish_reason.value if req.finish_reason else None,
             logits=torch.stack(req.step_logits) if req.step_logits else None,
         )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished,
-                             max(req.num_cached_tokens, 0), metrics, req.error)
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            [completion],
+            req.is_finished,
+            max(req.num_cached_tokens, 0),
+            metrics,
+            req.error,
+        )
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
@@ -396,26 +427,40 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 cache_salt: str | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in prompt order, n completions merged per prompt."""
         prompt_list = _as_prompt_list(prompts)
-        param_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
+        param_list = (
+            list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
+        )
         if len(param_list) != len(prompt_list):
             raise InvalidRequestError(f"{len(prompt_list)} prompts but {len(param_list)} SamplingParams")
-        groups = [self.engine.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompt_list, param_list)]
+        groups = [
+            self.engine.add_request(p, sp, cache_salt=cache_salt)
+            for p, sp in zip(prompt_list, param_list, strict=True)
+        ]
         final: dict[str, RequestOutput] = {}
         for out in self.engine.run_until_done():
             if out.finished:
                 final[out.request_id] = out
         return [_merge([final[rid] for rid in ids]) for ids in groups]
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
-             cache_salt: str | None = None) -> RequestOutput:
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        cache_salt: str | None = None,
+    ) -> RequestOutput:
         return self.generate([self.engine.apply_chat_template(messages)], params, cache_salt)[0]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               cache_salt: str | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, cache_salt: str | None = None
+    ) -> Iterator[StreamDelta]:
         """Yield each completion's new text and tokens as they are generated."""
         ids = self.engine.add_request(prompt, params, cache_salt=cache_salt)
         sent_text = dict.fromkeys(ids, 0)
@@ -428,8 +473,15 @@ class LLM:
                         continue
                     c = out.outputs[0]
                     rid = out.request_id
-                    delta = StreamDelta(rid, c.index, c.text[sent_text[rid]:], c.token_ids[sent_tokens[rid]:],
-                                        out.finished, c.finish_reason, out)
+                    delta = StreamDelta(
+                        rid,
+                        c.index,
+                        c.text[sent_text[rid] :],
+                        c.token_ids[sent_tokens[rid] :],
+                        out.finished,
+                        c.finish_reason,
+                        out,
+                    )
                     sent_text[rid], sent_tokens[rid] = len(c.text), len(c.token_ids)
                     if out.finished:
                         pending.discard(rid)
@@ -455,5 +507,13 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
     base = first.request_id.rsplit("#", 1)[0]
     completions = [o.outputs[0] for o in outs]
     errors = [o.error for o in outs if o.error]
-    return RequestOutput(base, first.prompt, first.prompt_token_ids, completions, True,
-                         first.num_cached_tokens, first.metrics, errors[0] if errors else None)
+    return RequestOutput(
+        base,
+        first.prompt,
+        first.prompt_token_ids,
+        completions,
+        True,
+        first.num_cached_tokens,
+        first.metrics,
+        errors[0] if errors else None,
+    )

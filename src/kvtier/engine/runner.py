@@ -41,7 +41,9 @@ class ModelRunner:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
 
-    def build_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def build_inputs(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.layout.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -86,11 +88,13 @@ class ModelRunner:
         if not sampling:
             self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
             return StepResult({}, {})
-        logits = self.model(input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64))
+        logits = self.model(
+            input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
+        )
         batch = self._sampling_batch(sampling)
         token_ids = sample(logits, batch).tolist()  # the step's one host synchronisation
         kept = {r.request_id: logits[i].cpu() for i, r in enumerate(sampling) if r.params.return_logits}
-        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids)}, kept)
+        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, kept)
 
     def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
         ps = [r.params for r in reqs]
@@ -109,6 +113,6 @@ class ModelRunner:
             device=self.device,
             generators=[r.generator for r in reqs],
         )
-        for r, g in zip(reqs, batch.generators):
+        for r, g in zip(reqs, batch.generators, strict=True):
             r.generator = g
         return batch

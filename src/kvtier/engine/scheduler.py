@@ -52,8 +52,13 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, limits: SchedulerLimits, root_key: Callable[[str | None], BlockKey],
-                 hierarchy: KVHierarchy | None = None) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        limits: SchedulerLimits,
+        root_key: Callable[[str | None], BlockKey],
+        hierarchy: KVHierarchy | None = None,
+    ) -> None:
         self.pool = pool
         self.hierarchy = hierarchy
         self.loading: list[Request] = []
@@ -141,7 +146,9 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.limits.max_num_seqs:
+        while (
+            self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.limits.max_num_seqs
+        ):
             req = self.waiting[0]
             if req.wait_for is not None and not _prefilled(req.wait_for):
                 skipped.append(self.waiting.popleft())  # a sibling of n > 1 waits to share blocks
@@ -251,7 +258,9 @@ class Scheduler:
         if full > have:
             parent = req.block_keys[-1] if have else None
             root = self._root_key(req.cache_salt)
-            req.block_keys.extend(chain_keys(root, req.all_token_ids, self.block_size, start=have, parent=parent))
+            req.block_keys.extend(
+                chain_keys(root, req.all_token_ids, self.block_size, start=have, parent=parent)
+            )
 
     def commit_computed_blocks(self, req: Request) -> list[int]:
         """Full blocks whose KV is now computed get their key and become shareable. Returns the

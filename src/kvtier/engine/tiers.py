@@ -39,28 +39,48 @@ def make_tier(name: str, settings: TierSettings, namespace: str, layout: KVLayou
     if name == "host":
         return HostTier(namespace, settings.host_capacity, settings.tier_policy, expected_entries=entries)
     if name == "disk":
-        return DiskTier(settings.resolved_disk_path(), namespace, settings.disk_capacity, settings.tier_policy,
-                        fsync=settings.disk_fsync,
-                        expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block))
+        return DiskTier(
+            settings.resolved_disk_path(),
+            namespace,
+            settings.disk_capacity,
+            settings.tier_policy,
+            fsync=settings.disk_fsync,
+            expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block),
+        )
     if name == "redis":
         assert settings.redis_url
-        return RedisTier(settings.redis_url, namespace, ttl_seconds=settings.redis_ttl,
-                         timeout_seconds=settings.redis_timeout)
+        return RedisTier(
+            settings.redis_url,
+            namespace,
+            ttl_seconds=settings.redis_ttl,
+            timeout_seconds=settings.redis_timeout,
+        )
     raise ConfigError(f"unknown tier {name!r}")
 
 
-def build_hierarchy(config: EngineConfig, layout: KVLayout, fingerprint: str,
-                    device: torch.device) -> KVHierarchy | None:
+def build_hierarchy(
+    config: EngineConfig, layout: KVLayout, fingerprint: str, device: torch.device
+) -> KVHierarchy | None:
     settings = config.tiers
     names = settings.enabled(cuda=device.type == "cuda")
     if not names:
         return None
     secret = secret_from_env()
     if "redis" in names and secret is None:
-        log.warning("the Redis tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
-                    "so anyone who can write to this Redis can feed this engine KV")
+        log.warning(
+            "the Redis tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
+            "so anyone who can write to this Redis can feed this engine KV"
+        )
     codec_text = {"host": settings.host_codec, "disk": settings.disk_codec, "redis": settings.redis_codec}
     tiers = [make_tier(n, settings, fingerprint, layout) for n in names]
     codecs = [parse_codec(codec_text[n]) for n in names]
-    return KVHierarchy(tiers, codecs, layout, fingerprint, settings.write_policy, settings.selective_hits, secret,
-                       SEED_PREFILL_SECONDS_PER_TOKEN.get(device.type, 1e-3))
+    return KVHierarchy(
+        tiers,
+        codecs,
+        layout,
+        fingerprint,
+        settings.write_policy,
+        settings.selective_hits,
+        secret,
+        SEED_PREFILL_SECONDS_PER_TOKEN.get(device.type, 1e-3),
+    )

@@ -77,8 +77,9 @@ def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     return k, v
 
 
-def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, context_len: torch.Tensor,
-             sliding_window: int | None) -> torch.Tensor:
+def _visible(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, context_len: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
     mask = (key_pos <= query_pos) & (key_pos < context_len)
     if sliding_window is not None:
         mask &= key_pos > query_pos - sliding_window
@@ -125,8 +126,14 @@ class TorchReferenceAttention:
         return out
 
     @staticmethod
-    def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None, block_size: int) -> torch.Tensor:
+    def _decode(
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        block_size: int,
+    ) -> torch.Tensor:
         nd = meta.num_decodes
         nb = -(-max(meta.context_lens_host[:nd]) // block_size)
         kk, vv = gather_kv(kv_layer, meta.block_tables[:nd, :nb])

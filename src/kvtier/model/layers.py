@@ -47,13 +47,17 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+        raise ValueError(
+            f"unsupported rope type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     return inv_freq.float(), float(scaling)
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin for arbitrary positions (a paged batch mixes many sequences), rotate-half convention."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, hf_config: Any, head_dim: int) -> None:
         super().__init__()

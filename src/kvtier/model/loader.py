@@ -33,26 +33,77 @@ CHAT_TEMPLATE = (
 
 # Real architectures with seeded random weights: benchmarks run the true shapes without downloads.
 SYNTHETIC_MODELS: dict[str, dict[str, Any]] = {
-    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096),
-    "small": dict(arch="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4, vocab_size=384, max_position_embeddings=8192),
-    "llama-3.2-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                         max_position_embeddings=131072, tie_word_embeddings=True,
-                         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
-                                              low_freq_factor=1.0, high_freq_factor=4.0,
-                                              original_max_position_embeddings=8192)),
-    "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=131072,
-                         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                                              low_freq_factor=1.0, high_freq_factor=4.0,
-                                              original_max_position_embeddings=8192)),
-    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                       max_position_embeddings=40960, tie_word_embeddings=True,
-                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    "tiny": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=4096,
+    ),
+    "small": dict(
+        arch="llama",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=384,
+        max_position_embeddings=8192,
+    ),
+    "llama-3.2-1b": dict(
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "llama-3.1-8b": dict(
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "qwen3-0.6b": dict(
+        arch="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
 }
 
 
@@ -79,7 +130,11 @@ def byte_level_tokenizer() -> Any:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -92,9 +147,16 @@ def _synthetic_hf_config(name: str, dtype: torch.dtype) -> Any:
     spec = dict(SYNTHETIC_MODELS[name])
     arch = spec.pop("arch")
     rope = spec.pop("rope_parameters", None)
-    tok_ids = dict(bos_token_id=256, eos_token_id=256 + SPECIAL_TOKENS.index("<|end|>"), pad_token_id=262)
-    cls, arch_name = (LlamaConfig, "LlamaForCausalLM") if arch == "llama" else (Qwen3Config, "Qwen3ForCausalLM")
-    hf = cls(**spec, **tok_ids, rms_norm_eps=1e-5, architectures=[arch_name])
+    spec.update(
+        bos_token_id=256,
+        eos_token_id=256 + SPECIAL_TOKENS.index("<|end|>"),
+        pad_token_id=256 + SPECIAL_TOKENS.index("<pad>"),
+        rms_norm_eps=1e-5,
+    )
+    cls, arch_name = (
+        (LlamaConfig, "LlamaForCausalLM") if arch == "llama" else (Qwen3Config, "Qwen3ForCausalLM")
+    )
+    hf = cls(**spec, architectures=[arch_name])
     if rope is not None:
         hf.rope_parameters = rope  # set after construction: keeps the validation of real configs quiet
         hf.rope_scaling = rope
@@ -114,7 +176,8 @@ def _config_bytes(cfg: ModelConfig, hf_config: Any) -> bytes:
     fields = {k: str(v) for k, v in asdict(cfg).items()}
     fields["rope"] = json.dumps(
         getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None),
-        sort_keys=True, default=str,
+        sort_keys=True,
+        default=str,
     )
     return json.dumps(fields, sort_keys=True).encode()
 
@@ -170,7 +233,9 @@ def load_synthetic(name: str, device: torch.device, dtype: torch.dtype, seed: in
     model.tie_weights()
     _init_synthetic_weights(model, seed, device)
     fingerprint = _digest(b"synthetic", name.encode(), str(seed).encode(), _config_bytes(cfg, hf_config))
-    return LoadedModel(model.eval(), cfg, hf_config, byte_level_tokenizer(), fingerprint, SYNTHETIC_PREFIX + name)
+    return LoadedModel(
+        model.eval(), cfg, hf_config, byte_level_tokenizer(), fingerprint, SYNTHETIC_PREFIX + name
+    )
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -185,7 +250,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Any:
-    has_tokenizer = any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tokenizer = any(
+        (folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
     if has_tokenizer:
         from transformers import AutoTokenizer
 
@@ -196,7 +263,9 @@ def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Any:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None
+) -> LoadedModel:
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
@@ -239,7 +308,9 @@ def _read_state_dict(files: list[Path], cfg: ModelConfig, device: torch.device) 
     return state
 
 
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0) -> LoadedModel:
+def load_model(
+    name_or_path: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0
+) -> LoadedModel:
     """``synthetic:<name>`` or a local HF checkpoint folder. Model hubs are never contacted."""
     if name_or_path.startswith(SYNTHETIC_PREFIX):
         default = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -76,7 +76,7 @@ def model_config_from_hf(hf: Any, dtype: torch.dtype | None = None) -> ModelConf
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {archs or getattr(hf, 'model_type', '?')}; "
+            f"unsupported architecture {archs or [getattr(hf, 'model_type', '?')]}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     qkv_bias, o_bias, qk_norm = _qkv_o_bias(arch, hf)
