@@ -9,11 +9,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kvtier.cache_cli import cache_app
 from kvtier.config import ConfigError
 from kvtier.engine.request import InvalidRequestError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvtier: never compute the same KV twice.")
 console = Console()
+app.add_typer(cache_app, name="cache")
 
 
 @app.command()

@@ -1,0 +1,277 @@
+"""Prometheus metrics of one engine, on a registry the caller owns (no global state).
+
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    ...
+    metrics.update(engine)  # on the thread that runs the engine, e.g. after each step or before a scrape
+    body = render(registry)  # text exposition format, served with CONTENT_TYPE_LATEST
+
+Why a custom collector and not Gauges set from the engine's counters: the engine's numbers are
+already cumulative counters (EngineStats, BlockPool.evictions, TierStats, HierarchyStats), so they are
+exposed as what they are, Prometheus *counters* (``_total``, usable with ``rate()``), which a Gauge set
+from them could not be; and the set of tiers (a label) follows the engine at each update with no stale
+label values left behind. ``update`` reads the engine once into an immutable snapshot of metric families;
+``collect`` (the scrape, on the HTTP server's thread) only hands that snapshot out. So a scrape never
+reads the engine while its thread mutates it, and costs no engine time. What a scrape shows is as fresh
+as the last ``update``.
+
+Metric names (all prefixed ``kvtier_``):
+
+- engine: ``prompt_tokens_total``, ``cached_prompt_tokens_total``, ``computed_tokens_total``,
+  ``generated_tokens_total``, ``engine_steps_total``, ``requests_finished_total``,
+  ``prefix_cache_hit_ratio``, ``time_to_first_token_seconds`` (histogram).
+- device pool: ``pool_blocks``, ``pool_blocks_available``, ``pool_blocks_cached``,
+  ``pool_blocks_in_use``, ``pool_evictions_total``.
+- each tier below the device (label ``tier``: host, disk, redis): ``tier_lookups_total``,
+  ``tier_hits_total``, ``tier_misses_total``, ``tier_puts_total``, ``tier_read_bytes_total``,
+  ``tier_written_bytes_total``, ``tier_read_seconds_total``, ``tier_write_seconds_total``,
+  ``tier_evictions_total``, ``tier_corrupt_total``, ``tier_errors_total``, ``tier_blocks_loaded_total``,
+  the cost model's ``tier_cost_latency_seconds`` and ``tier_cost_bandwidth_bytes_per_second``, and
+  ``tier_extra{tier,name}``: each tier's own extra numbers (Redis circuit breaker state, dropped writes...).
+- the hierarchy: ``hierarchy_decisions_total{decision="load"|"recompute"}``,
+  ``hierarchy_blocks_loaded_total``, ``hierarchy_blocks_written_total``,
+  ``hierarchy_predicted_load_seconds_total``, ``hierarchy_actual_load_seconds_total``,
+  ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``prefill_seconds_per_token`` (the
+  recompute side of the load-or-recompute decision).
+
+Tier and hierarchy metrics are present only while the engine has a hierarchy (``engine.hierarchy``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from kvtier.engine.engine import Engine
+
+__all__ = ["CONTENT_TYPE_LATEST", "TTFT_BUCKETS", "EngineMetrics", "render"]
+
+PREFIX = "kvtier_"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: Kind
+    doc: str
+    labels: tuple[str, ...] = ()
+
+
+# name (without the prefix, and without _total for counters) -> what it is
+SPECS: dict[str, _Spec] = {
+    # engine
+    "prompt_tokens": _Spec("counter", "Prompt tokens of finished requests."),
+    "cached_prompt_tokens": _Spec("counter", "Prompt tokens of finished requests served from the KV cache."),
+    "computed_tokens": _Spec(
+        "counter", "Tokens run through the model: prefill chunks, decodes and recomputed blocks."
+    ),
+    "generated_tokens": _Spec("counter", "Tokens generated."),
+    "engine_steps": _Spec("counter", "Engine steps run."),
+    "requests_finished": _Spec("counter", "Requests finished."),
+    "prefix_cache_hit_ratio": _Spec(
+        "gauge", "cached_prompt_tokens / prompt_tokens since the engine started."
+    ),
+    "time_to_first_token_seconds": _Spec("histogram", "Time from arrival to first token, finished requests."),
+    # device pool
+    "pool_blocks": _Spec("gauge", "KV blocks in the device pool."),
+    "pool_blocks_available": _Spec("gauge", "Device blocks an allocation can take now: free plus evictable."),
+    "pool_blocks_cached": _Spec("gauge", "Device blocks holding a keyed, shareable KV block."),
+    "pool_blocks_in_use": _Spec("gauge", "Device blocks referenced by running requests."),
+    "pool_evictions": _Spec("counter", "Cached device blocks evicted to make room."),
+    # tiers
+    "tier_lookups": _Spec("counter", "Keys asked about (lookup and get).", ("tier",)),
+    "tier_hits": _Spec("counter", "Keys found by get.", ("tier",)),
+    "tier_misses": _Spec("counter", "Keys not found by get.", ("tier",)),
+    "tier_puts": _Spec("counter", "Objects written.", ("tier",)),
+    "tier_read_bytes": _Spec("counter", "Bytes read.", ("tier",)),
+    "tier_written_bytes": _Spec("counter", "Bytes written.", ("tier",)),
+    "tier_read_seconds": _Spec("counter", "Wall time spent in get.", ("tier",)),
+    "tier_write_seconds": _Spec("counter", "Wall time spent in put.", ("tier",)),
+    "tier_evictions": _Spec("counter", "Objects evicted by the tier's policy.", ("tier",)),
+    "tier_corrupt": _Spec(
+        "counter", "Objects that failed verification (counted as misses, deleted).", ("tier",)
+    ),
+    "tier_errors": _Spec("counter", "Backend failures turned into misses or dropped writes.", ("tier",)),
+    "tier_blocks_loaded": _Spec("counter", "Blocks loaded from this tier into the device.", ("tier",)),
+    "tier_cost_latency_seconds": _Spec("gauge", "Cost model: fixed latency of a read.", ("tier",)),
+    "tier_cost_bandwidth_bytes_per_second": _Spec("gauge", "Cost model: measured read bandwidth.", ("tier",)),
+    "tier_extra": _Spec(
+        "gauge", "Tier-specific numbers (breaker state, dropped writes...).", ("tier", "name")
+    ),
+    # hierarchy
+    "hierarchy_decisions": _Spec("counter", "Load-or-recompute decisions taken.", ("decision",)),
+    "hierarchy_blocks_loaded": _Spec("counter", "Blocks loaded from the tiers into the device."),
+    "hierarchy_blocks_written": _Spec("counter", "Blocks written down to the tiers."),
+    "hierarchy_predicted_load_seconds": _Spec("counter", "Load time the cost model predicted for the loads."),
+    "hierarchy_actual_load_seconds": _Spec("counter", "Load time the loads took."),
+    "hierarchy_corrupt": _Spec("counter", "Loaded objects that failed verification."),
+    "hierarchy_write_errors": _Spec("counter", "Writes to a tier that failed."),
+    "prefill_seconds_per_token": _Spec(
+        "gauge", "Cost model: measured prefill time per token (recompute side)."
+    ),
+}
+
+# TierStats field -> metric name
+_TIER_COUNTERS = {
+    "lookups": "tier_lookups",
+    "hits": "tier_hits",
+    "misses": "tier_misses",
+    "puts": "tier_puts",
+    "bytes_read": "tier_read_bytes",
+    "bytes_written": "tier_written_bytes",
+    "read_seconds": "tier_read_seconds",
+    "write_seconds": "tier_write_seconds",
+    "evictions": "tier_evictions",
+    "corrupt": "tier_corrupt",
+    "errors": "tier_errors",
+}
+
+
+def _family(name: str) -> Metric:
+    spec = SPECS[name]
+    full = PREFIX + name
+    if spec.kind == "counter":
+        return CounterMetricFamily(full, spec.doc, labels=spec.labels)
+    if spec.kind == "gauge":
+        return GaugeMetricFamily(full, spec.doc, labels=spec.labels)
+    return HistogramMetricFamily(full, spec.doc, labels=spec.labels)
+
+
+class _Builder:
+    """Families of one snapshot, made on first use, in SPECS order."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+
+    def add(self, name: str, value: float, labels: Sequence[str] = ()) -> None:
+        family = self.families.get(name)
+        if family is None:
+            family = self.families[name] = _family(name)
+        assert isinstance(family, CounterMetricFamily | GaugeMetricFamily)
+        family.add_metric(list(labels), float(value))
+
+    def done(self) -> tuple[Metric, ...]:
+        return tuple(self.families[n] for n in SPECS if n in self.families)
+
+
+class _TtftHistogram:
+    """Cumulative buckets fed by the new entries of ``EngineStats.ttft`` (an append-only list)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.reset(None)
+
+    def reset(self, source: list[float] | None) -> None:
+        self.source = source  # the list itself, held so that its identity stays meaningful
+        self.seen = 0
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one is +Inf
+        self.total = 0.0
+
+    def feed(self, values: list[float]) -> None:
+        if values is not self.source or len(values) < self.seen:  # another engine, or stats reset
+            self.reset(values)
+        for v in values[self.seen :]:
+            self.counts[bisect.bisect_left(self.bounds, v)] += 1
+            self.total += v
+        self.seen = len(values)
+
+    def family(self) -> Metric:
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            buckets.append((floatToGoString(bound), running))
+        family = _family("time_to_first_token_seconds")
+        assert isinstance(family, HistogramMetricFamily)
+        family.add_metric([], buckets, self.total)
+        return family
+
+
+class EngineMetrics(Collector):
+    """The metrics of one engine, registered on ``registry``; ``update(engine)`` refreshes them."""
+
+    def __init__(self, registry: CollectorRegistry, ttft_buckets: Sequence[float] = TTFT_BUCKETS) -> None:
+        if list(ttft_buckets) != sorted(set(ttft_buckets)) or not ttft_buckets:
+            raise ValueError(f"ttft_buckets must be increasing and non-empty, got {ttft_buckets!r}")
+        self._lock = threading.Lock()
+        self._snapshot: tuple[Metric, ...] = ()
+        self._ttft = _TtftHistogram(ttft_buckets)
+        registry.register(self)  # raises ValueError if these names are already there
+
+    def update(self, engine: Engine) -> None:
+        """Read the engine's counters into a new snapshot. Call it on the thread that runs the engine."""
+        b = _Builder()
+        s = engine.stats
+        b.add("prompt_tokens", s.prompt_tokens)
+        b.add("cached_prompt_tokens", s.cached_prompt_tokens)
+        b.add("computed_tokens", s.computed_tokens)
+        b.add("generated_tokens", s.generated_tokens)
+        b.add("engine_steps", s.steps)
+        b.add("requests_finished", s.finished)
+        b.add("prefix_cache_hit_ratio", s.hit_rate)
+
+        pool = engine.pool
+        b.add("pool_blocks", pool.num_blocks)
+        b.add("pool_blocks_available", pool.num_available)
+        b.add("pool_blocks_cached", pool.num_cached)
+        b.add("pool_blocks_in_use", pool.num_blocks - pool.num_available)
+        b.add("pool_evictions", pool.evictions)
+
+        hierarchy = engine.hierarchy
+        if hierarchy is not None:
+            for tier, cost in zip(hierarchy.tiers, hierarchy.costs, strict=True):
+                ts = tier.stats()
+                for field, metric in _TIER_COUNTERS.items():
+                    b.add(metric, getattr(ts, field), [tier.name])
+                b.add("tier_cost_latency_seconds", cost.latency_s, [tier.name])
+                b.add("tier_cost_bandwidth_bytes_per_second", cost.bandwidth_bps, [tier.name])
+                for name, value in sorted(dict(ts.extra).items()):  # copied: I/O threads may add keys
+                    b.add("tier_extra", value, [tier.name, name])
+            hs = hierarchy.stats
+            loaded = dict(hs.per_tier_loaded)
+            for tier in hierarchy.tiers:
+                b.add("tier_blocks_loaded", loaded.get(tier.name, 0), [tier.name])
+            b.add("hierarchy_decisions", hs.load_decisions, ["load"])
+            b.add("hierarchy_decisions", hs.recompute_decisions, ["recompute"])
+            b.add("hierarchy_blocks_loaded", hs.blocks_loaded)
+            b.add("hierarchy_blocks_written", hs.blocks_written)
+            b.add("hierarchy_predicted_load_seconds", hs.predicted_load_s)
+            b.add("hierarchy_actual_load_seconds", hs.actual_load_s)
+            b.add("hierarchy_corrupt", hs.corrupt)
+            b.add("hierarchy_write_errors", hs.write_errors)
+            b.add("prefill_seconds_per_token", hierarchy.prefill_seconds_per_token)
+
+        with self._lock:
+            self._ttft.feed(s.ttft)
+            families = (*b.done(), self._ttft.family())
+            self._snapshot = families
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            return self._snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        """Every family this collector can produce (empty), so a registry refuses duplicates up front."""
+        return [_family(name) for name in SPECS]
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format (serve it with ``CONTENT_TYPE_LATEST``)."""
+    return generate_latest(registry)
