@@ -165,6 +165,10 @@ class Engine:
         """Queue a request (n > 1: one per completion). Returns the ids. Raises InvalidRequestError."""
         params = params or SamplingParams()
         params.validate(self.loaded.config.vocab_size)
+        if params.stop and self.tokenizer is None:  # without text they would be ignored silently
+            raise InvalidRequestError(
+                "stop strings need a tokenizer and this model has none: use stop_token_ids"
+            )
         token_ids = self.tokenize(prompt)
         self.scheduler.check_fits(len(token_ids))
         base = request_id or f"req-{next(self._ids)}"
@@ -344,10 +348,11 @@ class Engine:
             metrics["ttft"] = req.first_token_time - req.arrival_time
         if req.finish_time is not None:
             metrics["e2e"] = req.finish_time - req.arrival_time
+        p = req.params
         completion = CompletionOutput(
             index=_index(req.request_id),
             token_ids=list(req.output_token_ids),
-            text=req.output_text,
+            text=req.output_text if req.is_finished else _holding_back_stops(req.output_text, p.stop),
             finish_reason=req.finish_reason.value if req.finish_reason else None,
             logits=torch.stack(req.step_logits) if req.step_logits else None,
         )
@@ -365,6 +370,18 @@ class Engine:
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
             yield from self.step()
+
+
+def _holding_back_stops(text: str, stops: list[str]) -> str:
+    """``text`` less its longest ending that begins a stop string: a stream must never send text
+    that the stop string, once complete, would take back."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold]
 
 
 def _index(request_id: str) -> int:
@@ -440,10 +457,15 @@ class LLM:
         )
         if len(param_list) != len(prompt_list):
             raise InvalidRequestError(f"{len(prompt_list)} prompts but {len(param_list)} SamplingParams")
-        groups = [
-            self.engine.add_request(p, sp, cache_salt=cache_salt)
-            for p, sp in zip(prompt_list, param_list, strict=True)
-        ]
+        groups: list[list[str]] = []
+        try:
+            for p, sp in zip(prompt_list, param_list, strict=True):
+                groups.append(self.engine.add_request(p, sp, cache_salt=cache_salt))
+        except InvalidRequestError:
+            for ids in groups:  # all or nothing: no orphans left running in the engine
+                for rid in ids:
+                    self.engine.abort(rid)
+            raise
         final: dict[str, RequestOutput] = {}
         for out in self.engine.run_until_done():
             if out.finished:

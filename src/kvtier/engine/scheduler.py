@@ -172,7 +172,7 @@ class Scheduler:
         num_new = min(remaining, budget)
         if num_new < remaining and not self.limits.enable_chunked_prefill:
             if not first:
-                return False
+                return None  # wait for a step of its own (False would read as "0 tokens, admitted")
             num_new = remaining  # whole prefill: a step may exceed the budget for one long prompt
         new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)

@@ -39,6 +39,13 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
     The default rope is two lines; every scaled variant (llama3, linear, yarn, ...) comes from
     transformers' own ``ROPE_INIT_FUNCTIONS`` so our numbers are the oracle's numbers.
     """
+    # Always on the CPU: the model may be built under ``torch.device("meta")``, and transformers'
+    # rope functions copy to an explicit device, which a meta tensor cannot do.
+    with torch.device("cpu"):
+        return _inverse_frequencies(hf_config, head_dim)
+
+
+def _inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(hf_config)
     rope_type = params["rope_type"]
     if rope_type == "default":
