@@ -106,8 +106,8 @@ def hf_greedy(
 ) -> tuple[list[int], torch.Tensor]:
     """HF greedy generation: (new tokens, raw logits of every step as [max_new_tokens, vocab] float32)."""
     out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt], device=model.device),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         output_logits=True,

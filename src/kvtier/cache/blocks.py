@@ -64,6 +64,9 @@ class BlockPool:
         cached = self._cached.get(block_id)
         return cached.key if cached else None
 
+    def cached(self, block_id: int) -> CachedBlock | None:
+        return self._cached.get(block_id)
+
     def match_prefix(self, keys: Sequence[BlockKey], block_tokens: Sequence[Sequence[int]]) -> list[int]:
         """Block ids of the longest run of ``keys`` held here (not pinned: call ``pin``)."""
         if not self.enable_caching:

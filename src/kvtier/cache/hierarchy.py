@@ -211,7 +211,7 @@ class KVHierarchy:
         except CorruptObjectError as e:
             log.warning("%s tier: rejected object %s: %s", tier.name, key.hex()[:16], e)
             self.stats.corrupt += 1
-            tier.stats().corrupt += 1
+            tier.record_corrupt()
             tier.delete([key])
             return None
 

@@ -261,10 +261,9 @@ class Engine:
     def _write_through(self, blocks: list[int]) -> None:
         assert self.hierarchy is not None
         for b in blocks:
-            key = self.pool.key_of(b)
-            cached = dict(self.pool.cached_blocks()).get(b)
-            if key is not None and cached is not None:
-                self.hierarchy.write_async(key, cached.tokens, self._read_block(b))
+            cached = self.pool.cached(b)
+            if cached is not None:
+                self.hierarchy.write_async(cached.key, cached.tokens, self._read_block(b))
 
     def close(self) -> None:
         """Write every block the device still caches down the hierarchy (so a restart or another

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kvtier.cache.hierarchy import LoadPlan
 from kvtier.cache.keys import BlockKey
 
 
@@ -101,6 +102,7 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens found in the cache at first admission
     num_loaded_tokens: int = 0  # of those, loaded from a tier below the device pool
     load_future: Future[torch.Tensor] | None = None
+    tier_plan: tuple[int, LoadPlan] | None = None  # (device hit blocks, plan) while waiting for room
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -199,12 +199,18 @@ class Scheduler:
         max_blocks = (req.num_tokens - 1) // self.block_size
         if len(hits) >= max_blocks:
             return None
-        plan = self.hierarchy.plan(req.block_keys[len(hits) : max_blocks])
+        # A request that waits for room keeps its plan: asking the tiers again every step would
+        # repeat a Redis round trip per step and count one decision many times.
+        if req.tier_plan is None or req.tier_plan[0] != len(hits):
+            req.tier_plan = (len(hits), self.hierarchy.plan(req.block_keys[len(hits) : max_blocks]))
+        plan = req.tier_plan[1]
         if not plan.num_blocks:
+            req.tier_plan = None
             return None
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if plan.num_blocks + hits_evictable > self.pool.num_available:
             return False
+        req.tier_plan = None
         for b in hits:
             self.hierarchy.note_hit(self.pool.key_of(b) or b"")
         self.pool.pin(hits)

@@ -28,7 +28,7 @@ class TierStats:
     puts: int = 0
     evictions: int = 0
     errors: int = 0  # backend failures turned into misses
-    corrupt: int = 0  # objects the hierarchy rejected and deleted (it increments this)
+    corrupt: int = 0  # objects the hierarchy rejected and deleted (reported by record_corrupt)
     read_seconds: float = 0.0  # total wall time spent in get
     write_seconds: float = 0.0  # total wall time spent in put
     extra: dict[str, float] = field(default_factory=dict)
@@ -78,7 +78,13 @@ class Tier(Protocol):
 
     def __len__(self) -> int: ...
 
-    def stats(self) -> TierStats: ...
+    def stats(self) -> TierStats:
+        """The counters; may be a snapshot, so callers read it and never write to it."""
+        ...
+
+    def record_corrupt(self, count: int = 1) -> None:
+        """The hierarchy rejected ``count`` objects read from this tier (and deleted them)."""
+        ...
 
     def clear(self) -> None: ...
 

@@ -236,8 +236,12 @@ class DiskTier:
         return len(self._index)
 
     def stats(self) -> TierStats:
-        """The live counters (not a copy): the hierarchy increments ``corrupt`` on them."""
+        """The live counters (not a copy); callers only read them."""
         return self._stats
+
+    def record_corrupt(self, count: int = 1) -> None:
+        with self._lock:
+            self._stats.corrupt += count
 
     def clear(self) -> None:
         """Remove every object of this namespace, including ones this process has not indexed."""

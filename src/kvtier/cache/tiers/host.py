@@ -156,8 +156,12 @@ class HostTier:
             return sum(1 for (n, _) in self._data if n == ns)
 
     def stats(self) -> TierStats:
-        """The live counters (not a copy): the hierarchy increments ``corrupt`` on them."""
+        """The live counters (not a copy); callers only read them."""
         return self._stats
+
+    def record_corrupt(self, count: int = 1) -> None:
+        with self._lock:
+            self._stats.corrupt += count
 
     def clear(self) -> None:
         """Remove every object of the current namespace."""

@@ -367,6 +367,10 @@ class RedisTier:
         snapshot.extra.update(self._breaker.snapshot())
         return snapshot
 
+    def record_corrupt(self, count: int = 1) -> None:
+        with self._stats_lock:
+            self._stats.corrupt += count
+
     def clear(self) -> None:
         """Delete this namespace's objects (nothing else on the server); a no-op if unreachable."""
         self._delete_matching(self._prefix + b"*", lambda ns: ns == self.namespace)
