@@ -346,6 +346,18 @@ def finish(args: argparse.Namespace, ctx: Context, title: str, results: dict[str
     ctx.machine["load_average_1m_after"] = load
     if load is not None:
         print(f"\nload average at the end: {load:.2f}")
+        cpus = os.cpu_count() or 1  # this run itself keeps about min(threads, cpus) busy
+        start_load = ctx.machine["load_average_1m"] or 0.0
+        if (
+            ctx.machine["device"] == "cpu"
+            and max(load, start_load) > cpus + 0.75
+            and torch.get_num_threads() > 1
+        ):
+            print(
+                f"warning: the machine was busy (load average up to {max(load, start_load):.1f} on {cpus} "
+                f"CPUs): {torch.get_num_threads()} torch threads stall when another process takes a core. "
+                "Rerun on a quiet machine, or with --threads 1 for steadier figures."
+            )
     if args.json:
         doc = {
             "bench": args.command,

@@ -98,14 +98,12 @@ class _Size:
         return max(MIN_CAPACITY, self._peak)
 
 
-class FIFOPolicy:
+class FIFOPolicy(LRUPolicy):
     """First in, first out: candidates leave in insertion order; accesses change nothing.
 
-    A key removed and inserted again joins at the back. All operations O(1).
+    LRU's queue without its move-to-back on access. A key removed and inserted again joins at
+    the back. All operations O(1).
     """
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
 
     def insert(self, key: Hashable) -> None:
         if key not in self._order:
@@ -113,21 +111,6 @@ class FIFOPolicy:
 
     def access(self, key: Hashable) -> None:
         pass
-
-    def remove(self, key: Hashable) -> None:
-        self._order.pop(key, None)
-
-    def evict(self) -> Hashable | None:
-        if not self._order:
-            return None
-        key, _ = self._order.popitem(last=False)
-        return key
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._order
 
 
 class RandomPolicy:
