@@ -83,4 +83,5 @@ def build_hierarchy(
         settings.selective_hits,
         secret,
         SEED_PREFILL_SECONDS_PER_TOKEN.get(device.type, 1e-3),
+        pin_memory=device.type == "cuda",
     )
