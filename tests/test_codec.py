@@ -141,6 +141,20 @@ def test_round_trip(dtype, quantization, compression):
         assert (header.quantization, header.compression) == (quantization, compression)
 
 
+@pytest.mark.parametrize("quantization", QUANTS)
+def test_decode_into_a_staging_buffer(quantization):
+    """``out=`` gives the same values as a fresh decode, written into every element of the buffer."""
+    layout = layout_of("bfloat16")
+    data = encode(make_kv(layout, seed=5), layout, config=CodecConfig(quantization, "lz4"))
+    staging = torch.full((2, *layout.block_shape), float("nan"), dtype=torch.bfloat16)
+    returned = decode_block(data, key=KEY_A, fingerprint=FP, layout=layout, tokens=TOKENS, out=staging[1])
+    assert returned.data_ptr() == staging[1].data_ptr()
+    assert torch.equal(staging[1], decode(data, layout))
+    assert torch.isnan(staging[0]).all()  # the neighbouring slot is untouched
+    with pytest.raises(ValueError, match="out must be"):
+        decode_block(data, key=KEY_A, fingerprint=FP, layout=layout, tokens=TOKENS, out=staging[:, 0])
+
+
 def test_round_trip_with_secret_and_buffer_types():
     kv = make_kv(layout_of())
     data = encode(kv, secret=SECRET)

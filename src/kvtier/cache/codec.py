@@ -349,8 +349,11 @@ def decode_block(
     layout: KVLayout,
     tokens: Sequence[int] | None = None,
     secret: bytes | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Verify a stored object against the requested block and return its KV as a new CPU tensor.
+    """Verify a stored object against the requested block and return its KV as a new CPU tensor,
+    or written into ``out`` (a contiguous CPU tensor of the block's shape and dtype: a loader's
+    staging buffer, which saves allocating and faulting in a fresh tensor per block).
 
     Raises ``CorruptObjectError`` for anything that is not exactly that block, intact: another key,
     model, layout or tokens, a bad length, checksum or HMAC (required when ``secret`` is set, refused
@@ -358,6 +361,10 @@ def decode_block(
     """
     dtype = _kv_dtype(layout)
     _check_secret(secret)
+    if out is not None and (
+        tuple(out.shape) != layout.block_shape or out.dtype != dtype or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {layout.block_shape}")
     want_tokens = _token_bytes_arg(tokens)
     mv = _byte_view(data)
     parsed = _parse(mv)
@@ -408,7 +415,11 @@ def decode_block(
         )
 
     raw = _decompress(payload, head.compression, expected_raw)
-    return _dequantize(raw, head.quantization, layout, dtype)
+    if out is not None and head.quantization == "none":
+        _copy_bytes(raw, out)  # straight into the caller's buffer: the one copy of the payload
+        return out
+    block = _dequantize(raw, head.quantization, layout, dtype)
+    return block if out is None else out.copy_(block)
 
 
 class _Parsed(NamedTuple):
@@ -602,7 +613,10 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def _tensor_from(raw: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A new tensor holding a copy of ``raw`` (the caller checked the size); one copy, no warnings."""
-    out = torch.empty(shape, dtype=dtype)
+    return _copy_bytes(raw, torch.empty(shape, dtype=dtype))
+
+
+def _copy_bytes(raw: memoryview, out: torch.Tensor) -> torch.Tensor:
     np.copyto(out.reshape(-1).view(torch.uint8).numpy(), np.frombuffer(raw, dtype=np.uint8))
     return out
 
