@@ -103,6 +103,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.layout, self.num_blocks, self.device)
         if self.hierarchy is not None:
             self.pool.on_evict = self._write_back
+        self._pending_writes: list[tuple[int, BlockKey, tuple[int, ...]]] = []
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, DetokenizerState] = {}
         self._ids = itertools.count()
@@ -211,6 +212,9 @@ class Engine:
         """Run one batch; return the outputs of requests that produced a token or finished."""
         self._install_loads()
         sched = self.scheduler.schedule()
+        # Before anything can overwrite a block evicted by this schedule: the forward pass, or
+        # the next step's installation of a load into a block allocated here.
+        self._flush_writes()
         now = time.monotonic()
         failed = []
         for req in sched.failed:
@@ -250,20 +254,32 @@ class Engine:
                 self.runner.kv_cache.index_copy_(2, ids, data)
             self.scheduler.complete_load(req, n)
 
-    def _read_block(self, block_id: int) -> torch.Tensor:
-        return self.runner.kv_cache[:, :, block_id].to("cpu", copy=True)
-
     def _write_back(self, block_id: int, key: BlockKey, tokens: tuple[int, ...]) -> None:
+        """An evicted block: queued, and copied out with the step's others before the model runs
+        (nothing overwrites a block between its allocation in ``schedule`` and the forward pass)."""
         assert self.hierarchy is not None
         if self.hierarchy.wants_write_on_evict(key):
-            self.hierarchy.write_async(key, tokens, self._read_block(block_id))
+            self._pending_writes.append((block_id, key, tokens))
 
     def _write_through(self, blocks: list[int]) -> None:
-        assert self.hierarchy is not None
         for b in blocks:
             cached = self.pool.cached(b)
             if cached is not None:
-                self.hierarchy.write_async(cached.key, cached.tokens, self._read_block(b))
+                self._pending_writes.append((b, cached.key, cached.tokens))
+        self._flush_writes()
+
+    def _flush_writes(self) -> None:
+        """Copy the queued blocks to the host in one transfer (one device sync per step, not one
+        per block) and hand them to the hierarchy's I/O threads."""
+        if not self._pending_writes or self.hierarchy is None:
+            self._pending_writes.clear()
+            return
+        ids = torch.tensor([b for b, _, _ in self._pending_writes], device=self.device)
+        # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec
+        data = self.runner.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+        for i, (_, key, tokens) in enumerate(self._pending_writes):
+            self.hierarchy.write_async(key, tokens, data[i])
+        self._pending_writes.clear()
 
     def close(self) -> None:
         """Write every block the device still caches down the hierarchy (so a restart or another
@@ -272,8 +288,8 @@ class Engine:
             return
         if not self.hierarchy.wants_write_on_commit():
             for block_id, cached in self.pool.cached_blocks():
-                if self.hierarchy.wants_write_on_evict(cached.key):
-                    self.hierarchy.write_async(cached.key, cached.tokens, self._read_block(block_id))
+                self._write_back(block_id, cached.key, cached.tokens)
+        self._flush_writes()
         self.hierarchy.close()
         self.hierarchy = None
         self.scheduler.hierarchy = None
