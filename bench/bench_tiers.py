@@ -62,6 +62,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# Run as a script from bench/: the engine benchmark's output helpers are shared, not copied.
+from bench_engine import cpu_name, print_table, sync
+
 try:
     import kvtier  # noqa: F401
 except ImportError:  # run from a checkout without installing
@@ -99,17 +102,6 @@ def parse_bytes(text: str) -> int:
     return int(float(low))
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -138,24 +130,6 @@ def print_machine(title: str, machine: dict[str, Any]) -> None:
     )
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """A markdown table; every column but the first is right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        padded = [
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    print(line(headers))
-    print(
-        "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    )
-    for r in rows:
-        print(line(r))
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -171,11 +145,6 @@ def finish(args: argparse.Namespace, title: str, machine: dict[str, Any], result
         doc["results"] = results
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- a redis-server of our own -----------------------------------------------------------------------
