@@ -110,7 +110,6 @@ class Request:
     generator: torch.Generator | None = None
     wait_for: Request | None = None  # n > 1: siblings wait for the first prefill, then share its blocks
     output_text: str = ""
-    num_text_tokens: int = 0  # output tokens already turned into output_text
     step_logits: list[torch.Tensor] = field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -118,6 +117,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without building the whole list (a decode asks for one)."""
+        split = len(self.prompt_token_ids)
+        if start >= split:
+            return self.output_token_ids[start - split : end - split]
+        if end <= split:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - split]
 
     @property
     def num_tokens(self) -> int:

@@ -57,8 +57,7 @@ class ModelRunner:
         num_decodes = 0
         for c in chunks:
             req, start, n = c.request, c.request.num_computed_tokens, c.num_new_tokens
-            tokens = req.all_token_ids
-            ids.extend(tokens[start : start + n])
+            ids.extend(req.token_ids(start, start + n))
             positions.extend(range(start, start + n))
             table = req.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))

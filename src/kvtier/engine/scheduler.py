@@ -178,10 +178,7 @@ class Scheduler:
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_evictable > self.pool.num_available:
             return None
-        if self.hierarchy is not None:
-            for b in hits:
-                self.hierarchy.note_hit(self.pool.key_of(b) or b"")
-        self.pool.pin(hits)
+        self._pin_hits(hits)
         req.block_table = hits + self.pool.allocate(new_blocks)
         req.num_computed_tokens = num_cached
         req.num_committed_blocks = len(hits)
@@ -211,9 +208,7 @@ class Scheduler:
         if plan.num_blocks + hits_evictable > self.pool.num_available:
             return False
         req.tier_plan = None
-        for b in hits:
-            self.hierarchy.note_hit(self.pool.key_of(b) or b"")
-        self.pool.pin(hits)
+        self._pin_hits(hits)
         req.block_table = hits + self.pool.allocate(plan.num_blocks)
         req.num_computed_tokens = len(hits) * self.block_size
         req.num_committed_blocks = len(hits)
@@ -246,6 +241,15 @@ class Scheduler:
         req.state = RequestState.RUNNING
         self.running.append(req)
         return loaded
+
+    def _pin_hits(self, hits: list[int]) -> None:
+        """Take a reference on the device hits; selective writing counts them as reuses."""
+        if self.hierarchy is not None:
+            for b in hits:
+                key = self.pool.key_of(b)
+                if key is not None:
+                    self.hierarchy.note_hit(key)
+        self.pool.pin(hits)
 
     def _match(self, req: Request) -> list[int]:
         self.extend_keys(req)
