@@ -111,8 +111,7 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def machine_info(engine: Engine) -> dict[str, Any]:
-    dev = engine.device
+def machine_info(dev: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
@@ -336,7 +335,7 @@ class Context:
 
 def start(args: argparse.Namespace, engine: Engine, title: str) -> Context:
     ceilings = {} if args.no_ceilings else measure_ceilings(engine.device, engine.loaded.config.dtype)
-    ctx = Context(machine_info(engine), settings_info(engine), ceilings)
+    ctx = Context(machine_info(engine.device), settings_info(engine), ceilings)
     print_header(title, ctx.machine, ctx.settings, ceilings)
     return ctx
 

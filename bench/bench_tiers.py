@@ -44,7 +44,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import socket
@@ -63,7 +62,7 @@ import numpy as np
 import torch
 
 # Run as a script from bench/: the engine benchmark's output helpers are shared, not copied.
-from bench_engine import cpu_name, print_table, sync
+from bench_engine import load_average, machine_info, parse_bytes, print_table, sync
 
 try:
     import kvtier  # noqa: F401
@@ -92,31 +91,6 @@ FINGERPRINT = "bench-tiers"  # stands in for a model fingerprint: namespace and 
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def parse_bytes(text: str) -> int:
-    """``268435456``, ``256MiB``, ``1GiB``, ``2GB``: bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = text.strip().lower()
-    for suffix, mult in units.items():
-        if low.endswith(suffix):
-            return int(float(low[: -len(suffix)]) * mult)
-    return int(float(low))
-
-
-def load_average() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": load_average(),
-    }
 
 
 def print_machine(title: str, machine: dict[str, Any]) -> None:
