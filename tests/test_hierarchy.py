@@ -24,6 +24,7 @@ import torch
 from kvtier import LLM, SamplingParams
 from kvtier.cache.codec import read_header
 from kvtier.cache.keys import BlockKey, chain_keys
+from kvtier.cache.tiers.host import HostTier
 from kvtier.engine.engine import Engine
 from kvtier.engine.request import RequestOutput
 
@@ -123,7 +124,9 @@ def make_llm() -> Iterator[MakeLLM]:
     made: list[LLM] = []
 
     def make(**settings: Any) -> LLM:
-        llm = LLM(MODEL, **{"kv_cache_memory": POOL_BYTES, **settings})
+        # Exact load counts: the cost model's choice on a 2-layer model is a coin toss (tests/
+        # test_cost_model.py tests it); here every hit is loaded.
+        llm = LLM(MODEL, **{"kv_cache_memory": POOL_BYTES, "load_policy": "always", **settings})
         made.append(llm)
         return llm
 
@@ -275,6 +278,7 @@ def test_two_processes_share_one_redis(tmp_path: Path, redis_server: RedisServer
         "tiers": "redis",
         "redis_url": redis_server.url,
         "write_policy": "write-through",
+        "load_policy": "always",
     }
     a = EngineProcess(tmp_path / "a.log", [prefix], **settings)
     b = EngineProcess(tmp_path / "b.log", [prefix + suffix], **settings)
@@ -392,6 +396,24 @@ def test_abort_while_loading(tmp_path: Path, make_llm: MakeLLM, cold: Cold) -> N
     engine.pool.assert_idle()
 
 
+def test_preemption_swaps_to_the_host_tier(make_llm: MakeLLM, cold: Cold) -> None:
+    """A preempted request's blocks keep their keys; evicted, they are written back to the host
+    tier, and its re-admission loads them instead of recomputing (prompts share nothing, so every
+    host load is a swap-in)."""
+    prompts = make_prompts(5, 40, seed=31)
+    ref = cold(prompts, max_tokens=40)
+    probe = make_llm(tiers="none")
+    block_bytes = probe.engine.layout.bytes_per_block
+    llm = make_llm(tiers="host", kv_cache_memory=9 * block_bytes, host_capacity=256 * block_bytes)
+    outs = llm.generate(prompts, greedy(40))  # 5 requests growing to 5 blocks each in 9 blocks
+    engine = llm.engine
+    assert token_ids(outs) == ref
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.hierarchy.stats.per_tier_loaded["host"] > 0
+    assert engine.hierarchy.stats.corrupt == 0
+    engine.pool.assert_idle()
+
+
 # ---------------------------------------------------------------- 4. corruption and secrets
 
 
@@ -434,6 +456,40 @@ def test_corrupt_disk_objects_are_rejected_deleted_and_recomputed(
     assert loaded(outs) == [192, 192, 192]
     assert token_ids(outs) == ref
     assert healed.engine.hierarchy.stats.corrupt == 0
+
+
+def test_corrupt_host_blocks_are_rejected_deleted_and_recomputed(make_llm: MakeLLM, cold: Cold) -> None:
+    """A bit flipped in the host tier's memory fails the integrity check of the load: the block
+    is a counted miss, deleted, and recomputed; the output does not change."""
+    prompts = make_prompts(2, 100, seed=32)
+    ref = cold(prompts)
+    probe = make_llm(tiers="none")
+    block_bytes = probe.engine.layout.bytes_per_block
+    llm = make_llm(tiers="host", kv_cache_memory=8 * block_bytes)
+    engine = llm.engine
+    for prompt, expected in zip(prompts, ref, strict=True):  # the second evicts the first
+        assert token_ids(llm.generate([prompt], greedy())) == [expected]
+    engine.hierarchy.flush()
+    host = engine.hierarchy.tiers[0]
+    assert isinstance(host, HostTier)
+    keys = block_keys(engine, prompts[0])[:6]
+    first = sum(engine.pool.contains(k) for k in keys)  # LRU kept the first blocks on the device
+    held = keys[first:]
+    tokens = [prompts[0][i * BS : (i + 1) * BS] for i in range(first, 6)]
+    slots = host.acquire(held, tokens)
+    assert len(held) >= 4 and len(slots) == len(held)
+    host._row(slots[2])[block_bytes // 2] ^= 0x10  # a bit flip in RAM in the third held block
+    host.release(slots)
+
+    outs = llm.generate([prompts[0]], greedy())
+    assert token_ids(outs) == ref[:1]
+    assert loaded(outs) == [2 * BS]  # the two blocks before the bad one
+    assert engine.hierarchy.stats.corrupt == 1 and host.stats().corrupt == 1
+    assert host.lookup(held) == 2  # the bad block was deleted...
+    engine.pool.assert_idle()
+    assert token_ids(llm.generate([prompts[1]], greedy())) == ref[1:]  # ...stored again when evicted
+    engine.hierarchy.flush()
+    assert host.lookup(held) == len(held)
 
 
 @pytest.mark.parametrize("read_secret", ["b", None])

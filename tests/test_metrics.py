@@ -43,6 +43,7 @@ def tiered_llm(tmp_path: Path, url: str) -> LLM:
         disk_path=str(tmp_path / "disk"),
         redis_url=url,
         write_policy="write-through",
+        load_policy="always",  # loads for certain: the cost model's choice on a tiny model is not
     )
 
 

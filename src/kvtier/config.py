@@ -59,6 +59,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "kvtier")
 
 
+LOAD_POLICIES = ("cost", "always")
+
+
 @dataclass
 class TierSettings:
     """The hierarchy below the device pool. Codecs are ``<quantization>+<compression>`` or "none"."""
@@ -68,9 +71,9 @@ class TierSettings:
     )
     tier_policy: str = "lru"  # eviction policy of the host and disk tiers
     write_policy: str = "write-back"  # write-back, write-through, selective
+    load_policy: str = "cost"  # cost: load only what beats recomputing (measured); always: load all hits
     selective_hits: int = 2  # selective: device hits before a block is written down
-    host_capacity: int = 4 << 30
-    host_codec: str = "none"
+    host_capacity: int = 4 << 30  # raw blocks in pinned memory: no codec (see HostTier)
     disk_path: str | None = None  # None: the user cache folder (~/.cache/kvtier)
     disk_capacity: int = 16 << 30
     disk_codec: str = "none"
@@ -81,6 +84,8 @@ class TierSettings:
     redis_timeout: float = 0.5
 
     def enabled(self, cuda: bool) -> list[str]:
+        if self.load_policy not in LOAD_POLICIES:
+            raise ConfigError(f"unknown load_policy {self.load_policy!r}; use {' or '.join(LOAD_POLICIES)}")
         if self.tiers == "none":
             return []
         if self.tiers == "auto":

@@ -7,17 +7,23 @@ tier by tier, then keeps the leading segments whose predicted load time beats re
 checksum, HMAC) and returns the leading blocks that passed; anything that fails a check is a miss,
 counted and deleted. Writes (write-back on device eviction, write-through on commit, selective after
 N hits) are queued to the I/O thread too, so the engine loop never waits on a tier it did not choose
-to wait on. Below the device pool a written block goes to every tier (write-through within the
-hierarchy): tiers evict by their own policies, and a later lookup takes the cheapest copy.
+to wait on. Below the device pool a written block goes to every tier (an inclusive hierarchy, as
+LMCache's storage manager does): tiers evict by their own policies, a later lookup takes the cheapest
+copy, and no demotion ever has to read a block back from a slower tier to pass it on.
+
+Loads land on the engine's device. The host tier holds raw blocks (``HostTier``): they are copied
+straight from its pinned slab to the device and checked there (``integrity_sums``); objects from the
+other tiers are verified by the codec into a pinned staging buffer, then copied to the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,6 +32,7 @@ import torch
 from kvtier.cache.codec import CodecConfig, CorruptObjectError, decode_block, encode_block
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
+from kvtier.cache.tiers.host import HostTier, integrity_sums
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,52 @@ class TierCost:
         per_byte = max(seconds - self.latency_s * n_requests, seconds * 0.5) / nbytes
         self.bandwidth_bps += EMA_WEIGHT * (1.0 / per_byte - self.bandwidth_bps)
 
+
+@dataclass
+class StepCost:
+    """What a model step costs: ``fixed_s`` (weights read, kernel launches) plus ``per_token_s`` per
+    token, fitted by least squares with exponential forgetting over the steps the engine reports.
+
+    Recomputing L tokens costs their tokens' share of the step that runs anyway, plus a whole step
+    for each extra step their prefill needs. A single seconds-per-token figure (step time / tokens)
+    charges the fixed part to every token: on a launch-bound GPU it made recompute look 10x dearer
+    than it was, and the engine loaded from disk what it could have recomputed faster.
+    """
+
+    per_token_s: float
+    fixed_s: float = 0.0
+    samples: int = 0
+    _n: float = 0.0
+    _t: float = 0.0
+    _nn: float = 0.0
+    _nt: float = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        w = 1.0 / (self.samples + 1) if self.samples < STEP_WINDOW else 1.0 / STEP_WINDOW
+        self.samples += 1
+        self._n += w * (tokens - self._n)
+        self._t += w * (seconds - self._t)
+        self._nn += w * (tokens * tokens - self._nn)
+        self._nt += w * (tokens * seconds - self._nt)
+        if self.samples < MIN_STEP_SAMPLES:
+            return
+        var = self._nn - self._n * self._n
+        slope = (self._nt - self._n * self._t) / var if var > 1e-9 * self._nn else 0.0
+        if slope > 0:
+            self.per_token_s = slope
+            self.fixed_s = max(0.0, self._t - slope * self._n)
+        else:  # every step the same size, or noise: no fixed part can be told apart
+            self.per_token_s, self.fixed_s = self._t / self._n, 0.0
+
+    def recompute_s(self, tokens: int, step_tokens: int) -> float:
+        extra_steps = max(0, -(-tokens // max(1, step_tokens)) - 1)
+        return tokens * self.per_token_s + extra_steps * self.fixed_s
+
+
+STEP_WINDOW = 64  # steps the fit remembers (the weight of older ones decays as (1 - 1/64)^age)
+MIN_STEP_SAMPLES = 8  # steps observed before the fit replaces the seed
 
 # Seeds until the engine has measured its own numbers (replaced by real transfers and prefills).
 SEED_COSTS = {"host": TierCost(20e-6, 5e9), "disk": TierCost(200e-6, 1e9), "redis": TierCost(1e-3, 3e8)}
@@ -90,7 +143,7 @@ class KVHierarchy:
     def __init__(
         self,
         tiers: Sequence[Tier],
-        codecs: Sequence[CodecConfig],
+        codecs: Sequence[CodecConfig | None],
         layout: KVLayout,
         fingerprint: str,
         write_policy: str = "write-back",
@@ -98,14 +151,21 @@ class KVHierarchy:
         secret: bytes | None = None,
         prefill_seconds_per_token: float = 1e-3,
         io_threads: int = 2,
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
+        step_tokens: int = 2048,
+        always_load: bool = False,
     ) -> None:
-        """``pin_memory``: loads land in page-locked memory, so the copy to the GPU is a real async
-        DMA instead of a staged copy through a driver bounce buffer (set it on CUDA)."""
+        """``codecs``: one per tier, None for a ``HostTier`` (it keeps raw blocks). ``device``: where
+        loads land (the engine's); on CUDA the staging buffer is page-locked, so the copy to the GPU
+        is a real async DMA. ``step_tokens``: the scheduler's token budget per step. ``always_load``:
+        load every hit, whatever the cost model predicts (deterministic; what LMCache does)."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
         if len(codecs) != len(tiers):
             raise ValueError("one codec per tier")
+        for tier, codec in zip(tiers, codecs, strict=True):
+            if (codec is None) != isinstance(tier, HostTier):
+                raise ValueError(f"{tier.name} tier: every tier has a codec but the host tier (None)")
         self.tiers = list(tiers)
         self.codecs = list(codecs)
         self.layout = layout
@@ -114,8 +174,10 @@ class KVHierarchy:
         self.selective_hits = selective_hits
         self.secret = secret
         self.costs = [TierCost(**vars(SEED_COSTS.get(t.name, SEED_COSTS["disk"]))) for t in tiers]
-        self.prefill_seconds_per_token = prefill_seconds_per_token
-        self.pin_memory = pin_memory
+        self.step_cost = StepCost(prefill_seconds_per_token)
+        self.step_tokens = step_tokens
+        self.always_load = always_load
+        self.device = torch.device(device)
         self.stats = HierarchyStats()
         self._hits: dict[BlockKey, int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -123,11 +185,14 @@ class KVHierarchy:
         self._pending_writes: set[Future[None]] = set()
 
     # -- cost model -------------------------------------------------------------------------------
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """The engine reports each prefill-heavy step: the recompute side of the decision."""
-        if tokens > 0 and seconds > 0:
-            per_token = seconds / tokens
-            self.prefill_seconds_per_token += EMA_WEIGHT * (per_token - self.prefill_seconds_per_token)
+    @property
+    def prefill_seconds_per_token(self) -> float:
+        """The marginal prefill cost of one token (the step cost's slope)."""
+        return self.step_cost.per_token_s
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """The engine reports every model step: the recompute side of the decision."""
+        self.step_cost.observe(tokens, seconds)
 
     # -- lookup and load -------------------------------------------------------------------------
     def plan(self, keys: Sequence[BlockKey]) -> LoadPlan:
@@ -135,19 +200,24 @@ class KVHierarchy:
         segments = self._find_segments(keys)
         block_bytes = self.layout.bytes_per_block
         chosen: list[Segment] = []
-        load_s = recompute_s = 0.0
+        load_s = 0.0
         for seg in segments:
             seg_load = self.costs[seg.tier].predict(seg.count * block_bytes)
-            seg_recompute = seg.count * self.layout.block_size * self.prefill_seconds_per_token
-            if seg_load >= seg_recompute:
+            tokens = (seg.start + seg.count) * self.layout.block_size
+            if not self.always_load and load_s + seg_load >= self.step_cost.recompute_s(
+                tokens, self.step_tokens
+            ):
                 break
             chosen.append(seg)
-            load_s, recompute_s = load_s + seg_load, recompute_s + seg_recompute
+            load_s += seg_load
         if segments:
             if chosen:
                 self.stats.load_decisions += 1
             else:
                 self.stats.recompute_decisions += 1
+        recompute_s = self.step_cost.recompute_s(
+            sum(s.count for s in chosen) * self.layout.block_size, self.step_tokens
+        )
         return LoadPlan(list(keys), chosen, load_s, recompute_s)
 
     def _find_segments(self, keys: Sequence[BlockKey]) -> list[Segment]:
@@ -167,41 +237,84 @@ class KVHierarchy:
     def load_async(self, plan: LoadPlan, block_tokens: Sequence[Sequence[int]]) -> Future[torch.Tensor]:
         """Fetch and verify the plan's blocks on the I/O thread.
 
-        The future's tensor is ``[n, *layout.block_shape]`` on the CPU, n <= plan.num_blocks: the
-        leading blocks that arrived whole and verified; the rest are recomputed.
+        The future's tensor is ``[n, *layout.block_shape]`` on the hierarchy's device, n <=
+        plan.num_blocks: the leading blocks that arrived whole and verified; the rest are recomputed.
+        Its copies are complete when the future is.
         """
         return self._io.submit(self._load, plan, [list(t) for t in block_tokens])
 
     def _load(self, plan: LoadPlan, block_tokens: list[list[int]]) -> torch.Tensor:
         start = time.perf_counter()
-        # One staging buffer for the whole load, page-locked on CUDA (the caching host allocator
-        # reuses it, so it is not faulted in again): each block is decoded straight into its slot.
-        out = torch.empty(
-            (plan.num_blocks, *self.layout.block_shape),
-            dtype=getattr(torch, self.layout.dtype),
-            pin_memory=self.pin_memory and plan.num_blocks > 0,
-        )
-        n = 0
-        for seg in plan.segments:
-            tier = self.tiers[seg.tier]
-            keys = plan.keys[seg.start : seg.start + seg.count]
-            t0 = time.perf_counter()
-            datas = tier.get(keys)
-            good = 0
-            for j, (key, data) in enumerate(zip(keys, datas, strict=True)):
-                if not self._verify(tier, key, data, block_tokens[seg.start + j], out[n]):
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            out = torch.empty(
+                (plan.num_blocks, *self.layout.block_shape),
+                dtype=getattr(torch, self.layout.dtype),
+                device=self.device,
+            )
+            n = 0
+            for seg in plan.segments:
+                tier = self.tiers[seg.tier]
+                keys = plan.keys[seg.start : seg.start + seg.count]
+                tokens = block_tokens[seg.start : seg.start + seg.count]
+                t0 = time.perf_counter()
+                if isinstance(tier, HostTier):
+                    good = self._load_resident(tier, keys, tokens, out[n : n + seg.count])
+                else:
+                    good = self._load_objects(tier, keys, tokens, out[n : n + seg.count])
+                # The cost model learns what a load really costs: fetch and verification together,
+                # in the units it predicts in (bytes of uncompressed KV).
+                self.costs[seg.tier].observe(good * self.layout.bytes_per_block, time.perf_counter() - t0)
+                self.stats.per_tier_loaded[tier.name] += good
+                n += good
+                if good < seg.count:
                     break
-                n, good = n + 1, good + 1
-            # The cost model learns what a load really costs: fetch and verification together,
-            # in the units it predicts in (bytes of uncompressed KV).
-            self.costs[seg.tier].observe(good * self.layout.bytes_per_block, time.perf_counter() - t0)
-            self.stats.per_tier_loaded[tier.name] += good
-            if good < seg.count:
-                break
+            if stream is not None:
+                stream.synchronize()
         self.stats.blocks_loaded += n
         self.stats.predicted_load_s += plan.predicted_load_s
         self.stats.actual_load_s += time.perf_counter() - start
         return out[:n]
+
+    def _load_resident(
+        self, tier: HostTier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
+    ) -> int:
+        """Copy the leading held blocks straight into ``out`` and check them where they landed."""
+        slots = tier.acquire(keys, tokens)
+        if not slots:
+            return 0
+        try:
+            dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
+            tier.copy_out(slots, dst)
+            expected = tier.expected_sums(slots).to(dst.device, non_blocking=True)
+            intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
+        finally:
+            tier.release(slots)
+        good = intact.index(False) if False in intact else len(slots)
+        if good < len(slots):
+            bad = [k for k, ok in zip(keys, intact, strict=False) if not ok]
+            log.warning("host tier: %d blocks failed their integrity check; deleted", len(bad))
+            self.stats.corrupt += len(bad)
+            tier.record_corrupt(len(bad))
+            tier.delete(bad)
+        return good
+
+    def _load_objects(
+        self, tier: Tier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
+    ) -> int:
+        """Fetch stored objects, verify and decode the leading intact ones into ``out``."""
+        datas = tier.get(keys)
+        staging = out
+        if out.device.type != "cpu":  # decode into page-locked memory, then one DMA
+            staging = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        good = 0
+        for j, (key, data) in enumerate(zip(keys, datas, strict=True)):
+            if not self._verify(tier, key, data, tokens[j], staging[j]):
+                break
+            good += 1
+        if staging is not out and good:
+            out[:good].copy_(staging[:good], non_blocking=True)
+        return good
 
     def _verify(
         self, tier: Tier, key: BlockKey, data: bytes | None, tokens: list[int], out: torch.Tensor
@@ -260,6 +373,10 @@ class KVHierarchy:
         encoded: dict[CodecConfig, bytes] = {}
         for tier, codec in zip(self.tiers, self.codecs, strict=True):
             try:
+                if isinstance(tier, HostTier):
+                    tier.store(key, tokens, kv)
+                    continue
+                assert codec is not None
                 if codec not in encoded:
                     encoded[codec] = encode_block(
                         key, self.fingerprint, self.layout, tokens, kv, codec, self.secret
@@ -287,6 +404,3 @@ class KVHierarchy:
         self._io.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
-
-
-ReadBlock = Callable[[int], torch.Tensor]

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 MIN_CPU_KV_BYTES = 64 << 20
-PREFILL_SAMPLE_TOKENS = 64  # steps with at least this many prefill tokens teach the cost model
 
 
 @dataclass
@@ -226,10 +225,8 @@ class Engine:
             return failed
         start = time.perf_counter()
         result = self.runner.execute(sched.chunks)
-        if self.hierarchy is not None:
-            prefill = sum(c.num_new_tokens for c in sched.chunks if c.num_new_tokens > 1)
-            if prefill >= PREFILL_SAMPLE_TOKENS:
-                self.hierarchy.observe_prefill(sched.num_tokens, time.perf_counter() - start)
+        if self.hierarchy is not None:  # the step's time is real: execute ended in a host sync
+            self.hierarchy.observe_step(sched.num_tokens, time.perf_counter() - start)
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
         return failed + self._update(sched, result.sampled, result.logits)
@@ -250,6 +247,8 @@ class Engine:
             base = req.num_committed_blocks
             if n:
                 ids = torch.tensor(req.block_table[base : base + n], device=self.device)
+                if blocks.is_cuda:  # made on the I/O thread's stream: keep it alive for ours
+                    blocks.record_stream(torch.cuda.current_stream(self.device))
                 data = blocks.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
                 self.runner.kv_cache.index_copy_(2, ids, data)
             self.scheduler.complete_load(req, n)

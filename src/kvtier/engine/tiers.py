@@ -34,10 +34,13 @@ def parse_codec(text: str) -> CodecConfig:
     return CodecConfig(quantization=quantization, compression=compression)
 
 
-def make_tier(name: str, settings: TierSettings, namespace: str, layout: KVLayout) -> Tier:
-    entries = max(1, settings.host_capacity // layout.bytes_per_block)
+def make_tier(
+    name: str, settings: TierSettings, namespace: str, layout: KVLayout, *, pin_memory: bool = False
+) -> Tier:
+    """One tier from the settings; ``pin_memory`` page-locks the host tier's slab (on CUDA)."""
     if name == "host":
-        return HostTier(namespace, settings.host_capacity, settings.tier_policy, expected_entries=entries)
+        capacity, policy = settings.host_capacity, settings.tier_policy
+        return HostTier(layout, namespace, capacity, policy, pin_memory=pin_memory)
     if name == "disk":
         return DiskTier(
             settings.resolved_disk_path(),
@@ -71,9 +74,10 @@ def build_hierarchy(
             "the Redis tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
             "so anyone who can write to this Redis can feed this engine KV"
         )
-    codec_text = {"host": settings.host_codec, "disk": settings.disk_codec, "redis": settings.redis_codec}
-    tiers = [make_tier(n, settings, fingerprint, layout) for n in names]
-    codecs = [parse_codec(codec_text[n]) for n in names]
+    cuda = device.type == "cuda"
+    codec_text = {"disk": settings.disk_codec, "redis": settings.redis_codec}
+    tiers = [make_tier(n, settings, fingerprint, layout, pin_memory=cuda) for n in names]
+    codecs = [parse_codec(codec_text[n]) if n in codec_text else None for n in names]
     return KVHierarchy(
         tiers,
         codecs,
@@ -83,5 +87,7 @@ def build_hierarchy(
         settings.selective_hits,
         secret,
         SEED_PREFILL_SECONDS_PER_TOKEN.get(device.type, 1e-3),
-        pin_memory=device.type == "cuda",
+        device=device,
+        step_tokens=config.scheduler.max_num_batched_tokens,
+        always_load=settings.load_policy == "always",
     )

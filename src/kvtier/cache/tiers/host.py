@@ -1,13 +1,22 @@
-"""HostTier: encoded KV blocks in process memory, bounded in bytes by an eviction policy.
+"""HostTier: KV blocks resident in (pinned) host memory, in fixed-size slots, bounded by a policy.
 
-A dict from ``(namespace, key)`` to bytes, a policy that orders those entries and a byte counter,
-all behind one lock (the hierarchy writes from its I/O thread while the engine thread looks up).
+Why blocks and not encoded objects: this tier sits between the device pool and everything else, and
+its job is to be as fast as the host-to-device link. An encoded object must be verified on the CPU
+(checksum pass + copy), which on the H100 host ran at 5% of a pinned H2D copy. Here a block is kept
+as raw KV bytes in a slot of a page-locked slab, so a load is one DMA per run of slots, and its
+integrity check runs where the data lands (on the GPU, at device bandwidth).
 
-Namespaces: the tier serves only its current namespace (the model fingerprint). After a model
-update the owner calls ``set_namespace``; objects of the old model stay resident (counted in
-``used_bytes``, evictable by the policy) but are never returned, until evicted or dropped with
-``drop_other_namespaces``. ``len``, ``keys`` and ``clear`` see only the current namespace;
-``used_bytes`` is the memory of all of them, since that is what the capacity bounds.
+What the design's verification invariant asks of a stored object holds per slot:
+- key, model fingerprint (the namespace) and layout: the slot index is reached only through
+  ``(namespace, key)`` in a tier whose slots all have the tier's layout;
+- tokens: ``acquire`` compares the block's token ids with the requested ones;
+- checksum: ``integrity_sums`` (row and column sums of the block's 64-bit words, the same 2D sum as
+  the codec's checksum, without the BLAKE2b fold) is computed when a block is stored and compared
+  with the same sums of the copy the reader received; a mismatch is a counted miss and a delete.
+No HMAC: the slab is this process's own memory, which nobody else can write.
+
+Namespaces: the tier serves only its current namespace (the model fingerprint), like the others.
+Slots are allocated in chunks on demand, so a large capacity costs nothing until it is used.
 """
 
 from __future__ import annotations
@@ -17,11 +26,16 @@ import time
 from collections.abc import Sequence
 from typing import cast
 
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey
+import torch
+
+from kvtier.cache.codec import CodecConfig, decode_block, encode_block, read_header
+from kvtier.cache.keys import DIGEST_SIZE, BlockKey, KVLayout, tokens_to_bytes
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import TierStats
 
 _Entry = tuple[str, BlockKey]
+_ROW_WORDS = 512  # as the codec's checksum: a burst within 4 KiB always changes a column sum
+CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
 
 
 def check_key(key: object) -> BlockKey:
@@ -33,32 +47,65 @@ def check_key(key: object) -> BlockKey:
     return key
 
 
+def integrity_sums(blocks: torch.Tensor) -> torch.Tensor:
+    """``[n, block_bytes]`` uint8 (any device) -> ``[n, rows + 512]`` int64: the sums (mod 2**64) of
+    every row and every column of the block's 64-bit words laid out in rows of 512, the last row
+    zero-padded. The same numbers on CPU and GPU; an error escapes only if it leaves every row and
+    column sum unchanged (never for 1-3 changed words, a burst within 4 KiB, or two unequal words
+    swapped within a row)."""
+    n = blocks.shape[0]
+    words = blocks.reshape(n, -1).view(torch.int64)
+    full = words.shape[1] // _ROW_WORDS
+    tail = words[:, full * _ROW_WORDS :]
+    body = words[:, : full * _ROW_WORDS].reshape(n, full, _ROW_WORDS)
+    columns = body.sum(1)
+    columns[:, : tail.shape[1]] += tail  # the padded last row, without copying the block
+    sums = [body.sum(2), tail.sum(1, keepdim=True)] if tail.shape[1] else [body.sum(2)]
+    return torch.cat([*sums, columns], dim=1)
+
+
 class HostTier:
-    """Tier in host memory. ``get`` returns the stored bytes object itself (no copy)."""
+    """Tier of raw KV blocks in host memory; ``pin_memory`` page-locks the slab (on CUDA)."""
 
     name = "host"
 
     def __init__(
         self,
+        layout: KVLayout,
         namespace: str,
         capacity_bytes: int,
         policy: str = "lru",
         *,
+        pin_memory: bool = False,
         expected_entries: int | None = None,
         seed: int = 0,
     ) -> None:
         """``expected_entries`` sizes the ghost lists / queues of adaptive policies (s3fifo, arc);
-        None lets the policy choose."""
+        None lets the policy choose (the slot count)."""
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        block_bytes = layout.bytes_per_block
+        if block_bytes % 8:
+            raise ValueError(f"a host-tier block must be a whole number of 8-byte words, got {block_bytes}")
+        self.layout = layout
+        self.block_bytes = block_bytes
+        self.pin_memory = pin_memory
         self._namespace = namespace
         self._capacity = int(capacity_bytes)
-        self._data: dict[_Entry, bytes] = {}
-        self._policy = make_policy(policy, expected_entries, seed)
-        self._used = 0
+        self._num_slots = self._capacity // block_bytes
+        self._chunk_slots = max(1, CHUNK_BYTES // block_bytes)
+        self._chunks: list[torch.Tensor] = []  # [chunk_slots, block_bytes] uint8
+        self._chunk_sums: list[torch.Tensor] = []  # [chunk_slots, S] int64
+        self._next_slot = 0  # slots below this were allocated once
+        self._free: list[int] = []
+        self._slot_of: dict[_Entry, int] = {}
+        self._tokens: dict[int, bytes] = {}  # slot -> the block's token ids (int32 bytes)
+        self._pins: dict[int, int] = {}  # slot -> readers copying out of it
+        self._retired: set[int] = set()  # slots removed while pinned: freed on release
+        self._policy = make_policy(policy, expected_entries or max(1, self._num_slots), seed)
         self._lock = threading.Lock()
         self._stats = TierStats()
-        self._stats.extra["dropped"] = 0.0  # puts larger than the whole capacity
+        self._stats.extra["dropped"] = 0.0  # stores that found no slot (capacity below one block)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -72,14 +119,109 @@ class HostTier:
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return len(self._slot_of) * self.block_bytes
 
     def set_namespace(self, namespace: str) -> None:
-        """Serve ``namespace`` from now on; objects of the previous one are kept but never served."""
+        """Serve ``namespace`` from now on; blocks of the previous one are kept but never served."""
         with self._lock:
             self._namespace = namespace
 
-    # -- Tier protocol --------------------------------------------------------------------------
+    # -- the block interface the hierarchy loads through -------------------------------------------
+
+    def store(self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor) -> None:
+        """Keep one block (a CPU tensor of the layout's shape and dtype) under ``key``."""
+        check_key(key)
+        t0 = time.perf_counter()
+        dtype = getattr(torch, self.layout.dtype)
+        if tuple(kv.shape) != self.layout.block_shape or kv.dtype != dtype:
+            raise ValueError(
+                f"kv has shape {tuple(kv.shape)} and dtype {kv.dtype}; "
+                f"the layout wants {self.layout.block_shape} and {dtype}"
+            )
+        data = kv.detach().contiguous().reshape(-1).view(torch.uint8)
+        token_bytes = tokens_to_bytes(tokens)
+        with self._lock:
+            entry = (self._namespace, key)
+            self._stats.puts += 1
+            self._remove(entry)
+            slot = self._take_slot()
+            if slot is None:
+                self._stats.extra["dropped"] += 1
+                return
+            # Filled under the lock: the slot is unreachable until indexed, and no reader can pin
+            # it before then; the copy is a memcpy of one block.
+            row = self._row(slot)
+            row.copy_(data)
+            self._sums_row(slot).copy_(integrity_sums(row.unsqueeze(0))[0])
+            self._slot_of[entry] = slot
+            self._tokens[slot] = token_bytes
+            self._policy.insert(entry)
+            self._stats.bytes_written += self.block_bytes
+            self._stats.write_seconds += time.perf_counter() - t0
+
+    def acquire(self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]]) -> list[int]:
+        """Slots of the leading ``keys`` held with exactly these ``tokens``, pinned against reuse
+        until ``release``. A held key with other tokens (a hash collision) is a corrupt miss."""
+        with self._lock:
+            stats = self._stats
+            stats.lookups += len(keys)
+            ns = self._namespace
+            slots: list[int] = []
+            for key, toks in zip(keys, tokens, strict=True):
+                entry = (ns, key)
+                slot = self._slot_of.get(entry)
+                if slot is None:
+                    break
+                if self._tokens[slot] != tokens_to_bytes(toks):
+                    stats.corrupt += 1
+                    self._remove(entry)
+                    break
+                self._pins[slot] = self._pins.get(slot, 0) + 1
+                self._policy.access(entry)
+                slots.append(slot)
+            stats.hits += len(slots)
+            stats.misses += len(keys) - len(slots)
+            stats.bytes_read += len(slots) * self.block_bytes
+            return slots
+
+    def copy_out(self, slots: Sequence[int], out: torch.Tensor) -> None:
+        """Copy acquired slots into ``out`` (``[len(slots), block_bytes]`` uint8 on any device):
+        one copy per run of consecutive slots, asynchronous from pinned memory to a GPU."""
+        non_blocking = self.pin_memory and out.device.type == "cuda"
+        i = 0
+        while i < len(slots):
+            chunk, first = divmod(slots[i], self._chunk_slots)
+            run = 1
+            while (
+                i + run < len(slots) and slots[i + run] == slots[i] + run and first + run < self._chunk_slots
+            ):
+                run += 1
+            out[i : i + run].copy_(self._chunks[chunk][first : first + run], non_blocking=non_blocking)
+            i += run
+
+    def expected_sums(self, slots: Sequence[int]) -> torch.Tensor:
+        """The ``integrity_sums`` recorded when each acquired slot was stored (CPU)."""
+        return torch.stack([self._sums_row(s) for s in slots]) if slots else torch.empty(0, dtype=torch.int64)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """The reader's copies are complete: slots removed meanwhile can be reused."""
+        with self._lock:
+            for slot in slots:
+                left = self._pins[slot] - 1
+                if left:
+                    self._pins[slot] = left
+                    continue
+                del self._pins[slot]
+                if slot in self._retired:
+                    self._retired.discard(slot)
+                    self._free.append(slot)
+
+    def read_block(self, slot: int) -> torch.Tensor:
+        """An acquired slot's KV as a new CPU tensor of the layout's shape (tests, ``get``)."""
+        dtype = getattr(torch, self.layout.dtype)
+        return self._row(slot).clone().view(dtype).reshape(self.layout.block_shape)
+
+    # -- Tier protocol (encoded objects in and out; the hierarchy uses the block interface) ---------
 
     def lookup(self, keys: Sequence[BlockKey]) -> int:
         with self._lock:
@@ -87,57 +229,45 @@ class HostTier:
             ns = self._namespace
             n = 0
             for key in keys:
-                if (ns, key) not in self._data:
+                if (ns, key) not in self._slot_of:
                     break
                 n += 1
             return n
 
     def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        t0 = time.perf_counter()
+        """Each held block encoded as a stored object (codec ``none``, no HMAC); None for a miss."""
         out: list[bytes | None] = []
-        with self._lock:
-            ns = self._namespace
-            stats = self._stats
-            stats.lookups += len(keys)
-            for key in keys:
-                entry = (ns, key)
-                data = self._data.get(entry)
-                if data is None:
-                    stats.misses += 1
-                else:
-                    stats.hits += 1
-                    stats.bytes_read += len(data)
-                    self._policy.access(entry)
-                out.append(data)
-            stats.read_seconds += time.perf_counter() - t0
+        for key in keys:
+            with self._lock:
+                self._stats.lookups += 1
+                slot = self._slot_of.get((self._namespace, key))
+                if slot is None:
+                    self._stats.misses += 1
+                    out.append(None)
+                    continue
+                self._stats.hits += 1
+                self._policy.access((self._namespace, key))
+                self._pins[slot] = self._pins.get(slot, 0) + 1
+                tokens = memoryview(self._tokens[slot]).cast("i").tolist()
+            t0 = time.perf_counter()
+            try:
+                block = self.read_block(slot)
+            finally:
+                self.release([slot])
+            out.append(encode_block(key, self._namespace, self.layout, tokens, block, CodecConfig()))
+            with self._lock:
+                self._stats.bytes_read += self.block_bytes
+                self._stats.read_seconds += time.perf_counter() - t0
         return out
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
-        t0 = time.perf_counter()
-        with self._lock:
-            ns = self._namespace
-            stats = self._stats
-            for key, data in items:
-                check_key(key)
-                if not isinstance(data, bytes):
-                    data = bytes(data)  # a bytearray / memoryview the caller may reuse
-                size = len(data)
-                stats.puts += 1
-                if size > self._capacity:
-                    stats.extra["dropped"] += 1
-                    continue
-                entry = (ns, key)
-                old = self._data.pop(entry, None)
-                if old is not None:
-                    # Take the old copy out first so that the loop below cannot pick it as a victim.
-                    self._used -= len(old)
-                    self._policy.remove(entry)
-                self._make_room(size)
-                self._data[entry] = data
-                self._used += size
-                self._policy.insert(entry)
-                stats.bytes_written += size
-            stats.write_seconds += time.perf_counter() - t0
+        """Store encoded objects (any codec; HMAC objects are refused: this tier has no secret).
+        An object that fails verification raises ``CorruptObjectError``: it came from the caller."""
+        for key, data in items:
+            check_key(key)
+            tokens = read_header(data).tokens
+            kv = decode_block(data, key=key, fingerprint=self._namespace, layout=self.layout)
+            self.store(key, tokens, kv)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
         with self._lock:
@@ -148,12 +278,12 @@ class HostTier:
     def keys(self) -> list[BlockKey]:
         with self._lock:
             ns = self._namespace
-            return [key for (n, key) in self._data if n == ns]
+            return [key for (n, key) in self._slot_of if n == ns]
 
     def __len__(self) -> int:
         with self._lock:
             ns = self._namespace
-            return sum(1 for (n, _) in self._data if n == ns)
+            return sum(1 for (n, _) in self._slot_of if n == ns)
 
     def stats(self) -> TierStats:
         """The live counters (not a copy); callers only read them."""
@@ -164,46 +294,77 @@ class HostTier:
             self._stats.corrupt += count
 
     def clear(self) -> None:
-        """Remove every object of the current namespace."""
+        """Remove every block of the current namespace."""
         with self._lock:
             ns = self._namespace
-            for entry in [e for e in self._data if e[0] == ns]:
+            for entry in [e for e in self._slot_of if e[0] == ns]:
                 self._remove(entry)
 
     def close(self) -> None:
+        """Drop everything and give the slab back."""
         with self._lock:
-            self._data.clear()
-            while self._policy.evict() is not None:
-                pass
-            self._used = 0
+            for entry in list(self._slot_of):
+                self._remove(entry)
+            self._chunks.clear()
+            self._chunk_sums.clear()
+            self._pins.clear()
+            self._free.clear()
+            self._retired.clear()
+            self._next_slot = 0
 
     # -- maintenance ----------------------------------------------------------------------------
 
     def drop_other_namespaces(self) -> int:
-        """Remove the objects of every namespace but the current one; returns how many."""
+        """Remove the blocks of every namespace but the current one; returns how many."""
         with self._lock:
             ns = self._namespace
-            others = [e for e in self._data if e[0] != ns]
+            others = [e for e in self._slot_of if e[0] != ns]
             for entry in others:
                 self._remove(entry)
             return len(others)
 
     # -- internals (called with the lock held) --------------------------------------------------
 
-    def _remove(self, entry: _Entry) -> None:
-        data = self._data.pop(entry, None)
-        if data is not None:
-            self._used -= len(data)
-            self._policy.remove(entry)
+    def _row(self, slot: int) -> torch.Tensor:
+        chunk, row = divmod(slot, self._chunk_slots)
+        return self._chunks[chunk][row]
 
-    def _make_room(self, size: int) -> None:
-        """Evict in policy order until ``size`` more bytes fit."""
-        while self._used + size > self._capacity:
+    def _sums_row(self, slot: int) -> torch.Tensor:
+        chunk, row = divmod(slot, self._chunk_slots)
+        return self._chunk_sums[chunk][row]
+
+    def _remove(self, entry: _Entry) -> None:
+        slot = self._slot_of.pop(entry, None)
+        if slot is None:
+            return
+        self._policy.remove(entry)
+        del self._tokens[slot]
+        if slot in self._pins:
+            self._retired.add(slot)  # a reader is still copying out of it
+        else:
+            self._free.append(slot)
+
+    def _take_slot(self) -> int | None:
+        """A free slot: a recycled one, a new one, or the policy's victim's."""
+        while True:
+            if self._free:
+                return self._free.pop()
+            if self._next_slot < self._num_slots:
+                return self._new_slot()
             victim = self._policy.evict()
-            if victim is None:  # nothing left to evict; the counter says otherwise: trust the dict
-                self._used = sum(len(d) for d in self._data.values())
-                break
-            data = self._data.pop(cast(_Entry, victim), None)
-            if data is not None:
-                self._used -= len(data)
-                self._stats.evictions += 1
+            if victim is None:
+                return None  # nothing to evict: every slot is pinned by readers, or none exists
+            self._stats.evictions += 1
+            self._remove(cast(_Entry, victim))  # the policy forgot it already: remove is a no-op there
+
+    def _new_slot(self) -> int:
+        slot = self._next_slot
+        if slot // self._chunk_slots == len(self._chunks):
+            rows = min(self._chunk_slots, self._num_slots - slot)
+            self._chunks.append(
+                torch.empty((rows, self.block_bytes), dtype=torch.uint8, pin_memory=self.pin_memory)
+            )
+            width = integrity_sums(torch.zeros((1, self.block_bytes), dtype=torch.uint8)).shape[1]
+            self._chunk_sums.append(torch.empty((rows, width), dtype=torch.int64))
+        self._next_slot += 1
+        return slot
