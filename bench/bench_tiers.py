@@ -77,6 +77,7 @@ from kvtier.cache.hierarchy import KVHierarchy, LoadPlan, Segment
 from kvtier.cache.keys import BlockKey, KVLayout, chain_keys, root_key
 from kvtier.cache.policy import POLICIES
 from kvtier.cache.tiers.base import Tier
+from kvtier.cache.tiers.host import HostTier
 from kvtier.cache.tiers.redis import KEY_PREFIX
 from kvtier.config import EngineConfig, TierSettings
 from kvtier.engine.engine import Engine, resolve_device
@@ -341,11 +342,9 @@ def op_get_decode(tier: Tier, blocks: Blocks, batch: int) -> Callable[[], int]:
     return run
 
 
-def op_load(
-    hierarchy: KVHierarchy, blocks: Blocks, batch: int, device: torch.device | None
-) -> Callable[[], int]:
-    """The engine's load path: the hierarchy's I/O thread fetches, verifies and stacks a segment;
-    with a device, the engine then copies it there (from pageable memory, as engine._install_loads)."""
+def op_load(hierarchy: KVHierarchy, blocks: Blocks, batch: int) -> Callable[[], int]:
+    """The engine's load path: the hierarchy's I/O thread fetches, verifies and lands a segment on
+    the hierarchy's device (the future completes when the copies have)."""
 
     def run() -> int:
         misses = 0
@@ -354,10 +353,6 @@ def op_load(
             plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
             out = hierarchy.load_async(plan, blocks.tokens[r.start : r.stop]).result()
             misses += len(keys) - int(out.shape[0])
-            if device is not None:
-                out.to(device, non_blocking=True)
-        if device is not None:
-            sync(device)
         return misses
 
     return run
@@ -456,6 +451,17 @@ def redis_set_ceiling(client: redis.Redis, objects: list[bytes], batch: int) -> 
     return run
 
 
+def host_store(host: HostTier, blocks: Blocks) -> Callable[[], int]:
+    """The host tier's write path (the hierarchy's I/O thread): copy into a slot, sum it."""
+
+    def run() -> int:
+        for i, key in enumerate(blocks.keys):
+            host.store(key, blocks.tokens[i], blocks.kv[i])
+        return 0
+
+    return run
+
+
 def tier_put(tier: Tier, keys: list[BlockKey], objects: list[bytes], batch: int) -> Callable[[], int]:
     def run() -> int:
         for i in range(0, len(keys), batch):
@@ -474,7 +480,6 @@ def bench_ceilings(args: argparse.Namespace) -> None:
     blocks = make_blocks(layout, total, args.seed)
     defaults = TierSettings()
     codecs = {
-        "host": parse_codec(args.host_codec or defaults.host_codec),
         "disk": parse_codec(args.disk_codec or defaults.disk_codec),
         "redis": parse_codec(args.redis_codec or defaults.redis_codec),
     }
@@ -502,11 +507,11 @@ def bench_ceilings(args: argparse.Namespace) -> None:
     ceilings: dict[str, list[float]] = {}
     ceiling_bytes: dict[str, int] = {}
     fetch_device = device if device.type == "cuda" else None
-    load_label = "hierarchy load + H2D" if fetch_device is not None else "hierarchy load"
+    load_label = "hierarchy load to the GPU" if fetch_device is not None else "hierarchy load"
     cold_ok = hasattr(os, "posix_fadvise")
 
-    # host memory
-    host_bytes = sum(len(o) for o in blocks.objects(codecs["host"]))
+    # host memory: raw blocks in the (pinned on CUDA) slab; a load lands on the device, checked there
+    host_bytes = blocks.kv_bytes
     if device.type == "cuda":
         ceilings["pinned H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=True)
         ceilings["pageable H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=False)
@@ -516,26 +521,14 @@ def bench_ceilings(args: argparse.Namespace) -> None:
         host_ceiling = "memcpy, 1 thread"
     ceilings["memcpy, 1 thread"] = memcpy_ceiling(host_bytes, repeats)
     ceiling_bytes["memcpy, 1 thread"] = host_bytes
-    settings = TierSettings(host_capacity=2 * host_bytes + (64 << 20))
-    host = make_tier("host", settings, FINGERPRINT, layout)
-    tier_put(host, blocks.keys, blocks.objects(codecs["host"]), args.batch_blocks)()
-    hier = KVHierarchy([host], [codecs["host"]], layout, FINGERPRINT)
+    settings = TierSettings(host_capacity=host_bytes + layout.bytes_per_block)
+    host = make_tier("host", settings, FINGERPRINT, layout, pin_memory=device.type == "cuda")
+    assert isinstance(host, HostTier)
+    rows.append(measure("host", "store", host_store(host, blocks), blocks.kv_bytes, 1, warmup=False))
+    hier = KVHierarchy([host], [None], layout, FINGERPRINT, device=device)
     kvb = blocks.kv_bytes
     b = args.batch_blocks
-    # get hands back the stored bytes objects themselves: no copy, so no ceiling to compare with
-    rows.append(measure("host", "get (no copy)", op_get(host, blocks, b), kvb, repeats))
-    rows.append(measure("host", "decode", op_decode(blocks, codecs["host"]), kvb, repeats, host_ceiling))
-    rows.append(
-        measure("host", "get + decode", op_get_decode(host, blocks, b), kvb, repeats, host_ceiling, True)
-    )
-    rows.append(measure("host", "hierarchy load", op_load(hier, blocks, b, None), kvb, repeats, host_ceiling))
-    if fetch_device is not None:
-        rows.append(
-            measure(
-                "host", "hierarchy load + H2D", op_load(hier, blocks, b, fetch_device), kvb, repeats,
-                host_ceiling, True,
-            )
-        )  # fmt: skip
+    rows.append(measure("host", load_label, op_load(hier, blocks, b), kvb, repeats, host_ceiling, True))
     hier.close()
 
     # local disk
@@ -555,7 +548,7 @@ def bench_ceilings(args: argparse.Namespace) -> None:
         read_big = sequential_read(big, disk_bytes)
         drop_big = (lambda: drop_page_cache([big])) if cold_ok else None
         drop_tier = (lambda: drop_page_cache(paths)) if cold_ok else None
-        hier = KVHierarchy([disk], [codecs["disk"]], layout, FINGERPRINT)
+        hier = KVHierarchy([disk], [codecs["disk"]], layout, FINGERPRINT, device=device)
         modes = (("cold", True), ("warm", False)) if cold_ok else (("warm", False),)
         for mode, cold in modes:
             name = f"sequential read, {mode}"
@@ -576,7 +569,7 @@ def bench_ceilings(args: argparse.Namespace) -> None:
             )  # fmt: skip
             rows.append(
                 measure(
-                    f"disk {mode}", load_label, op_load(hier, blocks, b, fetch_device), kvb, repeats,
+                    f"disk {mode}", load_label, op_load(hier, blocks, b), kvb, repeats,
                     name, before=before, warmup=not cold,
                 )
             )  # fmt: skip
@@ -647,7 +640,7 @@ def bench_redis(
     info: dict[str, Any],
 ) -> list[Row]:
     repeats, b = args.repeats, args.batch_blocks
-    load_label = "hierarchy load + H2D" if device is not None else "hierarchy load"
+    load_label = "hierarchy load to the GPU" if device is not None else "hierarchy load"
     objects = blocks.objects(codec)
     nbytes = sum(len(o) for o in objects)
     settings = TierSettings(redis_url=url)
@@ -669,7 +662,7 @@ def bench_redis(
         info["ceiling_get_misses"] = get_ceiling()  # warm-up; 0 unless the tier's names changed
         ceilings["pipelined GET"] = timed(get_ceiling, repeats)
         ceiling_bytes["pipelined GET"] = nbytes
-        hier = KVHierarchy([tier], [codec], layout, FINGERPRINT)
+        hier = KVHierarchy([tier], [codec], layout, FINGERPRINT, device=device or "cpu")
         rows.append(
             measure("redis", "get", op_get(tier, blocks, b), blocks.kv_bytes, repeats, "pipelined GET")
         )
@@ -684,7 +677,7 @@ def bench_redis(
         )  # fmt: skip
         rows.append(
             measure(
-                "redis", load_label, op_load(hier, blocks, b, device), blocks.kv_bytes, repeats,
+                "redis", load_label, op_load(hier, blocks, b), blocks.kv_bytes, repeats,
                 "pipelined GET",
             )
         )  # fmt: skip
@@ -1318,7 +1311,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--total", default="256MiB", help="KV bytes stored in each tier")
     c.add_argument("--batch-blocks", type=int, default=64, help="blocks per get / put call (a segment)")
     c.add_argument("--repeats", type=int, default=5)
-    c.add_argument("--host-codec", help="default: the engine's (TierSettings.host_codec)")
     c.add_argument("--disk-codec", help="default: the engine's (TierSettings.disk_codec)")
     c.add_argument("--redis-codec", help="default: the engine's (TierSettings.redis_codec)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing as mp
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from kvtier.cache.policy import POLICIES
+from kvtier.cache.tiers import disk as disk_module
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 
@@ -325,3 +327,219 @@ def test_fsync_option(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, "m", 1000, fsync=True)
     tier.put([(key(1), b"durable")])
     assert DiskTier(tmp_path, "m", 1000).get([key(1)]) == [b"durable"]
+
+
+# -- parallel reads ------------------------------------------------------------------------------
+
+
+def _cold(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every object counts as not in the page cache: all reads go to the tier's read pool."""
+    monkeypatch.setattr(tier, "_cached", lambda fd: False)
+
+
+def _record_read_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread that reads each object."""
+    names: list[str] = []
+    real = disk_module._read_fd
+
+    def read_fd(fd: int) -> bytes | int:
+        names.append(threading.current_thread().name)
+        return real(fd)
+
+    monkeypatch.setattr(disk_module, "_read_fd", read_fd)
+    return names
+
+
+@pytest.mark.parametrize("mode", ["pool", "probe", "inline"])
+def test_get_returns_each_key_in_order_with_misses_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    tier = DiskTier(tmp_path, "m", 1 << 24, read_threads=0 if mode == "inline" else 3)
+    if mode == "pool":
+        _cold(tier, monkeypatch)
+    held = {i: payload(i, 1, 1000 + 97 * i) for i in range(0, 60) if i % 5 != 2}  # every 5th: never written
+    tier.put(list((key(i), data) for i, data in held.items()))
+    gone = [3, 4, 31, 59]  # indexed, then removed behind the tier's back (another process evicted them)
+    for i in gone:
+        os.unlink(tier.path_of(key(i)))
+        del held[i]
+    used = tier.used_bytes
+    names = _record_read_threads(monkeypatch)
+    order = [*range(59, -1, -1), 8, 8]  # reversed, and a key twice
+    got = tier.get([key(i) for i in order])
+    assert got == [held.get(i) for i in order]
+    s = tier.stats()
+    n_hits = sum(i in held for i in order)
+    assert (s.hits, s.misses, s.errors) == (n_hits, len(order) - n_hits, 0)
+    assert s.bytes_read == sum(len(held[i]) for i in order if i in held)
+    assert s.lookups == len(order) and s.read_seconds > 0
+    assert tier.used_bytes == used - sum(1000 + 97 * i for i in gone)  # the removed ones are forgotten
+    assert len(tier) == len(held) and sorted(tier.keys()) == sorted(key(i) for i in held)
+    assert n_hits == len(order) - 12 - len(gone) and len(names) == n_hits  # a miss fails at open
+    pool_reads = sum(n.startswith("kvtier-disk-read") for n in names)
+    if mode == "pool":
+        assert pool_reads == len(names)
+    elif mode == "inline" or tier._probe_cache:  # objects just written are in the page cache
+        assert pool_reads == 0
+
+
+def test_removed_between_lookup_and_get_is_a_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, "m", 1 << 20, read_threads=2)
+    _cold(tier, monkeypatch)
+    keys = [key(i) for i in range(6)]
+    tier.put([(k, payload(i, 1)) for i, k in enumerate(keys)])
+    assert tier.lookup(keys) == 6
+    os.unlink(tier.path_of(keys[2]))
+    got = tier.get(keys)
+    assert got[2] is None and got[:2] + got[3:] == [payload(i, 1) for i in (0, 1, 3, 4, 5)]
+    assert tier.lookup(keys) == 2 and tier.stats().errors == 0 and tier.used_bytes == 5 * 256
+
+
+def test_truncated_object_comes_back_short_and_the_codec_rejects_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tier never interprets objects: a file cut short (a power loss with fsync off) is returned
+    as it is, its new size is what the index counts, and decoding turns it into a counted miss."""
+    import torch
+
+    from kvtier.cache.codec import CodecConfig, CorruptObjectError, decode_block, encode_block
+    from kvtier.cache.keys import KVLayout
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
+    tokens = [1, 2, 3, 4]
+    kv = torch.randn(layout.block_shape)
+    tier = DiskTier(tmp_path, "m", 1 << 20, read_threads=2)
+    _cold(tier, monkeypatch)
+    objects = [encode_block(key(i), "fp", layout, tokens, kv, CodecConfig()) for i in range(3)]
+    tier.put([(key(i), o) for i, o in enumerate(objects)])
+    os.truncate(tier.path_of(key(1)), len(objects[1]) // 2)
+    got = tier.get([key(i) for i in range(3)])
+    assert got[0] == objects[0] and got[2] == objects[2] and got[1] == objects[1][: len(objects[1]) // 2]
+    assert tier.used_bytes == len(objects[0]) + len(objects[2]) + len(objects[1]) // 2
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        decode_block(got[1] or b"", key=key(1), fingerprint="fp", layout=layout, tokens=tokens)
+    assert torch.equal(
+        decode_block(got[2] or b"", key=key(2), fingerprint="fp", layout=layout, tokens=tokens), kv
+    )
+
+
+def test_read_errors_are_counted_misses_in_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for threads in (0, 2):
+        tier = DiskTier(tmp_path / str(threads), "m", 1 << 20, read_threads=threads)
+        _cold(tier, monkeypatch)
+        tier.put([(key(1), b"one"), (key(3), b"three")])
+        os.makedirs(tier.path_of(key(2)))  # a folder at an object's name: open works, read fails
+        assert tier.get([key(1), key(2), key(3)]) == [b"one", None, b"three"]
+        s = tier.stats()
+        assert (s.hits, s.misses, s.errors) == (2, 1, 1), threads
+
+
+def test_long_segment_holds_few_files_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    tier = DiskTier(tmp_path, "m", 1 << 24, read_threads=2)
+    _cold(tier, monkeypatch)
+    n = 300  # more than disk._OPEN_PER_THREAD * 2 files
+    tier.put([(key(i), payload(i, 1, 300 + i)) for i in range(n)])
+    base = len(os.listdir("/proc/self/fd"))
+    most = 0
+    real = disk_module._read_fd
+
+    def read_fd(fd: int) -> bytes | int:
+        nonlocal most
+        most = max(most, len(os.listdir("/proc/self/fd")))
+        return real(fd)
+
+    monkeypatch.setattr(disk_module, "_read_fd", read_fd)
+    assert tier.get([key(i) for i in range(n)]) == [payload(i, 1, 300 + i) for i in range(n)]
+    limit = disk_module._OPEN_PER_THREAD * 2
+    assert 0 < most - base <= limit + 2  # + the caller's file being probed, + listdir's own fd
+
+
+def test_concurrent_gets_share_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, "m", 1 << 24, read_threads=3)
+    _cold(tier, monkeypatch)
+    tier.put([(key(i), payload(i, 1, 500 + i)) for i in range(40)])
+    bad: list[int] = []
+
+    def reader(seed: int) -> None:
+        for r in range(20):
+            idx = [(seed * 7 + r + j * 3) % 45 for j in range(12)]  # 40..44 were never written
+            got = tier.get([key(i) for i in idx])
+            if got != [payload(i, 1, 500 + i) if i < 40 else None for i in idx]:
+                bad.append(seed)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    s = tier.stats()
+    assert s.hits + s.misses == 4 * 20 * 12 and s.errors == 0
+
+
+def test_no_rwf_nowait_turns_the_probe_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, "m", 1 << 20, read_threads=2)
+    tier.put([(key(i), payload(i, 1)) for i in range(4)])
+
+    def preadv(*args: Any) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(disk_module.os, "preadv", preadv)
+    names = _record_read_threads(monkeypatch)
+    assert tier.get([key(i) for i in range(4)]) == [payload(i, 1) for i in range(4)]
+    assert not tier._probe_cache and len(names) == 4
+    assert sum(n.startswith("kvtier-disk-read") for n in names) >= 3  # the first read decided it
+    assert tier.stats().errors == 0
+
+
+def test_close_stops_the_read_threads_and_get_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = set(threading.enumerate())  # other tests' tiers may hold read threads too
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.name.startswith("kvtier-disk-read")]
+
+    tier = DiskTier(tmp_path, "m", 1 << 20, read_threads=2)
+    _cold(tier, monkeypatch)
+    tier.put([(key(i), payload(i, 1)) for i in range(4)])
+    assert tier.get([key(i) for i in range(4)]) == [payload(i, 1) for i in range(4)]
+    assert ours()
+    tier.close()
+    assert not ours()
+    assert tier.get([key(i) for i in range(4)]) == [payload(i, 1) for i in range(4)]
+    tier.close()
+    assert not ours()
+    with pytest.raises(ValueError, match="read_threads"):
+        DiskTier(tmp_path, "m", 100, read_threads=-1)
+
+
+def _get_in_child(tier: DiskTier, queue: Any) -> None:
+    tier._cached = lambda fd: False  # type: ignore[method-assign]
+    queue.put(tier.get([key(i) for i in range(4)]))
+
+
+def test_forked_child_makes_its_own_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork here")
+    tier = DiskTier(tmp_path, "m", 1 << 20, read_threads=2)
+    _cold(tier, monkeypatch)
+    tier.put([(key(i), payload(i, 1)) for i in range(4)])
+    assert tier.get([key(i) for i in range(4)]) == [payload(i, 1) for i in range(4)]  # the parent's pool
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_get_in_child, args=(tier, queue))
+    child.start()
+    try:
+        # the parent's read threads do not exist in the child: with the parent's pool it would hang
+        assert queue.get(timeout=30) == [payload(i, 1) for i in range(4)]
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    tier.close()

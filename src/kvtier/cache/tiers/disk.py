@@ -26,6 +26,18 @@ and drops the key from the index; ``lookup`` and ``get`` of a key that is not in
 file, and adopt it when another process wrote it. Capacity is enforced by each process on what it
 indexes; evictions unlink files.
 
+Reads. Each object is one ``open``, ``fstat``, one ``read`` straight into a new ``bytes`` of the
+file's size, ``close``. ``get`` opens a batch's files in order on the calling thread and asks the
+kernel, with a one-byte ``preadv2(RWF_NOWAIT)``, whether each is in the page cache. It reads the
+cached ones itself, at once; the others go to a thread pool the tier owns (``read_threads``, default
+8; at most 4 files open per thread), so that their requests overlap at the device. Measured on a
+2-CPU VM (128 MiB of 384 KiB objects): cold reads went from 0.6-0.9 GB/s on one thread to 1.5-1.7
+with 4 threads and 1.8-2.0 with 8 (the threads wait on the device, not on a CPU, hence a fixed
+default); warm reads lost up to half their speed when spread over threads (GIL and cache hand-offs
+for a plain copy), so the calling thread keeps them. ``posix_fadvise(WILLNEED)`` on the batch first
+was tried and dropped: 6-12 us per object with a warm page cache (a third of a warm read), no cold
+gain above noise.
+
 Errors. Disk full, permissions, a missing or non-directory root: ``get``/``put``/``lookup``/
 ``delete`` never raise on them; they count ``stats.errors`` and miss or drop the write. A tier whose
 root cannot be created at start-up is still usable, it just misses.
@@ -34,6 +46,7 @@ root cannot be created at start-up is still usable, it just misses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -41,7 +54,7 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from operator import itemgetter
 from typing import cast
 
@@ -56,6 +69,14 @@ _HEX_LEN = 2 * DIGEST_SIZE
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:+=-]{0,199}")
 _HEX2_RE = re.compile(r"[0-9a-f]{2}")
 _SCAN_THREADS = 8
+_READ_THREADS = 8
+_OPEN_PER_THREAD = 4  # files a get holds open (queued or being read) per read thread, at most
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: not available
+# What one read of get leaves in its slot when it has no object: the file is gone (a miss), or
+# reading it failed (a miss and a counted error).
+_GONE = 0
+_FAILED = 1
 
 
 def valid_namespace(namespace: str) -> bool:
@@ -79,10 +100,12 @@ class DiskTier:
         expected_entries: int | None = None,
         seed: int = 0,
         temp_max_age_s: float = 60.0,
+        read_threads: int | None = None,
     ) -> None:
         """``expected_entries`` sizes the ghost lists / queues of adaptive policies (s3fifo, arc);
         None lets the policy choose. ``temp_max_age_s``: temp files older than this are debris of a
-        crash and removed at start-up."""
+        crash and removed at start-up. ``read_threads``: the threads that read objects not in the
+        page cache (None: 8); 0 reads everything on the calling thread."""
         if not valid_namespace(namespace):
             raise ValueError(
                 f"invalid namespace {namespace!r}: use letters, digits and ._:+=- "
@@ -90,6 +113,10 @@ class DiskTier:
             )
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        if read_threads is None:
+            read_threads = _READ_THREADS
+        if read_threads < 0:
+            raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._root = os.fspath(root)
         self._namespace = namespace
         self._dir = os.path.join(self._root, namespace)
@@ -99,6 +126,11 @@ class DiskTier:
         self._expected_entries = expected_entries
         self._seed = seed
         self._temp_max_age_s = temp_max_age_s
+        self._read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None  # made by the first get that needs it
+        self._pool_pid = 0  # the process that made it: a forked child makes its own
+        self._probe_cache = _RWF_NOWAIT != 0
+        self._probe_buf = bytearray(1)  # only ever written by the probe; its content is never read
         self._policy = make_policy(policy, expected_entries, seed)
         self._index: dict[BlockKey, int] = {}
         self._used = 0
@@ -164,36 +196,32 @@ class DiskTier:
 
     def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         t0 = time.perf_counter()
+        paths = [self.path_of(key) for key in keys]  # checks every key before any I/O
+        results = self._read_files(paths)
         out: list[bytes | None] = []
-        for key in keys:
-            path = self.path_of(key)
-            data: bytes | None
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:  # evicted (maybe by another process) or never written
-                data = None
-                with self._lock:
-                    self._forget(key)
-            except OSError:
-                data = None
-                self._count_error()
-            with self._lock:
-                if data is None:
-                    self._stats.misses += 1
-                else:
-                    self._stats.hits += 1
-                    self._stats.bytes_read += len(data)
-                    if key in self._index:
-                        self._used += len(data) - self._index[key]  # another process may have replaced it
-                        self._index[key] = len(data)
+        with self._lock:
+            stats, index = self._stats, self._index
+            for key, data in zip(keys, results, strict=True):
+                if isinstance(data, bytes):
+                    size = len(data)
+                    stats.hits += 1
+                    stats.bytes_read += size
+                    if key in index:
+                        self._used += size - index[key]  # another process may have replaced it
+                        index[key] = size
                         self._policy.access(key)
                     else:
-                        self._adopt(key, len(data))
-            out.append(data)
-        with self._lock:
-            self._stats.lookups += len(keys)
-            self._stats.read_seconds += time.perf_counter() - t0
+                        self._adopt(key, size)
+                    out.append(data)
+                    continue
+                if data == _GONE:  # evicted (maybe by another process) or never written
+                    self._forget(key)
+                else:
+                    stats.errors += 1
+                stats.misses += 1
+                out.append(None)
+            stats.lookups += len(keys)
+            stats.read_seconds += time.perf_counter() - t0
         return out
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
@@ -252,7 +280,11 @@ class DiskTier:
             self._purge_dir(self._dir, remove_dirs=False)
 
     def close(self) -> None:
-        """Nothing to release: no file stays open between calls."""
+        """Stop the read threads (no file stays open between calls); a later ``get`` starts them again."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -280,6 +312,73 @@ class DiskTier:
         return removed
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _read_files(self, paths: list[str]) -> list[bytes | int]:
+        """Each file's whole content, or ``_GONE`` / ``_FAILED``.
+
+        The calling thread opens the files in order and reads at once those whose first page is in
+        the page cache (a warm copy gains nothing from threads on a small machine and pays their
+        hand-offs); the others go to the read pool, so that their requests overlap at the device
+        while the caller goes on with the rest of the batch.
+        """
+        results: list[bytes | int] = [_FAILED] * len(paths)
+        if len(paths) <= 1 or self._read_threads == 0:
+            for i, path in enumerate(paths):
+                results[i] = _read_file(path)
+            return results
+        pool: ThreadPoolExecutor | None = None
+        pending: list[tuple[int, Future[bytes | int]]] = []
+        done = 0  # pending[:done] are collected
+        max_open = _OPEN_PER_THREAD * self._read_threads  # a long segment must not run out of fds
+        for i, path in enumerate(paths):
+            while len(pending) - done >= max_open:
+                j, future = pending[done]
+                results[j] = future.result()
+                done += 1
+            try:
+                fd = os.open(path, _OPEN_FLAGS)
+            except FileNotFoundError:
+                results[i] = _GONE
+                continue
+            except OSError:  # permissions, a path component that is not a folder, too many open files
+                results[i] = _FAILED
+                continue
+            if self._probe_cache and self._cached(fd):
+                results[i] = _read_fd(fd)
+                continue
+            if pool is None:
+                pool = self._read_pool()
+            try:
+                pending.append((i, pool.submit(_read_fd, fd)))  # the task owns (closes) the fd
+            except RuntimeError:  # close() shut the pool down meanwhile, or the interpreter is exiting
+                results[i] = _read_fd(fd)
+        for j, future in pending[done:]:
+            results[j] = future.result()
+        return results
+
+    def _cached(self, fd: int) -> bool:
+        """Whether the file's first byte can be read without waiting on the device (or it is empty).
+
+        ``preadv2(RWF_NOWAIT)`` of one byte; a filesystem without it (tmpfs, some network ones)
+        turns the probe off for good, and every read goes to the pool.
+        """
+        try:
+            os.preadv(fd, [self._probe_buf], 0, _RWF_NOWAIT)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no RWF_NOWAIT here
+                self._probe_cache = False
+            return False  # anything else (EIO): the real read meets it again and counts it
+
+    def _read_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            pid = os.getpid()
+            if self._pool is None or self._pool_pid != pid:  # after a fork the parent's threads are gone
+                self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="kvtier-disk-read")
+                self._pool_pid = pid
+            return self._pool
 
     def _write_file(self, path: str, key: BlockKey, data: bytes) -> bool:
         """Write ``data`` to ``path`` atomically (temp file + ``os.replace``); False on any OSError."""
@@ -467,6 +566,41 @@ class DiskTier:
                 self._used -= old
                 self._stats.evictions += 1
                 self._unlink(self.path_of(key))
+
+
+def _read_file(path: str) -> bytes | int:
+    """The whole file, or ``_GONE`` / ``_FAILED``."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return _GONE
+    except OSError:  # permissions, a path component that is not a folder, too many open files
+        return _FAILED
+    return _read_fd(fd)
+
+
+def _read_fd(fd: int) -> bytes | int:
+    """The whole file open at ``fd`` (closed here) in one ``read`` into a ``bytes`` of its size,
+    or ``_FAILED``.
+
+    An object is never modified in place (``put`` renames a new file over it), so ``fstat``'s size
+    is the size to read; the one extra byte asked for, and the loop, only matter for a file someone
+    else shrinks or grows while it is read: the result is then whatever the file held at EOF, as
+    ``f.read()`` would return.
+    """
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) == size:
+            return data
+        parts = [data]  # grew or shrank under us, or a read cut short: read on to EOF
+        while chunk := os.read(fd, max(size, 1 << 16)):
+            parts.append(chunk)
+        return b"".join(parts)
+    except OSError:  # EIO, EISDIR (a folder at the object's name)
+        return _FAILED
+    finally:
+        os.close(fd)
 
 
 def _parse_key(name: str, prefix: str) -> BlockKey | None:
