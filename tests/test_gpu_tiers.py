@@ -89,3 +89,29 @@ def test_engine_on_cuda_loads_from_host_and_disk_with_the_same_tokens(tmp_path: 
             llm.engine.pool.assert_idle()
         finally:
             llm.close()
+
+
+def test_a_step_synchronises_with_the_gpu_once() -> None:
+    """The engine reads its sampled tokens back once per step; nothing else in a step (prefill
+    attention included) may wait for the GPU: each wait stalls the launch-bound engine loop."""
+    import warnings
+
+    llm = LLM("synthetic:tiny", device="cuda", tiers="none", max_num_batched_tokens=64)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # lazily initialised state
+    engine = llm.engine
+    rng = random.Random(5)
+    for _ in range(3):  # 210 prompt tokens: chunked prefill over several steps, then decodes
+        engine.add_request([rng.randrange(320) for _ in range(70)], SamplingParams(max_tokens=4))
+    steps = 0
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        llm.close()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert steps > 0 and len(syncs) <= steps

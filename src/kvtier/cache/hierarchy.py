@@ -183,6 +183,7 @@ class KVHierarchy:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-io")
         self._pending_writes: set[Future[None]] = set()
+        self._thread_state = threading.local()
 
     # -- cost model -------------------------------------------------------------------------------
     @property
@@ -245,7 +246,7 @@ class KVHierarchy:
 
     def _load(self, plan: LoadPlan, block_tokens: list[list[int]]) -> torch.Tensor:
         start = time.perf_counter()
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = self._io_stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             out = torch.empty(
                 (plan.num_blocks, *self.layout.block_shape),
@@ -275,6 +276,15 @@ class KVHierarchy:
         self.stats.predicted_load_s += plan.predicted_load_s
         self.stats.actual_load_s += time.perf_counter() - start
         return out[:n]
+
+    def _io_stream(self) -> torch.cuda.Stream | None:
+        """This I/O thread's own CUDA stream (made once): loads overlap the engine's work."""
+        if self.device.type != "cuda":
+            return None
+        stream: torch.cuda.Stream | None = getattr(self._thread_state, "stream", None)
+        if stream is None:
+            stream = self._thread_state.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def _load_resident(
         self, tier: HostTier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
@@ -358,9 +368,18 @@ class KVHierarchy:
                 return self._hits.pop(key, 0) >= self.selective_hits
         return False  # write-through already stored it
 
-    def write_async(self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor) -> None:
-        """Queue one block (a CPU copy the caller no longer touches) for every tier."""
-        future = self._io.submit(self._write, key, list(tokens), kv)
+    @property
+    def wants_sums(self) -> bool:
+        """Whether writers should hand ``integrity_sums`` with each block (there is a host tier):
+        computed where the blocks are, on the GPU, they cost the host tier's store nothing."""
+        return any(isinstance(t, HostTier) for t in self.tiers)
+
+    def write_async(
+        self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor, sums: torch.Tensor | None = None
+    ) -> None:
+        """Queue one block (a CPU copy the caller no longer touches) for every tier; ``sums``: its
+        ``integrity_sums`` (CPU), when the caller has them."""
+        future = self._io.submit(self._write, key, list(tokens), kv, sums)
         with self._lock:
             self._pending_writes.add(future)
         future.add_done_callback(self._write_done)
@@ -369,12 +388,12 @@ class KVHierarchy:
         with self._lock:
             self._pending_writes.discard(future)
 
-    def _write(self, key: BlockKey, tokens: list[int], kv: torch.Tensor) -> None:
+    def _write(self, key: BlockKey, tokens: list[int], kv: torch.Tensor, sums: torch.Tensor | None) -> None:
         encoded: dict[CodecConfig, bytes] = {}
         for tier, codec in zip(self.tiers, self.codecs, strict=True):
             try:
                 if isinstance(tier, HostTier):
-                    tier.store(key, tokens, kv)
+                    tier.store(key, tokens, kv, sums)
                     continue
                 assert codec is not None
                 if codec not in encoded:

@@ -18,6 +18,7 @@ import torch
 
 from kvtier.cache.blocks import BlockPool
 from kvtier.cache.keys import BlockKey, KVLayout, root_key
+from kvtier.cache.tiers.host import integrity_sums
 from kvtier.config import EngineConfig
 from kvtier.engine.detokenizer import DetokenizerState, decode_delta, find_stop
 from kvtier.engine.request import (
@@ -275,9 +276,13 @@ class Engine:
             return
         ids = torch.tensor([b for b, _, _ in self._pending_writes], device=self.device)
         # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec
-        data = self.runner.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+        blocks = self.runner.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+        sums = None
+        if self.device.type == "cuda" and self.hierarchy.wants_sums:  # ~free here, a CPU pass there
+            sums = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8)).to("cpu", non_blocking=True)
+        data = blocks.cpu()  # waits for the sums' copy too (same stream)
         for i, (_, key, tokens) in enumerate(self._pending_writes):
-            self.hierarchy.write_async(key, tokens, data[i])
+            self.hierarchy.write_async(key, tokens, data[i], None if sums is None else sums[i])
         self._pending_writes.clear()
 
     def close(self) -> None:

@@ -78,7 +78,10 @@ def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
 
 
 def _visible(
-    query_pos: torch.Tensor, key_pos: torch.Tensor, context_len: torch.Tensor, sliding_window: int | None
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    context_len: torch.Tensor | int,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     mask = (key_pos <= query_pos) & (key_pos < context_len)
     if sliding_window is not None:
@@ -117,7 +120,9 @@ class TorchReferenceAttention:
             qq = q[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
             query_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
             key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
-            mask = _visible(query_pos, key_pos, torch.tensor(ctx, device=q.device), sliding_window)
+            # ctx as a Python int: a scalar tensor made here would be a host-to-device copy and a
+            # sync per prefill row per layer (seen with torch.cuda.set_sync_debug_mode).
+            mask = _visible(query_pos, key_pos, ctx, sliding_window)
             o = F.scaled_dot_product_attention(
                 qq, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
             )

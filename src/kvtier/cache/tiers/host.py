@@ -128,8 +128,12 @@ class HostTier:
 
     # -- the block interface the hierarchy loads through -------------------------------------------
 
-    def store(self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor) -> None:
-        """Keep one block (a CPU tensor of the layout's shape and dtype) under ``key``."""
+    def store(
+        self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor, sums: torch.Tensor | None = None
+    ) -> None:
+        """Keep one block (a CPU tensor of the layout's shape and dtype) under ``key``. ``sums``: its
+        ``integrity_sums`` when the writer computed them where the block came from (the GPU);
+        otherwise they are computed here."""
         check_key(key)
         t0 = time.perf_counter()
         dtype = getattr(torch, self.layout.dtype)
@@ -152,7 +156,7 @@ class HostTier:
             # it before then; the copy is a memcpy of one block.
             row = self._row(slot)
             row.copy_(data)
-            self._sums_row(slot).copy_(integrity_sums(row.unsqueeze(0))[0])
+            self._sums_row(slot).copy_(integrity_sums(row.unsqueeze(0))[0] if sums is None else sums)
             self._slot_of[entry] = slot
             self._tokens[slot] = token_bytes
             self._policy.insert(entry)
@@ -200,8 +204,15 @@ class HostTier:
             i += run
 
     def expected_sums(self, slots: Sequence[int]) -> torch.Tensor:
-        """The ``integrity_sums`` recorded when each acquired slot was stored (CPU)."""
-        return torch.stack([self._sums_row(s) for s in slots]) if slots else torch.empty(0, dtype=torch.int64)
+        """The ``integrity_sums`` recorded when each acquired slot was stored (CPU), gathered with
+        one index per chunk (a Python loop over slots cost more than the copy of small blocks)."""
+        index = torch.tensor(slots, dtype=torch.int64)
+        chunk, row = index // self._chunk_slots, index % self._chunk_slots
+        out = torch.empty((len(slots), self._sums_width()), dtype=torch.int64)
+        for c in torch.unique(chunk).tolist():
+            where = (chunk == c).nonzero().flatten()
+            out[where] = self._chunk_sums[c].index_select(0, row[where])
+        return out
 
     def release(self, slots: Sequence[int]) -> None:
         """The reader's copies are complete: slots removed meanwhile can be reused."""
@@ -325,6 +336,10 @@ class HostTier:
 
     # -- internals (called with the lock held) --------------------------------------------------
 
+    def _sums_width(self) -> int:
+        words = self.block_bytes // 8
+        return -(-words // _ROW_WORDS) + _ROW_WORDS  # one sum per (padded) row, one per column
+
     def _row(self, slot: int) -> torch.Tensor:
         chunk, row = divmod(slot, self._chunk_slots)
         return self._chunks[chunk][row]
@@ -364,7 +379,6 @@ class HostTier:
             self._chunks.append(
                 torch.empty((rows, self.block_bytes), dtype=torch.uint8, pin_memory=self.pin_memory)
             )
-            width = integrity_sums(torch.zeros((1, self.block_bytes), dtype=torch.uint8)).shape[1]
-            self._chunk_sums.append(torch.empty((rows, width), dtype=torch.int64))
+            self._chunk_sums.append(torch.empty((rows, self._sums_width()), dtype=torch.int64))
         self._next_slot += 1
         return slot

@@ -1,0 +1,116 @@
+"""Where the chat workload's time goes, per configuration: model steps, the hierarchy's work on the
+engine thread (write-back copies, load installs, planning) and on the I/O threads (CPU seconds).
+
+    python3 bench/profile_chat.py [--switch-interval S] chat [bench_tiers chat arguments]
+
+Runs bench_tiers' chat workload (its three configurations) with timers around the engine's steps,
+model execution, write-back copies, load installs and planning, and CPU-time counters on the I/O
+threads' writes and loads; prints one PROFILE line per engine (the probe and warm-ups included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import pstats
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import bench_tiers as bt
+from kvtier.cache import hierarchy as hmod
+from kvtier.engine import engine as emod
+from kvtier.engine import runner as rmod
+
+ACC: dict[str, float] = collections.defaultdict(float)
+LOCK = threading.Lock()
+SYNCS: collections.Counter[str] = collections.Counter()
+
+
+def timed(cls: Any, name: str, label: str, cpu: bool = False) -> None:
+    original: Callable[..., Any] = getattr(cls, name)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t, c = time.perf_counter(), time.thread_time()
+        try:
+            return original(*a, **k)
+        finally:
+            with LOCK:
+                ACC[label + " wall"] += time.perf_counter() - t
+                ACC[label + " n"] += 1
+                if cpu:
+                    ACC[label + " cpu"] += time.thread_time() - c
+
+    setattr(cls, name, wrapper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
+    p.add_argument("--cprofile", type=int, default=0, help="print the engine thread's N costliest functions")
+    p.add_argument("--sync-debug", action="store_true", help="count CUDA host syncs per call site")
+    args, rest = p.parse_known_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    timed(rmod.ModelRunner, "execute", "execute")
+    timed(emod.Engine, "step", "step", cpu=True)
+    timed(emod.Engine, "_flush_writes", "flush_writes")
+    timed(emod.Engine, "_install_loads", "install")
+    timed(hmod.KVHierarchy, "plan", "plan")
+    timed(hmod.KVHierarchy, "_write", "io write", cpu=True)
+    timed(hmod.KVHierarchy, "_load", "io load", cpu=True)
+    init, close = emod.Engine.__init__, emod.Engine.close
+    started: dict[str, float] = {}
+
+    def traced_init(self: emod.Engine, *a: Any, **k: Any) -> None:
+        init(self, *a, **k)
+        ACC.clear()
+        if args.cprofile:
+            profiler.disable()  # an engine that was never closed (the workload's probe)
+            profiler.clear()
+            profiler.enable()
+        started.update(wall=time.perf_counter(), cpu=time.process_time())
+
+    def traced_close(self: emod.Engine) -> None:
+        wall, cpu = time.perf_counter() - started["wall"], time.process_time() - started["cpu"]
+        label = f"tiers={self.config.tiers.tiers} caching={self.config.pool.enable_prefix_caching}"
+        print(
+            f"PROFILE {label}: wall {wall:.2f}s process cpu {cpu:.2f}s "
+            + " ".join(f"{k}={v:.3f}" for k, v in sorted(ACC.items())),
+            flush=True,
+        )
+        if args.sync_debug:
+            for where, n in SYNCS.most_common(12):
+                print(f"  sync x{n}: {where}")
+            SYNCS.clear()
+        if args.cprofile:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+            profiler.clear()
+        close(self)
+
+    profiler = cProfile.Profile()
+    if args.sync_debug:
+        import traceback
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode("warn")
+
+        def count(message: Any, *rest: Any, **k: Any) -> None:
+            frames = [f for f in traceback.extract_stack()[:-1] if "kvtier" in f.filename]
+            SYNCS[" < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-3:]))] += 1
+
+        warnings.showwarning = count
+        warnings.simplefilter("always")
+    emod.Engine.__init__ = traced_init  # type: ignore[method-assign]
+    emod.Engine.close = traced_close  # type: ignore[method-assign]
+    bt.main(rest)
+
+
+if __name__ == "__main__":
+    main()
