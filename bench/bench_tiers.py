@@ -1,7 +1,7 @@
 """Tier benchmarks: tier bandwidth against its ceiling, a multi-round chat workload, eviction policies.
 
     python3 bench/bench_tiers.py ceilings  [--model synthetic:small --total 256MiB --batch-blocks 64]
-    python3 bench/bench_tiers.py chat      [--conversations 16 --turns 4 --pool-ratio 4 --redis]
+    python3 bench/bench_tiers.py chat      [--conversations 16 --turns 4 --pool-ratio 4 --rounds 3 --redis]
     python3 bench/bench_tiers.py policies  [--requests 3000 --capacities 0.02,0.04,0.08]
 
 ceilings: for one realistic KV block (the layout of --model: synthetic:small is 12 layers, 4 KV heads,
@@ -21,11 +21,14 @@ Redis: a redis-server of its own on a free 127.0.0.1 port (stopped at the end), 
 
 chat: several conversations sharing a system prompt, each round re-sending the whole history (built
 at the token level, as kvtier.demo does), driven by --clients closed-loop clients. The device pool is
-sized so that the blocks the workload can reuse are --pool-ratio times the pool. Three runs on one
-loaded model: the tiers below the pool (disk in a temp folder, + Redis with --redis), the device pool
-alone (tiers none), and no prefix caching. Prints TTFT p50/p95, output tokens/s, prompt tokens
-computed / loaded from a tier / hit in the device pool, wall time, and whether the greedy outputs of
-the three runs are identical.
+sized so that the blocks the workload can reuse are --pool-ratio times the pool. Three configurations
+on one loaded model: the tiers below the pool (disk in a temp folder, + Redis with --redis), the
+device pool alone (tiers none), and no prefix caching. After one untimed pass of the workload (the
+first pass after loading runs slower), each configuration runs --rounds (3) times on a fresh engine
+with empty tiers, the order rotating each round (ABC, BCA, CAB). Prints each run's wall time, then,
+for the run with the median wall time of each configuration, TTFT p50/p95, output tokens/s, prompt
+tokens computed / loaded from a tier / hit in the device pool, wall time; and whether the greedy
+outputs of every run are identical.
 
 policies: the block-key trace of a chat workload (hot shared system prompts, conversations that grow
 turn by turn, one-off long "scan" requests) replayed against kvtier.cache.blocks.BlockPool with
@@ -898,7 +901,9 @@ def record(run: ChatRun, out: RequestOutput) -> None:
 
 
 def warm_up(engine: Engine, rng: random.Random) -> None:
-    """A few requests of their own (not the workload's tokens), then drop what they cached."""
+    """A few requests of their own (not the workload's tokens), then drop what they cached, in the
+    pool and in the tiers: the disk and Redis tiers outlive an engine, and a closed engine writes its
+    pool down, so without this a tiers run would start from the blocks of the round before."""
     vocab = min(256, engine.loaded.config.vocab_size)
     for n in (200, 60):
         engine.add_request(
@@ -907,6 +912,34 @@ def warm_up(engine: Engine, rng: random.Random) -> None:
     for _ in engine.run_until_done():
         pass
     engine.pool.reset_cache()
+    if engine.hierarchy is not None:
+        engine.hierarchy.flush()
+        for tier in engine.hierarchy.tiers:
+            tier.clear()
+
+
+@dataclass
+class ChatRounds:
+    """One configuration's run in every round, in round order."""
+
+    label: str
+    runs: list[ChatRun] = field(default_factory=list)
+
+    @property
+    def reported_index(self) -> int:
+        """The round whose run has the median wall time (the lower middle one for an even count)."""
+        order = sorted(range(len(self.runs)), key=lambda i: self.runs[i].wall_s)
+        return order[(len(order) - 1) // 2]
+
+    @property
+    def reported(self) -> ChatRun:
+        return self.runs[self.reported_index]
+
+
+def round_order(n_configs: int, r: int) -> list[int]:
+    """Round r starts at configuration r mod n (ABC, BCA, CAB): on a machine whose later passes run
+    faster, no configuration always goes first."""
+    return [(r + j) % n_configs for j in range(n_configs)]
 
 
 def bench_chat(args: argparse.Namespace) -> None:
@@ -975,16 +1008,31 @@ def bench_chat(args: argparse.Namespace) -> None:
             ("device pool only", {"tiers": "none", "enable_prefix_caching": True}),
             ("no caching", {"tiers": "none", "enable_prefix_caching": False}),
         ]
-        runs: list[ChatRun] = []
         rng = random.Random(args.seed + 1)
-        for label, extra in configs:
+
+        def engine_for(extra: dict[str, Any]) -> Engine:
             engine = Engine(EngineConfig.load(base | extra | {"kv_cache_memory": kv_bytes}), loaded)
             warm_up(engine, rng)
-            print(f"running {label} ...", flush=True)
-            runs.append(run_chat(label, engine, work, args.clients))
-            engine.close()
+            return engine
+
+        # The first pass over the workload after the model loads ran ~1.4x slower than the next on
+        # an H200, warm-up requests or not: one untimed pass on an engine thrown away.
+        print("untimed pass (device pool only) ...", flush=True)
+        engine = engine_for(configs[1][1])
+        run_chat(configs[1][0], engine, work, args.clients)
+        engine.close()
+        rounds = [ChatRounds(label) for label, _ in configs]
+        orders = [round_order(len(configs), r) for r in range(args.rounds)]
+        for r, order in enumerate(orders):
+            for i in order:
+                label, extra = configs[i]
+                engine = engine_for(extra)
+                print(f"round {r + 1}/{args.rounds}: {label} ...", end=" ", flush=True)
+                rounds[i].runs.append(run_chat(label, engine, work, args.clients))
+                print(f"{rounds[i].runs[-1].wall_s:.1f} s", flush=True)
+                engine.close()
     print()
-    print_chat(runs)
+    print_chat(rounds)
     results = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("command", "json")},
         "pool_blocks": pool_blocks,
@@ -992,8 +1040,12 @@ def bench_chat(args: argparse.Namespace) -> None:
         "shared_blocks": shared,
         "bytes_per_block": layout.bytes_per_block,
         "tiers": tiers,
-        "runs": [run_summary(r) for r in runs],
-        "identical_outputs": all(r.outputs == runs[0].outputs for r in runs),
+        "round_orders": [[configs[i][0] for i in order] for order in orders],
+        "runs": [
+            {"label": c.label, "reported_index": c.reported_index, "rounds": [run_summary(r) for r in c.runs]}
+            for c in rounds
+        ],
+        "identical_outputs": all(r.outputs == rounds[0].runs[0].outputs for c in rounds for r in c.runs),
     }
     finish(args, title, machine, results)
 
@@ -1021,7 +1073,8 @@ def run_summary(r: ChatRun) -> dict[str, Any]:
     }
 
 
-def print_chat(runs: list[ChatRun]) -> None:
+def print_chat(rounds: list[ChatRounds]) -> None:
+    runs = [c.reported for c in rounds]
     headers = [
         "run", "TTFT p50 ms", "TTFT p95 ms", "out tok/s", "prompt tokens", "computed", "loaded",
         "device hit", "model tokens", "preempted", "wall s",
@@ -1066,18 +1119,28 @@ def print_chat(runs: list[ChatRun]) -> None:
                 + f", prefill {1e3 * h['prefill_s_per_token']:.2f} ms/token); "
                 f"corrupt {h['corrupt']}, write errors {h['write_errors']}"
             )
+    every = [(k + 1, r) for c in rounds for k, r in enumerate(c.runs)]  # (round, run)
+    for k, r in every:
         if r.errors:
-            print(f"{r.label}: {len(r.errors)} requests failed, e.g. {r.errors[0]}")
-    same = all(r.outputs == runs[0].outputs for r in runs)
-    n = len(runs[0].outputs)
-    if same:
-        print(f"identical greedy output in all {len(runs)} runs ({n} completions)")
-    else:
-        for r in runs[1:]:
-            diff = sum(a != b for a, b in zip(r.outputs, runs[0].outputs, strict=True))
-            print(f"OUTPUTS DIFFER: {r.label} vs {runs[0].label}: {diff} of {n} completions")
+            print(f"{r.label}, round {k}: {len(r.errors)} requests failed, e.g. {r.errors[0]}")
+    ref = rounds[0].runs[0]
+    n = len(ref.outputs)
+    if all(r.outputs == ref.outputs for _, r in every):
+        print(f"identical greedy output in all {len(every)} runs ({n} completions each)")
+    for k, r in every:
+        if r.outputs != ref.outputs:
+            diff = sum(a != b for a, b in zip(r.outputs, ref.outputs, strict=True))
+            print(f"OUTPUTS DIFFER: {r.label}, round {k} vs {ref.label}, round 1: {diff} of {n} completions")
+    n_rounds = len(rounds[0].runs)
     print(
-        "\nTTFT: engine metric, arrival to first token (queueing behind the other clients included). "
+        (
+            f"\nEach row: the run with the median wall time of the configuration's {n_rounds} rounds "
+            "(the order rotates each round; every run's wall time is printed above); the ratios "
+            "compare those runs. "
+            if n_rounds > 1
+            else "\nOne round: each configuration ran once, in this order. "
+        )
+        + "TTFT: engine metric, arrival to first token (queueing behind the other clients included). "
         "computed = prompt tokens prefilled; loaded = from a tier below the pool; device hit = found in "
         "the pool; model tokens = every token the model ran (prefill, decode, recompute after preemption)."
     )
@@ -1331,6 +1394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--max-num-batched-tokens", type=int, default=None)
     h.add_argument("--redis", action="store_true", help="add a Redis tier (a redis-server of its own)")
     h.add_argument("--tiers", help="tiers of the tiers run (default: disk, plus redis with --redis)")
+    h.add_argument(
+        "--rounds", type=int, default=3, help="runs of each configuration, the order rotating each round"
+    )
 
     p = sub.add_parser("policies", parents=[common], help="hit ratio of each eviction policy on a chat trace")
     p.add_argument("--requests", type=int, default=3000)
@@ -1350,6 +1416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "chat" and args.redis_url:
         args.redis = True
+    if args.command == "chat" and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
