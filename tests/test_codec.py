@@ -22,8 +22,10 @@ from kvtier.cache.codec import (
     BlockHeader,
     CodecConfig,
     CorruptObjectError,
+    check_object,
     decode_block,
     encode_block,
+    payload_sums,
     read_header,
     secret_from_env,
 )
@@ -505,3 +507,25 @@ def test_codec_imports_nothing_above_cache():
     assert kvtier_imports and all(m.startswith("kvtier.cache") for m in kvtier_imports), kvtier_imports
     for forbidden in ("pickle", "marshal", "shelve"):
         assert forbidden not in imported
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 16, 2, 64), (1, 2, 3, 1, 8)])  # whole rows, and a tail only
+def test_checksum_from_payload_sums_matches(shape: tuple[int, ...]) -> None:
+    """A reader that verifies on another device (payload_sums there, checksum_from_sums here) gets
+    exactly the checksum the CPU computes; a flipped bit fails either way."""
+    layout = KVLayout(shape[0], shape[3], shape[4], shape[2], "float32")
+    kv = torch.randn(layout.block_shape, generator=torch.Generator().manual_seed(3))
+    data = encode_block(KEY_A, FP, layout, list(range(layout.block_size)), kv)
+    obj = check_object(data, key=KEY_A, fingerprint=FP, layout=layout)
+    payload = torch.frombuffer(bytearray(obj.payload), dtype=torch.uint8).unsqueeze(0)
+    rows, cols = payload_sums(payload)
+    obj.verify_checksum((rows[0].numpy().tobytes(), cols[0].numpy().tobytes()))  # no raise
+    obj.verify_checksum()
+    payload[0, 5] ^= 0x20
+    rows, cols = payload_sums(payload)
+    bad = data[: obj.payload_offset] + bytes(payload[0].numpy())
+    bad_obj = check_object(bad, key=KEY_A, fingerprint=FP, layout=layout)
+    with pytest.raises(CorruptObjectError, match="checksum"):
+        bad_obj.verify_checksum((rows[0].numpy().tobytes(), cols[0].numpy().tobytes()))
+    with pytest.raises(CorruptObjectError, match="checksum"):
+        bad_obj.verify_checksum()

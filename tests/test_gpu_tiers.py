@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvtier import LLM, SamplingParams
+from kvtier.cache.codec import CodecConfig, encode_block
 from kvtier.cache.hierarchy import KVHierarchy, LoadPlan, Segment
 from kvtier.cache.keys import KVLayout
+from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier, integrity_sums
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -58,6 +61,28 @@ def test_host_tier_loads_to_the_gpu_and_rejects_a_flipped_bit() -> None:
         out = hierarchy.load_async(plan, tokens).result(timeout=30)
         assert out.shape[0] == 5 and torch.equal(out.cpu(), kv[:5])
         assert hierarchy.stats.corrupt == 1 and host.lookup(keys) == 5
+    finally:
+        hierarchy.close()
+
+
+def test_disk_objects_are_checked_on_the_gpu(tmp_path: object) -> None:
+    """Uncompressed disk objects go straight into pinned staging and are checksummed on the GPU:
+    the same blocks as the CPU path, and a flipped payload bit is a deleted miss."""
+    keys, tokens, kv = keys_and_blocks(10, seed=2)
+    disk = DiskTier(str(tmp_path), "fp", 1 << 30)
+    disk.put([(k, encode_block(k, "fp", LAYOUT, tokens[i], kv[i])) for i, k in enumerate(keys)])
+    hierarchy = KVHierarchy([disk], [CodecConfig()], LAYOUT, "fp", device="cuda")
+    try:
+        plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
+        out = hierarchy.load_async(plan, tokens).result(timeout=30)
+        assert out.device.type == "cuda" and torch.equal(out.cpu(), kv)
+        path = Path(disk.path_of(keys[7]))
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x04
+        path.write_bytes(bytes(data))
+        out = hierarchy.load_async(plan, tokens).result(timeout=30)
+        assert out.shape[0] == 7 and torch.equal(out.cpu(), kv[:7])
+        assert hierarchy.stats.corrupt == 1 and disk.lookup(keys) == 7
     finally:
         hierarchy.close()
 

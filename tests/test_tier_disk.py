@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,9 +343,9 @@ def _record_read_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = disk_module._read_fd
 
-    def read_fd(fd: int) -> bytes | int:
+    def read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
         names.append(threading.current_thread().name)
-        return real(fd)
+        return real(fd, into)
 
     monkeypatch.setattr(disk_module, "_read_fd", read_fd)
     return names
@@ -447,10 +448,10 @@ def test_long_segment_holds_few_files_open(tmp_path: Path, monkeypatch: pytest.M
     most = 0
     real = disk_module._read_fd
 
-    def read_fd(fd: int) -> bytes | int:
+    def read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
         nonlocal most
         most = max(most, len(os.listdir("/proc/self/fd")))
-        return real(fd)
+        return real(fd, into)
 
     monkeypatch.setattr(disk_module, "_read_fd", read_fd)
     assert tier.get([key(i) for i in range(n)]) == [payload(i, 1, 300 + i) for i in range(n)]
@@ -542,4 +543,33 @@ def test_forked_child_makes_its_own_pool(tmp_path: Path, monkeypatch: pytest.Mon
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+    tier.close()
+
+
+@pytest.mark.parametrize("mode", ["pool", "probe", "inline"])
+def test_read_into_fills_buffers_and_reports_other_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """read_into lands each object in its own buffer; a file of another size is reported (the
+    caller reads it with get), a missing one is a miss; stats count like get."""
+    threads = 0 if mode == "inline" else 4
+    tier = DiskTier(tmp_path, "ns", 1 << 30, read_threads=threads)
+    if mode == "pool":
+        monkeypatch.setattr(tier, "_probe_cache", False)
+    objects = {i: bytes([i]) * 4096 for i in range(6)}
+    objects[3] = b"x" * 100  # another size
+    tier.put([(key(i), o) for i, o in objects.items() if i != 4])  # 4 is missing
+    buffers = [bytearray(4096) for _ in range(6)]
+    heads = [bytearray(100) for _ in range(6)]  # an object read into two buffers: 100 + 3996 bytes
+    views = [[memoryview(h), memoryview(b)[100:]] for h, b in zip(heads, buffers, strict=True)]
+    got = tier.read_into([key(i) for i in range(6)], views)
+    for h, b in zip(heads, buffers, strict=True):
+        b[:100] = h
+    assert got == [True, True, True, False, None, True]
+    for i in (0, 1, 2, 5):
+        assert bytes(buffers[i]) == objects[i]
+    assert bytes(buffers[3]) == bytes(4096)  # untouched
+    s = tier.stats()
+    assert s.hits == 4 and s.misses == 2 and s.bytes_read == 4 * 4096
+    assert tier.get([key(3)]) == [objects[3]]
     tier.close()

@@ -187,14 +187,39 @@ _ROW_WORDS = 512
 
 
 def _checksum(fields: bytes | bytearray | memoryview, payload: memoryview) -> bytes:
-    h = hashlib.blake2b(fields, digest_size=_CHECKSUM_SIZE)
     rows = len(payload) // (8 * _ROW_WORDS)
+    row_sums = col_sums = b""
     if rows:
         words = np.frombuffer(payload, dtype="<u8", count=rows * _ROW_WORDS).reshape(rows, _ROW_WORDS)
-        h.update(words.sum(axis=1, dtype="<u8").tobytes())
-        h.update(words.sum(axis=0, dtype="<u8").tobytes())
-    h.update(payload[rows * _ROW_WORDS * 8 :])
+        row_sums = words.sum(axis=1, dtype="<u8").tobytes()
+        col_sums = words.sum(axis=0, dtype="<u8").tobytes()
+    return checksum_from_sums(fields, row_sums, col_sums, payload[rows * _ROW_WORDS * 8 :])
+
+
+def checksum_from_sums(
+    fields: bytes | bytearray | memoryview,
+    row_sums: bytes | memoryview,
+    col_sums: bytes | memoryview,
+    tail: bytes | memoryview,
+) -> bytes:
+    """The checksum from the payload's row and column sums (little-endian u64, as ``payload_sums``
+    makes them on any device) and its bytes after the last whole row: a reader that moved the
+    payload to a GPU verifies it there and hashes only these few bytes on the CPU."""
+    h = hashlib.blake2b(fields, digest_size=_CHECKSUM_SIZE)
+    h.update(row_sums)
+    h.update(col_sums)
+    h.update(tail)
     return h.digest()
+
+
+def payload_sums(payloads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, payload_bytes]`` uint8 (rows 8-byte aligned, any device) -> the row and column sums
+    of each payload's whole 512-word rows, ``[n, rows]`` and ``[n, 512]`` int64 (the checksum's
+    u64 sums: two's complement wraps the same way)."""
+    n, nbytes = payloads.shape
+    rows = nbytes // (8 * _ROW_WORDS)
+    words = payloads[:, : rows * _ROW_WORDS * 8].view(torch.int64).reshape(n, rows, _ROW_WORDS)
+    return words.sum(2), words.sum(1)
 
 
 def _mac(secret: bytes, fields: bytes | bytearray | memoryview, payload: memoryview) -> bytes:
@@ -360,11 +385,74 @@ def decode_block(
     when it is not), or a payload that does not decompress to the expected size.
     """
     dtype = _kv_dtype(layout)
-    _check_secret(secret)
     if out is not None and (
         tuple(out.shape) != layout.block_shape or out.dtype != dtype or not out.is_contiguous()
     ):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {layout.block_shape}")
+    obj = check_object(data, key=key, fingerprint=fingerprint, layout=layout, tokens=tokens, secret=secret)
+    obj.verify_checksum()
+    obj.verify_mac(secret)
+    expected_raw = _raw_length(layout, obj.header.quantization)
+    raw = _decompress(obj.payload, obj.header.compression, expected_raw)
+    if out is not None and obj.header.quantization == "none":
+        _copy_bytes(raw, out)  # straight into the caller's buffer: the one copy of the payload
+        return out
+    block = _dequantize(raw, obj.header.quantization, layout, dtype)
+    return block if out is None else out.copy_(block)
+
+
+class CheckedObject(NamedTuple):
+    """A stored object whose header matched the requested block; checksum and HMAC still unchecked."""
+
+    header: BlockHeader
+    fields: memoryview  # the bytes the checksum and HMAC cover, payload excepted
+    checksum: bytes
+    mac: bytes | None
+    payload: memoryview
+    payload_offset: int
+
+    def verify_checksum(self, sums: tuple[bytes, bytes] | None = None) -> None:
+        """Check the checksum: over the payload here, or from its row and column sums (``payload_sums``
+        as little-endian bytes) computed where the payload was moved to."""
+        rows = len(self.payload) // (8 * _ROW_WORDS)
+        if sums is None:
+            digest = _checksum(self.fields, self.payload)
+        else:
+            row_sums, col_sums = sums if rows else (b"", b"")
+            digest = checksum_from_sums(
+                self.fields, row_sums, col_sums, self.payload[rows * _ROW_WORDS * 8 :]
+            )
+        if not hmac.compare_digest(digest, self.checksum):
+            raise CorruptObjectError("checksum: mismatch, the object is corrupted")
+
+    def verify_mac(self, secret: bytes | None) -> None:
+        """The HMAC check (after the checksum's): required with a secret, refused without one."""
+        if secret is not None:
+            if self.mac is None:
+                raise CorruptObjectError("hmac: a secret is configured but the object has no HMAC")
+            if not hmac.compare_digest(_mac(secret, self.fields, self.payload), self.mac):
+                raise CorruptObjectError("hmac: mismatch (tampered object or another secret)")
+        elif self.mac is not None:
+            raise CorruptObjectError(
+                f"hmac: the object carries an HMAC but no secret is configured (set {SECRET_ENV})"
+            )
+
+
+def check_object(
+    data: bytes | memoryview,
+    *,
+    key: bytes,
+    fingerprint: str,
+    layout: KVLayout,
+    tokens: Sequence[int] | None = None,
+    secret: bytes | None = None,
+    payload: memoryview | None = None,
+) -> CheckedObject:
+    """Everything ``decode_block`` checks before reading the payload: header, key, fingerprint,
+    layout, tokens and every length. Raises ``CorruptObjectError`` like it. With ``payload``,
+    ``data`` is the header alone and the payload was read into a buffer of its own."""
+    _kv_dtype(layout)
+    _check_secret(secret)
     want_tokens = _token_bytes_arg(tokens)
     mv = _byte_view(data)
     parsed = _parse(mv)
@@ -386,10 +474,13 @@ def decode_block(
         raise CorruptObjectError("tokens: the object's token ids differ from the requested block's")
 
     end = parsed.header_length + head.payload_length
-    if len(mv) < end:
-        raise CorruptObjectError(f"truncated: object is {len(mv)} bytes, its header says {end}")
-    if len(mv) > end:
-        raise CorruptObjectError(f"length: {len(mv) - end} bytes after the {end}-byte object")
+    size = len(mv) if payload is None else len(mv) + len(payload)
+    if payload is not None and len(mv) != parsed.header_length:
+        raise CorruptObjectError(f"length: header of {parsed.header_length} bytes read as {len(mv)}")
+    if size < end:
+        raise CorruptObjectError(f"truncated: object is {size} bytes, its header says {end}")
+    if size > end:
+        raise CorruptObjectError(f"length: {size - end} bytes after the {end}-byte object")
     expected_raw = _raw_length(layout, head.quantization)
     if head.raw_length != expected_raw:
         raise CorruptObjectError(
@@ -400,26 +491,17 @@ def decode_block(
         raise CorruptObjectError(
             f"length: uncompressed payload of {head.payload_length} bytes, expected {expected_raw}"
         )
-    payload = mv[parsed.header_length : end]
+    if payload is None:
+        payload = mv[parsed.header_length : end]
+    return CheckedObject(head, parsed.fields, parsed.checksum, parsed.mac, payload, parsed.header_length)
 
-    if not hmac.compare_digest(_checksum(parsed.fields, payload), parsed.checksum):
-        raise CorruptObjectError("checksum: mismatch, the object is corrupted")
-    if secret is not None:
-        if parsed.mac is None:
-            raise CorruptObjectError("hmac: a secret is configured but the object has no HMAC")
-        if not hmac.compare_digest(_mac(secret, parsed.fields, payload), parsed.mac):
-            raise CorruptObjectError("hmac: mismatch (tampered object or another secret)")
-    elif parsed.mac is not None:
-        raise CorruptObjectError(
-            f"hmac: the object carries an HMAC but no secret is configured (set {SECRET_ENV})"
-        )
 
-    raw = _decompress(payload, head.compression, expected_raw)
-    if out is not None and head.quantization == "none":
-        _copy_bytes(raw, out)  # straight into the caller's buffer: the one copy of the payload
-        return out
-    block = _dequantize(raw, head.quantization, layout, dtype)
-    return block if out is None else out.copy_(block)
+def header_length(fingerprint: str, layout: KVLayout, has_hmac: bool) -> int:
+    """Bytes before the payload in an uncompressed, unquantized object of this model and layout
+    (32-byte keys): a reader splits such objects into header and payload buffers of its own."""
+    fields = len(_pack_fields(bytes(32), fingerprint, layout, bytes(4 * layout.block_size),
+                              CodecConfig(), 0, 0, has_hmac))  # fmt: skip
+    return _align(fields + _CHECKSUM_SIZE + (_HMAC_SIZE if has_hmac else 0))
 
 
 class _Parsed(NamedTuple):

@@ -29,9 +29,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.cache.codec import CodecConfig, CorruptObjectError, decode_block, encode_block
+from kvtier.cache.codec import (
+    CheckedObject,
+    CodecConfig,
+    CorruptObjectError,
+    check_object,
+    decode_block,
+    encode_block,
+    header_length,
+    payload_sums,
+)
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
+from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier, integrity_sums
 
 log = logging.getLogger(__name__)
@@ -259,10 +269,15 @@ class KVHierarchy:
                 keys = plan.keys[seg.start : seg.start + seg.count]
                 tokens = block_tokens[seg.start : seg.start + seg.count]
                 t0 = time.perf_counter()
+                dst = out[n : n + seg.count]
                 if isinstance(tier, HostTier):
-                    good = self._load_resident(tier, keys, tokens, out[n : n + seg.count])
+                    good = self._load_resident(tier, keys, tokens, dst)
+                elif isinstance(tier, DiskTier) and self.codecs[seg.tier] == CodecConfig():
+                    good, other_codec = self._load_in_place(tier, keys, tokens, dst)
+                    if other_codec:  # objects written with another codec: read them the usual way
+                        good += self._load_objects(tier, keys[good:], tokens[good:], dst[good:])
                 else:
-                    good = self._load_objects(tier, keys, tokens, out[n : n + seg.count])
+                    good = self._load_objects(tier, keys, tokens, dst)
                 # The cost model learns what a load really costs: fetch and verification together,
                 # in the units it predicts in (bytes of uncompressed KV).
                 self.costs[seg.tier].observe(good * self.layout.bytes_per_block, time.perf_counter() - t0)
@@ -326,6 +341,77 @@ class KVHierarchy:
             out[:good].copy_(staging[:good], non_blocking=True)
         return good
 
+    def _load_in_place(
+        self, tier: DiskTier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
+    ) -> tuple[int, bool]:
+        """Uncompressed objects read by the tier straight into a header row and the block's place:
+        ``out`` itself on the CPU, a page-locked staging row copied to the GPU by one DMA there (no
+        ``bytes`` per object, no copy by decode). Headers are checked on the CPU, payload
+        checksums where the payloads are (on the GPU the CPU never reads them). Returns the
+        leading blocks that verified, and whether the run stopped at an object of another size
+        (another codec) that ``get`` must read."""
+        n = len(keys)
+        head_len = header_length(self.fingerprint, self.layout, self.secret is not None)
+        heads = torch.empty((n, head_len), dtype=torch.uint8)
+        payloads = torch.empty((n, self.layout.bytes_per_block), dtype=torch.uint8, pin_memory=out.is_cuda)
+        if not out.is_cuda:
+            payloads = out.reshape(n, -1).view(torch.uint8)
+        views = [(memoryview(h.numpy()), memoryview(p.numpy())) for h, p in zip(heads, payloads, strict=True)]
+        found = tier.read_into(keys, views)
+        checked: list[CheckedObject] = []
+        for j, hit in enumerate(found):
+            if not hit:
+                break
+            try:
+                obj = check_object(
+                    views[j][0],
+                    key=keys[j],
+                    fingerprint=self.fingerprint,
+                    layout=self.layout,
+                    tokens=tokens[j],
+                    secret=self.secret,
+                    payload=views[j][1],
+                )
+            except CorruptObjectError as e:
+                self._reject(tier, keys[j], e)
+                break
+            checked.append(obj)
+        good = self._verify_payloads(tier, keys, checked, payloads, out)
+        return good, len(checked) == good < n and found[good] is False
+
+    def _verify_payloads(
+        self,
+        tier: Tier,
+        keys: list[BlockKey],
+        checked: list[CheckedObject],
+        payloads: torch.Tensor,
+        out: torch.Tensor,
+    ) -> int:
+        """Checksum (and HMAC) of the leading checked objects; on CUDA their payloads go to ``out``
+        first and are summed there. Returns how many verified."""
+        k = len(checked)
+        sums = None
+        if out.is_cuda and k:
+            dst = out[:k].reshape(k, -1).view(torch.uint8)
+            dst.copy_(payloads[:k], non_blocking=True)
+            row_sums, col_sums = (t.cpu().numpy() for t in payload_sums(dst))  # waits for the DMA
+            sums = [(row_sums[j].tobytes(), col_sums[j].tobytes()) for j in range(k)]
+        for j, obj in enumerate(checked):
+            try:
+                obj.verify_checksum(None if sums is None else sums[j])
+                obj.verify_mac(self.secret)
+            except CorruptObjectError as e:
+                self._reject(tier, keys[j], e)
+                return j
+        return k
+
+    def _reject(self, tier: Tier, key: BlockKey, error: CorruptObjectError) -> None:
+        """An object that failed a check: a counted miss, deleted from its tier."""
+        log.warning("%s tier: rejected object %s: %s", tier.name, key.hex()[:16], error)
+        self.stats.corrupt += 1
+        tier.record_corrupt()
+        tier.delete([key])
+
     def _verify(
         self, tier: Tier, key: BlockKey, data: bytes | None, tokens: list[int], out: torch.Tensor
     ) -> bool:
@@ -344,10 +430,7 @@ class KVHierarchy:
             )
             return True
         except CorruptObjectError as e:
-            log.warning("%s tier: rejected object %s: %s", tier.name, key.hex()[:16], e)
-            self.stats.corrupt += 1
-            tier.record_corrupt()
-            tier.delete([key])
+            self._reject(tier, key, e)
             return False
 
     # -- writes ------------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: not availab
 # reading it failed (a miss and a counted error).
 _GONE = 0
 _FAILED = 1
+# read_into's outcomes besides those: the whole object is in the caller's buffer, or the file has
+# another size than the buffer (an object of another codec: the caller falls back to get).
+_READ = 2
+_OTHER_SIZE = 3
 
 
 def valid_namespace(namespace: str) -> bool:
@@ -198,12 +202,37 @@ class DiskTier:
         t0 = time.perf_counter()
         paths = [self.path_of(key) for key in keys]  # checks every key before any I/O
         results = self._read_files(paths)
-        out: list[bytes | None] = []
+        sizes = [len(r) if isinstance(r, bytes) else r for r in results]
+        self._account_reads(keys, sizes, [isinstance(r, bytes) for r in results], t0)
+        return [r if isinstance(r, bytes) else None for r in results]
+
+    def read_into(
+        self, keys: Sequence[BlockKey], buffers: Sequence[Sequence[memoryview]]
+    ) -> list[bool | None]:
+        """Read each object straight into its buffers (writable, together exactly the expected
+        object's size, filled in order: a loader's header row and the block's place in its KV
+        buffer), without the ``bytes`` that ``get`` allocates (and faults in) per object. Per key:
+        True when the whole object is in its buffers, False when the file holds an object of
+        another size (another codec: use ``get``), None for a miss."""
+        t0 = time.perf_counter()
+        paths = [self.path_of(key) for key in keys]
+        results = self._read_files(paths, buffers)
+        sizes = [
+            sum(len(p) for p in b) if r == _READ else cast(int, r)
+            for r, b in zip(results, buffers, strict=True)
+        ]
+        self._account_reads(keys, sizes, [r == _READ for r in results], t0)
+        return [True if r == _READ else False if r == _OTHER_SIZE else None for r in results]
+
+    def _account_reads(
+        self, keys: Sequence[BlockKey], sizes: list[int], found: list[bool], t0: float
+    ) -> None:
+        """Stats and index after a batch read: ``sizes[i]`` is the bytes read where ``found[i]``,
+        else the read's outcome code."""
         with self._lock:
             stats, index = self._stats, self._index
-            for key, data in zip(keys, results, strict=True):
-                if isinstance(data, bytes):
-                    size = len(data)
+            for key, size, hit in zip(keys, sizes, found, strict=True):
+                if hit:
                     stats.hits += 1
                     stats.bytes_read += size
                     if key in index:
@@ -212,17 +241,14 @@ class DiskTier:
                         self._policy.access(key)
                     else:
                         self._adopt(key, size)
-                    out.append(data)
                     continue
-                if data == _GONE:  # evicted (maybe by another process) or never written
+                if size == _GONE:  # evicted (maybe by another process) or never written
                     self._forget(key)
-                else:
+                elif size == _FAILED:
                     stats.errors += 1
-                stats.misses += 1
-                out.append(None)
+                stats.misses += 1  # _OTHER_SIZE too: the caller reads it again with get
             stats.lookups += len(keys)
             stats.read_seconds += time.perf_counter() - t0
-        return out
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
         t0 = time.perf_counter()
@@ -313,8 +339,11 @@ class DiskTier:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _read_files(self, paths: list[str]) -> list[bytes | int]:
-        """Each file's whole content, or ``_GONE`` / ``_FAILED``.
+    def _read_files(
+        self, paths: list[str], into: Sequence[Sequence[memoryview]] | None = None
+    ) -> list[bytes | int]:
+        """Each file's whole content, or ``_GONE`` / ``_FAILED``; with ``into``, each file read into
+        its buffer: ``_READ`` or ``_OTHER_SIZE`` instead of the content.
 
         The calling thread opens the files in order and reads at once those whose first page is in
         the page cache (a warm copy gains nothing from threads on a small machine and pays their
@@ -324,7 +353,7 @@ class DiskTier:
         results: list[bytes | int] = [_FAILED] * len(paths)
         if len(paths) <= 1 or self._read_threads == 0:
             for i, path in enumerate(paths):
-                results[i] = _read_file(path)
+                results[i] = _read_file(path, None if into is None else into[i])
             return results
         pool: ThreadPoolExecutor | None = None
         pending: list[tuple[int, Future[bytes | int]]] = []
@@ -343,15 +372,16 @@ class DiskTier:
             except OSError:  # permissions, a path component that is not a folder, too many open files
                 results[i] = _FAILED
                 continue
+            buffer = None if into is None else into[i]
             if self._probe_cache and self._cached(fd):
-                results[i] = _read_fd(fd)
+                results[i] = _read_fd(fd, buffer)
                 continue
             if pool is None:
                 pool = self._read_pool()
             try:
-                pending.append((i, pool.submit(_read_fd, fd)))  # the task owns (closes) the fd
+                pending.append((i, pool.submit(_read_fd, fd, buffer)))  # the task owns (closes) the fd
             except RuntimeError:  # close() shut the pool down meanwhile, or the interpreter is exiting
-                results[i] = _read_fd(fd)
+                results[i] = _read_fd(fd, buffer)
         for j, future in pending[done:]:
             results[j] = future.result()
         return results
@@ -568,18 +598,18 @@ class DiskTier:
                 self._unlink(self.path_of(key))
 
 
-def _read_file(path: str) -> bytes | int:
-    """The whole file, or ``_GONE`` / ``_FAILED``."""
+def _read_file(path: str, into: Sequence[memoryview] | None = None) -> bytes | int:
+    """The whole file (or ``_READ`` / ``_OTHER_SIZE`` with ``into``), or ``_GONE`` / ``_FAILED``."""
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return _GONE
     except OSError:  # permissions, a path component that is not a folder, too many open files
         return _FAILED
-    return _read_fd(fd)
+    return _read_fd(fd, into)
 
 
-def _read_fd(fd: int) -> bytes | int:
+def _read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
     """The whole file open at ``fd`` (closed here) in one ``read`` into a ``bytes`` of its size,
     or ``_FAILED``.
 
@@ -590,6 +620,8 @@ def _read_fd(fd: int) -> bytes | int:
     """
     try:
         size = os.fstat(fd).st_size
+        if into is not None:
+            return _read_fd_into(fd, size, into)
         data = os.read(fd, size + 1)
         if len(data) == size:
             return data
@@ -601,6 +633,24 @@ def _read_fd(fd: int) -> bytes | int:
         return _FAILED
     finally:
         os.close(fd)
+
+
+def _read_fd_into(fd: int, size: int, into: Sequence[memoryview]) -> int:
+    """Fill the buffers ``into`` in order from ``fd`` when the file has exactly their total size:
+    ``_READ``, ``_OTHER_SIZE``, or ``_FAILED`` when the file ends early (shrunk under us). The
+    caller closes ``fd``."""
+    if size != sum(len(part) for part in into):
+        return _OTHER_SIZE
+    parts = list(into)
+    while parts:
+        n = os.readv(fd, parts)
+        if n == 0:
+            return _FAILED
+        while parts and n >= len(parts[0]):  # drop the filled buffers, cut the partly filled one
+            n -= len(parts.pop(0))
+        if parts and n:
+            parts[0] = parts[0][n:]
+    return _READ
 
 
 def _parse_key(name: str, prefix: str) -> BlockKey | None:
