@@ -513,80 +513,83 @@ def bench_ceilings(args: argparse.Namespace) -> None:
     load_label = "hierarchy load to the GPU" if fetch_device is not None else "hierarchy load"
     cold_ok = hasattr(os, "posix_fadvise")
 
+    kvb, b = blocks.kv_bytes, args.batch_blocks
     # host memory: raw blocks in the (pinned on CUDA) slab; a load lands on the device, checked there
-    host_bytes = blocks.kv_bytes
-    if device.type == "cuda":
-        ceilings["pinned H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=True)
-        ceilings["pageable H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=False)
-        ceiling_bytes["pinned H2D copy"] = ceiling_bytes["pageable H2D copy"] = host_bytes
-        host_ceiling = "pinned H2D copy"
-    else:
-        host_ceiling = "memcpy, 1 thread"
-    ceilings["memcpy, 1 thread"] = memcpy_ceiling(host_bytes, repeats)
-    ceiling_bytes["memcpy, 1 thread"] = host_bytes
-    settings = TierSettings(host_capacity=host_bytes + layout.bytes_per_block)
-    host = make_tier("host", settings, FINGERPRINT, layout, pin_memory=device.type == "cuda")
-    assert isinstance(host, HostTier)
-    rows.append(measure("host", "store", host_store(host, blocks), blocks.kv_bytes, 1, warmup=False))
-    hier = KVHierarchy([host], [None], layout, FINGERPRINT, device=device)
-    kvb = blocks.kv_bytes
-    b = args.batch_blocks
-    rows.append(measure("host", load_label, op_load(hier, blocks, b), kvb, repeats, host_ceiling, True))
-    hier.close()
+    if "host" in args.only:
+        host_bytes = blocks.kv_bytes
+        if device.type == "cuda":
+            ceilings["pinned H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=True)
+            ceilings["pageable H2D copy"] = h2d_ceiling(host_bytes, repeats, device, pinned=False)
+            ceiling_bytes["pinned H2D copy"] = ceiling_bytes["pageable H2D copy"] = host_bytes
+            host_ceiling = "pinned H2D copy"
+        else:
+            host_ceiling = "memcpy, 1 thread"
+        ceilings["memcpy, 1 thread"] = memcpy_ceiling(host_bytes, repeats)
+        ceiling_bytes["memcpy, 1 thread"] = host_bytes
+        settings = TierSettings(host_capacity=host_bytes + layout.bytes_per_block)
+        host = make_tier("host", settings, FINGERPRINT, layout, pin_memory=device.type == "cuda")
+        assert isinstance(host, HostTier)
+        rows.append(measure("host", "store", host_store(host, blocks), blocks.kv_bytes, 1, warmup=False))
+        hier = KVHierarchy([host], [None], layout, FINGERPRINT, device=device)
+        rows.append(measure("host", load_label, op_load(hier, blocks, b), kvb, repeats, host_ceiling, True))
+        hier.close()
 
     # local disk
-    disk_root = tempfile.mkdtemp(prefix="kvtier-bench-disk-", dir=args.disk_path)
-    try:
-        objects = blocks.objects(codecs["disk"])
-        disk_bytes = sum(len(o) for o in objects)
-        big = os.path.join(disk_root, "sequential.bin")
-        with open(big, "wb") as f:
-            for o in objects:
-                f.write(o)
-        settings = TierSettings(disk_path=disk_root, disk_capacity=2 * disk_bytes + (64 << 20))
-        disk = make_tier("disk", settings, FINGERPRINT, layout)
-        tier_put(disk, blocks.keys, objects, b)()
-        os.sync()  # clean pages: DONTNEED drops only those
-        paths = [disk.path_of(k) for k in blocks.keys]
-        read_big = sequential_read(big, disk_bytes)
-        drop_big = (lambda: drop_page_cache([big])) if cold_ok else None
-        drop_tier = (lambda: drop_page_cache(paths)) if cold_ok else None
-        hier = KVHierarchy([disk], [codecs["disk"]], layout, FINGERPRINT, device=device)
-        modes = (("cold", True), ("warm", False)) if cold_ok else (("warm", False),)
-        for mode, cold in modes:
-            name = f"sequential read, {mode}"
-            ceiling_bytes[name] = disk_bytes
-            ceilings[name] = timed(read_big, repeats, drop_big if cold else None)
-            before = drop_tier if cold else None
-            rows.append(
-                measure(
-                    f"disk {mode}", "get", op_get(disk, blocks, b), kvb, repeats, name, before=before,
-                    warmup=not cold,
-                )
-            )  # fmt: skip
-            rows.append(
-                measure(
-                    f"disk {mode}", "get + decode", op_get_decode(disk, blocks, b), kvb, repeats, name,
-                    True, before=before, warmup=not cold,
-                )
-            )  # fmt: skip
-            rows.append(
-                measure(
-                    f"disk {mode}", load_label, op_load(hier, blocks, b), kvb, repeats,
-                    name, before=before, warmup=not cold,
-                )
-            )  # fmt: skip
-        hier.close()
-    finally:
-        shutil.rmtree(disk_root, ignore_errors=True)
+    if "disk" in args.only:
+        disk_root = tempfile.mkdtemp(prefix="kvtier-bench-disk-", dir=args.disk_path)
+        try:
+            objects = blocks.objects(codecs["disk"])
+            disk_bytes = sum(len(o) for o in objects)
+            big = os.path.join(disk_root, "sequential.bin")
+            with open(big, "wb") as f:
+                for o in objects:
+                    f.write(o)
+            settings = TierSettings(disk_path=disk_root, disk_capacity=2 * disk_bytes + (64 << 20))
+            disk = make_tier("disk", settings, FINGERPRINT, layout)
+            tier_put(disk, blocks.keys, objects, b)()
+            os.sync()  # clean pages: DONTNEED drops only those
+            paths = [disk.path_of(k) for k in blocks.keys]
+            read_big = sequential_read(big, disk_bytes)
+            drop_big = (lambda: drop_page_cache([big])) if cold_ok else None
+            drop_tier = (lambda: drop_page_cache(paths)) if cold_ok else None
+            hier = KVHierarchy([disk], [codecs["disk"]], layout, FINGERPRINT, device=device)
+            modes = (("cold", True), ("warm", False)) if cold_ok else (("warm", False),)
+            for mode, cold in modes:
+                name = f"sequential read, {mode}"
+                ceiling_bytes[name] = disk_bytes
+                ceilings[name] = timed(read_big, repeats, drop_big if cold else None)
+                before = drop_tier if cold else None
+                rows.append(
+                    measure(
+                        f"disk {mode}", "get", op_get(disk, blocks, b), kvb, repeats, name, before=before,
+                        warmup=not cold,
+                    )
+                )  # fmt: skip
+                rows.append(
+                    measure(
+                        f"disk {mode}", "get + decode", op_get_decode(disk, blocks, b), kvb, repeats, name,
+                        True, before=before, warmup=not cold,
+                    )
+                )  # fmt: skip
+                rows.append(
+                    measure(
+                        f"disk {mode}", load_label, op_load(hier, blocks, b), kvb, repeats,
+                        name, before=before, warmup=not cold,
+                    )
+                )  # fmt: skip
+            hier.close()
+        finally:
+            shutil.rmtree(disk_root, ignore_errors=True)
 
     # Redis
     redis_info: dict[str, Any] = {}
-    with redis_for(args) as url:
-        if url is not None:
-            rows += bench_redis(
-                url, blocks, fetch_device, codecs["redis"], layout, args, ceilings, ceiling_bytes, redis_info
-            )
+    if "redis" in args.only:
+        with redis_for(args) as url:
+            if url is not None:
+                redis_codec = codecs["redis"]
+                rows += bench_redis(
+                    url, blocks, fetch_device, redis_codec, layout, args, ceilings, ceiling_bytes, redis_info
+                )
 
     if not cold_ok:
         print("note: os.posix_fadvise is not available here: no cold disk figures")
@@ -1374,6 +1377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--total", default="256MiB", help="KV bytes stored in each tier")
     c.add_argument("--batch-blocks", type=int, default=64, help="blocks per get / put call (a segment)")
     c.add_argument("--repeats", type=int, default=5)
+    c.add_argument(
+        "--only", type=lambda v: v.split(","), default=["host", "disk", "redis"], help="tiers to measure"
+    )
     c.add_argument("--disk-codec", help="default: the engine's (TierSettings.disk_codec)")
     c.add_argument("--redis-codec", help="default: the engine's (TierSettings.redis_codec)")
 

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 log="$OUT/gpu_tiers.txt"
 {
   python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tiers.py tests/test_sampler.py -k "cuda or gpu" 2>&1 | tail -5
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tiers.py tests/test_sampler.py -k "cuda or gpu" 2>&1 | tail -25
   python3 bench/bench_tiers.py ceilings --device cuda --total 1GiB --json "$OUT/ceilings-small.json"
   python3 bench/bench_tiers.py ceilings --device cuda --model synthetic:llama-3.1-8b --total 2GiB \
     --json "$OUT/ceilings-8b.json"

@@ -308,8 +308,8 @@ class KVHierarchy:
         slots = tier.acquire(keys, tokens)
         if not slots:
             return 0
+        dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
         try:
-            dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
             tier.copy_out(slots, dst)
             expected = tier.expected_sums(slots).to(dst.device, non_blocking=True)
             intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies

@@ -99,7 +99,7 @@ class HostTier:
         self._next_slot = 0  # slots below this were allocated once
         self._free: list[int] = []
         self._slot_of: dict[_Entry, int] = {}
-        self._tokens: dict[int, bytes] = {}  # slot -> the block's token ids (int32 bytes)
+        self._tokens: dict[int, tuple[int, ...]] = {}  # slot -> the block's token ids
         self._pins: dict[int, int] = {}  # slot -> readers copying out of it
         self._retired: set[int] = set()  # slots removed while pinned: freed on release
         self._policy = make_policy(policy, expected_entries or max(1, self._num_slots), seed)
@@ -143,7 +143,8 @@ class HostTier:
                 f"the layout wants {self.layout.block_shape} and {dtype}"
             )
         data = kv.detach().contiguous().reshape(-1).view(torch.uint8)
-        token_bytes = tokens_to_bytes(tokens)
+        tokens_to_bytes(tokens)  # raises for ids that are not int32, like every tier's codec
+        token_ids = tuple(int(t) for t in tokens)
         with self._lock:
             entry = (self._namespace, key)
             self._stats.puts += 1
@@ -158,7 +159,7 @@ class HostTier:
             row.copy_(data)
             self._sums_row(slot).copy_(integrity_sums(row.unsqueeze(0))[0] if sums is None else sums)
             self._slot_of[entry] = slot
-            self._tokens[slot] = token_bytes
+            self._tokens[slot] = token_ids
             self._policy.insert(entry)
             self._stats.bytes_written += self.block_bytes
             self._stats.write_seconds += time.perf_counter() - t0
@@ -176,7 +177,7 @@ class HostTier:
                 slot = self._slot_of.get(entry)
                 if slot is None:
                     break
-                if self._tokens[slot] != tokens_to_bytes(toks):
+                if self._tokens[slot] != tuple(toks):
                     stats.corrupt += 1
                     self._remove(entry)
                     break
@@ -259,7 +260,7 @@ class HostTier:
                 self._stats.hits += 1
                 self._policy.access((self._namespace, key))
                 self._pins[slot] = self._pins.get(slot, 0) + 1
-                tokens = memoryview(self._tokens[slot]).cast("i").tolist()
+                tokens = list(self._tokens[slot])
             t0 = time.perf_counter()
             try:
                 block = self.read_block(slot)
