@@ -132,6 +132,7 @@ def test_metrics_match_the_engine_and_its_tiers(tmp_path: Path, redis_server: Re
         assert value(samples, "kvtier_prefill_seconds_per_token") == pytest.approx(
             hierarchy.prefill_seconds_per_token
         )
+        assert value(samples, "kvtier_step_fixed_seconds") == pytest.approx(hierarchy.step_cost.fixed_s)
         for tier, cost in zip(hierarchy.tiers, hierarchy.costs, strict=True):
             assert value(samples, "kvtier_tier_cost_latency_seconds", tier=tier.name) == pytest.approx(
                 cost.latency_s

@@ -31,8 +31,9 @@ Metric names (all prefixed ``kvtier_``):
 - the hierarchy: ``hierarchy_decisions_total{decision="load"|"recompute"}``,
   ``hierarchy_blocks_loaded_total``, ``hierarchy_blocks_written_total``,
   ``hierarchy_predicted_load_seconds_total``, ``hierarchy_actual_load_seconds_total``,
-  ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``prefill_seconds_per_token`` (the
-  recompute side of the load-or-recompute decision).
+  ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``prefill_seconds_per_token`` and
+  ``step_fixed_seconds`` (the recompute side of the load-or-recompute decision: a step costs the
+  fixed time plus the per-token time for each token).
 
 Tier and hierarchy metrics are present only while the engine has a hierarchy (``engine.hierarchy``).
 """
@@ -124,7 +125,10 @@ SPECS: dict[str, _Spec] = {
     "hierarchy_corrupt": _Spec("counter", "Loaded objects that failed verification."),
     "hierarchy_write_errors": _Spec("counter", "Writes to a tier that failed."),
     "prefill_seconds_per_token": _Spec(
-        "gauge", "Cost model: measured prefill time per token (recompute side)."
+        "gauge", "Cost model: fitted model-step time per token (recompute side)."
+    ),
+    "step_fixed_seconds": _Spec(
+        "gauge", "Cost model: fitted fixed time of a model step (weights read, launches)."
     ),
 }
 
@@ -257,6 +261,7 @@ class EngineMetrics(Collector):
             b.add("hierarchy_corrupt", hs.corrupt)
             b.add("hierarchy_write_errors", hs.write_errors)
             b.add("prefill_seconds_per_token", hierarchy.prefill_seconds_per_token)
+            b.add("step_fixed_seconds", hierarchy.step_cost.fixed_s)
 
         with self._lock:
             self._ttft.feed(s.ttft)
