@@ -356,6 +356,7 @@ def op_load(hierarchy: KVHierarchy, blocks: Blocks, batch: int) -> Callable[[], 
             plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
             out = hierarchy.load_async(plan, blocks.tokens[r.start : r.stop]).result()
             misses += len(keys) - int(out.shape[0])
+            hierarchy.recycle(out)  # as the engine does once it has installed the blocks
         return misses
 
     return run

@@ -833,3 +833,33 @@ def test_write_back_stores_nothing_before_eviction(tmp_path: Path, make_llm: Mak
     assert disk_objects(tmp_path) == {}
     llm.close()
     assert set(disk_objects(tmp_path)) == {k for p in prompts for k in block_keys(llm.engine, p)[:12]}
+
+
+def test_cpu_loads_reuse_recycled_buffers_and_stay_correct(tmp_path: Path) -> None:
+    """A CPU load lands in the memory of a load the engine handed back (no fresh pages), and the
+    blocks are still exactly the stored ones."""
+    from kvtier.cache.codec import CodecConfig, encode_block
+    from kvtier.cache.hierarchy import KVHierarchy, LoadPlan, Segment
+    from kvtier.cache.keys import KVLayout
+    from kvtier.cache.tiers.disk import DiskTier
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BS, dtype="float32")
+    keys = chain_keys(bytes(32), list(range(8 * BS)), BS)
+    tokens = [list(range(i * BS, (i + 1) * BS)) for i in range(8)]
+    kv = torch.randn((8, *layout.block_shape), generator=torch.Generator().manual_seed(0))
+    disk = DiskTier(tmp_path, "fp", 1 << 30)
+    disk.put([(k, encode_block(k, "fp", layout, tokens[i], kv[i])) for i, k in enumerate(keys)])
+    hierarchy = KVHierarchy([disk], [CodecConfig()], layout, "fp")
+    try:
+        first = hierarchy.load_async(LoadPlan(keys, [Segment(0, 0, 8)], 0.0, 0.0), tokens).result()
+        assert torch.equal(first, kv)
+        pointer = first.data_ptr()
+        hierarchy.recycle(first)
+        plan = LoadPlan(keys[2:7], [Segment(0, 0, 5)], 0.0, 0.0)
+        second = hierarchy.load_async(plan, tokens[2:7]).result()
+        assert second.data_ptr() == pointer  # the same memory, now holding other blocks
+        assert torch.equal(second, kv[2:7])
+        third = hierarchy.load_async(plan, tokens[2:7]).result()  # nothing recycled: new memory
+        assert third.data_ptr() != pointer and torch.equal(third, kv[2:7])
+    finally:
+        hierarchy.close()

@@ -252,6 +252,8 @@ class Engine:
                     blocks.record_stream(torch.cuda.current_stream(self.device))
                 data = blocks.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
                 self.runner.kv_cache.index_copy_(2, ids, data)
+            if self.hierarchy is not None:  # on the CPU the copy above is done: reuse its memory
+                self.hierarchy.recycle(blocks)
             self.scheduler.complete_load(req, n)
 
     def _write_back(self, block_id: int, key: BlockKey, tokens: tuple[int, ...]) -> None:
