@@ -185,3 +185,24 @@ def test_observe_step_feeds_the_step_cost() -> None:
         assert h.prefill_seconds_per_token == pytest.approx(1e-5, rel=0.01)
     finally:
         h.close()
+
+
+def test_a_long_decode_phase_keeps_the_prefill_fit() -> None:
+    """Decode steps (1-4 tokens, timing jitter) carry no slope: after thousands of them the fit
+    learned from prefill steps must still predict recompute, not charge the fixed part per token."""
+    import random
+
+    rng = random.Random(1)
+
+    def true(n: int) -> float:
+        return 0.010 + 20e-6 * n
+
+    cost = StepCost(1e-3)
+    for _ in range(32):
+        n = rng.choice([256, 512, 1024, 2048])
+        cost.observe(n, true(n) * rng.uniform(0.97, 1.03))
+    assert cost.recompute_s(2048, 2048) == pytest.approx(20e-6 * 2048, rel=0.2)
+    for _ in range(3000):
+        n = rng.randint(1, 4)
+        cost.observe(n, true(n) * rng.uniform(0.97, 1.03))
+        assert cost.recompute_s(2048, 2048) == pytest.approx(20e-6 * 2048, rel=0.2)

@@ -863,3 +863,43 @@ def test_cpu_loads_reuse_recycled_buffers_and_stay_correct(tmp_path: Path) -> No
         assert third.data_ptr() != pointer and torch.equal(third, kv[2:7])
     finally:
         hierarchy.close()
+
+
+def test_in_place_disk_read_decodes_a_compressed_object_of_raw_size(tmp_path: Path) -> None:
+    """An lz4 object whose compressed payload is exactly a raw block long has the file size the
+    in-place reader expects; it must still be decompressed, never served as raw KV."""
+    from kvtier.cache.codec import CodecConfig, encode_block
+    from kvtier.cache.hierarchy import KVHierarchy
+    from kvtier.cache.keys import KVLayout
+    from kvtier.cache.tiers.disk import DiskTier
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=BS, dtype="bfloat16")
+    raw_size, lz4 = layout.bytes_per_block, CodecConfig("none", "lz4")
+    key, tokens = chain_keys(bytes(32), list(range(BS)), BS)[0], list(range(BS))
+    noise = torch.randint(0, 256, (raw_size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def block(random_bytes: int) -> torch.Tensor:  # that many random bytes, zeros after
+        b = torch.zeros(raw_size, dtype=torch.uint8)
+        b[:random_bytes] = noise[:random_bytes]
+        return b.view(torch.bfloat16).reshape(layout.block_shape)
+
+    def payload(random_bytes: int) -> int:
+        return read_header(encode_block(key, "fp", layout, tokens, block(random_bytes), lz4)).payload_length
+
+    lo, hi = 0, raw_size  # the fewest random bytes whose lz4 payload is >= a raw block
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if payload(mid) >= raw_size else (mid + 1, hi)
+    if payload(lo) != raw_size:
+        pytest.skip("no lz4 payload of exactly the raw size for this data")
+    kv = block(lo)
+    disk = DiskTier(tmp_path, "fp", 1 << 30)
+    disk.put([(key, encode_block(key, "fp", layout, tokens, kv, lz4))])
+    hierarchy = KVHierarchy([disk], [CodecConfig()], layout, "fp", always_load=True)  # reads "none"
+    try:
+        out = hierarchy.load_async(hierarchy.plan([key]), [tokens]).result()
+        as_bytes = out[0].reshape(-1).view(torch.uint8)  # random bytes: NaNs would never compare equal
+        assert out.shape[0] == 1 and torch.equal(as_bytes, kv.reshape(-1).view(torch.uint8))
+        assert hierarchy.stats.corrupt == 0
+    finally:
+        hierarchy.close()

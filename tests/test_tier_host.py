@@ -228,26 +228,27 @@ def test_constructor_errors_and_tiny_capacities() -> None:
 # -- pinning ----------------------------------------------------------------------------------------
 
 
-def test_evicted_pinned_slot_is_not_reused_until_release() -> None:
+def test_pinned_blocks_are_not_evicted_until_release() -> None:
+    """Eviction passes over blocks a load is copying out of (under LRU the hottest ones): their
+    slots stay intact and indexed, the unpinned ones go; after release they are evictable again."""
     tier = HostTier(LAYOUT, NS, 4 * BB)
     fill(tier, range(4))
-    pinned = tier.acquire([key(0)], [toks(0)])
-    assert len(pinned) == 1
-    for i in range(4, 16):  # three times the capacity: key 0 is evicted long before the end
+    pinned = tier.acquire([key(0), key(1)], [toks(0), toks(1)])
+    assert len(pinned) == 2
+    for i in range(4, 16):  # three times the capacity
         tier.store(key(i), toks(i), block(i))
         assert tier.used_bytes <= tier.capacity_bytes
-        assert torch.equal(read_slots(tier, pinned)[0], raw(block(0)))
-    assert tier.lookup([key(0)]) == 0
-    assert torch.equal(tier.expected_sums(pinned), integrity_sums(raw(block(0)).unsqueeze(0)))
-    assert len(tier) == 3  # the retired slot holds nothing while pinned
+        assert torch.equal(read_slots(tier, pinned), torch.stack([raw(block(0)), raw(block(1))]))
+    assert tier.lookup([key(0), key(1)]) == 2
     held = [i for i in range(16) if tier.lookup([key(i)])]
-    assert held == [13, 14, 15]
+    assert held == [0, 1, 14, 15]  # the two pinned, and the two newest in the other two slots
+    assert tier.stats().extra["dropped"] == 0
     tier.release(pinned)
     fill(tier, range(16, 20))
     assert len(tier) == 4 and tier.used_bytes == tier.capacity_bytes
     ids = [16, 17, 18, 19]
     slots = tier.acquire([key(i) for i in ids], [toks(i) for i in ids])
-    assert pinned[0] in slots  # the released slot was reused
+    assert set(pinned) <= set(slots)  # the released slots were reused
     assert sorted(slots) == [0, 1, 2, 3]
     tier.release(slots)
     check_held(tier, ids)

@@ -85,6 +85,7 @@ class StepCost:
     _t: float = 0.0
     _nn: float = 0.0
     _nt: float = 0.0
+    _fitted: bool = False
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
@@ -98,21 +99,27 @@ class StepCost:
         if self.samples < MIN_STEP_SAMPLES:
             return
         var = self._nn - self._n * self._n
-        slope = (self._nt - self._n * self._t) / var if var > 1e-9 * self._nn else 0.0
+        # A window of decode steps alone (1-4 tokens each) has too little spread in size for a
+        # slope: its fit is timing noise. Fit only when step sizes differ by a block or more.
+        slope = (self._nt - self._n * self._t) / var if var >= MIN_TOKEN_SPREAD**2 else 0.0
         if slope > 0:
             self.per_token_s = slope
             self.fixed_s = max(0.0, self._t - slope * self._n)
-        else:  # every step the same size, or noise: no fixed part can be told apart
+            self._fitted = True
+        elif not self._fitted:  # no spread in step sizes yet: no fixed part can be told apart
             self.per_token_s, self.fixed_s = self._t / self._n, 0.0
+        # else keep the last fit: time / tokens would charge the fixed part to every token
 
     def recompute_s(self, tokens: int, step_tokens: int) -> float:
         extra_steps = max(0, -(-tokens // max(1, step_tokens)) - 1)
         return tokens * self.per_token_s + extra_steps * self.fixed_s
 
 
-RECYCLED_BUFFERS = 4  # CPU load buffers kept for reuse (each as large as one load)
+RECYCLED_BUFFERS = 4  # CPU load buffers kept for reuse (each as large as one load)...
+RECYCLED_BYTES = 512 << 20  # ...and at most this much memory held by them
 STEP_WINDOW = 64  # steps the fit remembers (the weight of older ones decays as (1 - 1/64)^age)
 MIN_STEP_SAMPLES = 8  # steps observed before the fit replaces the seed
+MIN_TOKEN_SPREAD = 16  # tokens: the standard deviation of step sizes a slope is fitted from
 
 # Seeds until the engine has measured its own numbers (replaced by real transfers and prefills).
 SEED_COSTS = {"host": TierCost(20e-6, 5e9), "disk": TierCost(200e-6, 1e9), "redis": TierCost(1e-3, 3e8)}
@@ -305,14 +312,16 @@ class KVHierarchy:
 
     def recycle(self, loaded: torch.Tensor) -> None:
         """The caller is done with a load's tensor (installed it): its memory can take the next
-        load (CPU only; at most ``RECYCLED_BUFFERS`` kept)."""
+        load (CPU only; at most ``RECYCLED_BUFFERS`` of ``RECYCLED_BYTES`` in all are kept)."""
         if loaded.device.type != "cpu" or loaded.numel() == 0:
             return
         base = loaded if loaded._base is None else loaded._base
         if not isinstance(base, torch.Tensor) or base.dim() != len(self.layout.block_shape) + 1:
             return
         with self._lock:
-            if len(self._free_buffers) < RECYCLED_BUFFERS and all(b is not base for b in self._free_buffers):
+            kept = sum(b.nbytes for b in self._free_buffers)
+            fits = len(self._free_buffers) < RECYCLED_BUFFERS and kept + base.nbytes <= RECYCLED_BYTES
+            if fits and all(b is not base for b in self._free_buffers):
                 self._free_buffers.append(base)
 
     def _io_stream(self) -> torch.cuda.Stream | None:
@@ -398,6 +407,9 @@ class KVHierarchy:
             except CorruptObjectError as e:
                 self._reject(tier, keys[j], e)
                 break
+            if obj.header.compression != "none" or obj.header.quantization != "none":
+                # another codec whose payload happens to have the raw size: decode it properly
+                return self._verify_payloads(tier, keys, checked, payloads, out), True
             checked.append(obj)
         good = self._verify_payloads(tier, keys, checked, payloads, out)
         return good, len(checked) == good < n and found[good] is False

@@ -251,14 +251,15 @@ class HostTier:
         out: list[bytes | None] = []
         for key in keys:
             with self._lock:
+                namespace = self._namespace  # the block's model, even if set_namespace runs meanwhile
                 self._stats.lookups += 1
-                slot = self._slot_of.get((self._namespace, key))
+                slot = self._slot_of.get((namespace, key))
                 if slot is None:
                     self._stats.misses += 1
                     out.append(None)
                     continue
                 self._stats.hits += 1
-                self._policy.access((self._namespace, key))
+                self._policy.access((namespace, key))
                 self._pins[slot] = self._pins.get(slot, 0) + 1
                 tokens = list(self._tokens[slot])
             t0 = time.perf_counter()
@@ -266,7 +267,7 @@ class HostTier:
                 block = self.read_block(slot)
             finally:
                 self.release([slot])
-            out.append(encode_block(key, self._namespace, self.layout, tokens, block, CodecConfig()))
+            out.append(encode_block(key, namespace, self.layout, tokens, block, CodecConfig()))
             with self._lock:
                 self._stats.bytes_read += self.block_bytes
                 self._stats.read_seconds += time.perf_counter() - t0
@@ -361,17 +362,26 @@ class HostTier:
             self._free.append(slot)
 
     def _take_slot(self) -> int | None:
-        """A free slot: a recycled one, a new one, or the policy's victim's."""
-        while True:
-            if self._free:
+        """A free slot: a recycled one, a new one, or the slot of the policy's first victim that no
+        reader is copying out of. Pinned victims go back to the policy: evicting them frees nothing
+        until their load ends, and under LRU they are the hottest blocks (the ones being loaded)."""
+        if self._free:
+            return self._free.pop()
+        if self._next_slot < self._num_slots:
+            return self._new_slot()
+        skipped: list[_Entry] = []
+        try:
+            while (victim := cast(_Entry | None, self._policy.evict())) is not None:
+                if self._slot_of[victim] in self._pins:
+                    skipped.append(victim)
+                    continue
+                self._stats.evictions += 1
+                self._remove(victim)  # the policy forgot it already: remove is a no-op there
                 return self._free.pop()
-            if self._next_slot < self._num_slots:
-                return self._new_slot()
-            victim = self._policy.evict()
-            if victim is None:
-                return None  # nothing to evict: every slot is pinned by readers, or none exists
-            self._stats.evictions += 1
-            self._remove(cast(_Entry, victim))  # the policy forgot it already: remove is a no-op there
+            return None  # every slot is being read: the store is dropped
+        finally:
+            for entry in skipped:
+                self._policy.insert(entry)
 
     def _new_slot(self) -> int:
         slot = self._next_slot
