@@ -242,11 +242,14 @@ class DiskTier:
                     else:
                         self._adopt(key, size)
                     continue
+                if size == _OTHER_SIZE:  # not read: the caller reads it with get, which counts it
+                    stats.lookups -= 1
+                    continue
                 if size == _GONE:  # evicted (maybe by another process) or never written
                     self._forget(key)
                 elif size == _FAILED:
                     stats.errors += 1
-                stats.misses += 1  # _OTHER_SIZE too: the caller reads it again with get
+                stats.misses += 1
             stats.lookups += len(keys)
             stats.read_seconds += time.perf_counter() - t0
 
