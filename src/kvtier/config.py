@@ -84,8 +84,6 @@ class TierSettings:
     redis_timeout: float = 0.5
 
     def enabled(self, cuda: bool) -> list[str]:
-        if self.load_policy not in LOAD_POLICIES:
-            raise ConfigError(f"unknown load_policy {self.load_policy!r}; use {' or '.join(LOAD_POLICIES)}")
         if self.tiers == "none":
             return []
         if self.tiers == "auto":
@@ -123,6 +121,10 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {p.gpu_memory_utilization}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.tiers.load_policy not in LOAD_POLICIES:
+            raise ConfigError(
+                f"unknown load_policy {self.tiers.load_policy!r}; use {' or '.join(LOAD_POLICIES)}"
+            )
 
     @classmethod
     def load(

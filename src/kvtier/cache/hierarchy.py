@@ -347,14 +347,10 @@ class KVHierarchy:
             intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
         finally:
             tier.release(slots)
-        good = intact.index(False) if False in intact else len(slots)
-        if good < len(slots):
-            bad = [k for k, ok in zip(keys, intact, strict=False) if not ok]
-            log.warning("host tier: %d blocks failed their integrity check; deleted", len(bad))
-            self.stats.corrupt += len(bad)
-            tier.record_corrupt(len(bad))
-            tier.delete(bad)
-        return good
+        for key, ok in zip(keys, intact, strict=False):
+            if not ok:
+                self._reject(tier, key, CorruptObjectError("checksum: the block's integrity sums differ"))
+        return intact.index(False) if False in intact else len(slots)
 
     def _load_objects(
         self, tier: Tier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
@@ -385,9 +381,11 @@ class KVHierarchy:
         n = len(keys)
         head_len = header_length(self.fingerprint, self.layout, self.secret is not None)
         heads = torch.empty((n, head_len), dtype=torch.uint8)
-        payloads = torch.empty((n, self.layout.bytes_per_block), dtype=torch.uint8, pin_memory=out.is_cuda)
-        if not out.is_cuda:
-            payloads = out.reshape(n, -1).view(torch.uint8)
+        payloads = (
+            torch.empty((n, self.layout.bytes_per_block), dtype=torch.uint8, pin_memory=True)
+            if out.is_cuda
+            else out.reshape(n, -1).view(torch.uint8)
+        )
         views = [(memoryview(h.numpy()), memoryview(p.numpy())) for h, p in zip(heads, payloads, strict=True)]
         found = tier.read_into(keys, views)
         checked: list[CheckedObject] = []

@@ -250,8 +250,8 @@ class Engine:
                 ids = torch.tensor(req.block_table[base : base + n], device=self.device)
                 if blocks.is_cuda:  # made on the I/O thread's stream: keep it alive for ours
                     blocks.record_stream(torch.cuda.current_stream(self.device))
-                data = blocks.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
-                self.runner.kv_cache.index_copy_(2, ids, data)
+                # already on our device (the hierarchy loads onto it): [n, L, 2, ...] -> [L, 2, n, ...]
+                self.runner.kv_cache.index_copy_(2, ids, blocks.permute(1, 2, 0, 3, 4, 5))
             if self.hierarchy is not None:  # on the CPU the copy above is done: reuse its memory
                 self.hierarchy.recycle(blocks)
             self.scheduler.complete_load(req, n)
