@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.redis import CircuitBreaker, RedisTier, parse_url, ping
+from kvtier.cache.tiers.breaker import CircuitBreaker
+from kvtier.cache.tiers.redis import RedisTier, parse_url, ping
 
 if TYPE_CHECKING:  # imported at run time by pytest_plugins (so that pytest can rewrite it first)
     from tests.redis_servers import RedisClusterServers, RedisServer
