@@ -48,7 +48,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kvtier.config import EngineConfig
-from kvtier.engine.engine import LLM, Engine
+from kvtier.engine.engine import Engine
+from kvtier.engine.llm import LLM
 from kvtier.engine.request import RequestOutput, SamplingParams
 
 GB = 1e9

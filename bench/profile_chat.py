@@ -23,6 +23,7 @@ from typing import Any
 import bench_tiers as bt
 from kvtier.cache import hierarchy as hmod
 from kvtier.engine import engine as emod
+from kvtier.engine import kv_transfer as kmod
 from kvtier.engine import runner as rmod
 
 ACC: dict[str, float] = collections.defaultdict(float)
@@ -57,8 +58,8 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     timed(rmod.ModelRunner, "execute", "execute")
     timed(emod.Engine, "step", "step", cpu=True)
-    timed(emod.Engine, "_flush_writes", "flush_writes")
-    timed(emod.Engine, "_install_loads", "install")
+    timed(kmod.KVTransfer, "flush", "flush_writes")
+    timed(kmod.KVTransfer, "install_loads", "install")
     timed(hmod.KVHierarchy, "plan", "plan")
     timed(hmod.KVHierarchy, "_write", "io write", cpu=True)
     timed(hmod.KVHierarchy, "_load", "io load", cpu=True)

@@ -49,7 +49,7 @@ def run(
     kv_cache_memory: Annotated[int | None, typer.Option(help="bytes for the KV pool")] = None,
 ) -> None:
     """Generate from one prompt, streaming the text to the terminal."""
-    from kvtier.engine.engine import LLM
+    from kvtier.engine.llm import LLM
     from kvtier.engine.request import SamplingParams
 
     llm = LLM(model, device=device, kv_cache_memory=kv_cache_memory)
