@@ -25,6 +25,8 @@ from kvtier.cache.codec import (
     check_object,
     decode_block,
     encode_block,
+    header,
+    integrity,
     payload_sums,
     read_header,
     secret_from_env,
@@ -103,18 +105,19 @@ def flip(data: bytes, i: int, mask: int = 0x01) -> bytes:
 
 def forge(layout, payload: bytes, *, quant="none", comp="none", raw_length=None, payload_length=None):
     """An object with a valid checksum around an arbitrary payload: what only a bug or an attacker makes."""
-    fields = codec._pack_fields(
+    fields = header.pack_fields(
         KEY_A,
         FP,
         layout,
         np.asarray(TOKENS, dtype="<i4").tobytes(),
-        CodecConfig(quant, comp),
+        quant,
+        comp,
         len(payload) if payload_length is None else payload_length,
         len(payload) if raw_length is None else raw_length,
         False,
     )
-    head = fields + codec._checksum(fields, memoryview(payload))
-    return head + bytes(codec._align(len(head)) - len(head)) + payload
+    head = fields + integrity.checksum(fields, memoryview(payload))
+    return head + bytes(header.align(len(head)) - len(head)) + payload
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def test_swapped_objects():
 def test_checksum_catches_reordered_and_zeroed_rows():
     data = encode()
     start = read_header(data).header_length
-    row = 8 * codec._ROW_WORDS
+    row = 8 * integrity.ROW_WORDS
     payload = bytearray(data[start:])
     assert len(payload) >= 3 * row
     swapped = payload[row : 2 * row] + payload[:row] + payload[2 * row :]
@@ -372,10 +375,10 @@ def test_hmac_tampered_payload_with_valid_checksum():
     # an attacker who changes the payload can recompute the checksum, but not the HMAC
     data = encode(secret=SECRET)
     start = read_header(data).header_length
-    fields_len = len(codec._parse(memoryview(data)).fields)
+    fields_len = len(header.parse(memoryview(data)).fields)
     evil = bytearray(data)
     evil[start + 10] ^= 0x40
-    evil[fields_len : fields_len + 16] = codec._checksum(evil[:fields_len], memoryview(evil)[start:])
+    evil[fields_len : fields_len + 16] = integrity.checksum(evil[:fields_len], memoryview(evil)[start:])
     reject(bytes(evil), "hmac", secret=SECRET)
     reject(bytes(evil), "hmac")  # without a secret an HMAC-carrying object is refused anyway
     plain = encode()
@@ -500,9 +503,11 @@ def test_random_garbage_only_raises_corrupt_object_error():
 def test_codec_imports_nothing_above_cache():
     # cache <- model <- engine: the codec may import from kvtier.cache only (the package's own
     # __init__ imports the engine, so this is checked on the source, not on sys.modules)
-    tree = ast.parse(Path(codec.__file__).read_text())
-    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported: list[str] = []
+    for path in Path(codec.__file__).parent.glob("*.py"):  # every module of the codec package
+        tree = ast.parse(path.read_text())
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     kvtier_imports = [m for m in imported if m.split(".")[0] == "kvtier"]
     assert kvtier_imports and all(m.startswith("kvtier.cache") for m in kvtier_imports), kvtier_imports
     for forbidden in ("pickle", "marshal", "shelve"):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from kvtier import LLM, SamplingParams
-from kvtier.cache.codec import CodecConfig, encode_block
+from kvtier.cache.codec import CodecConfig, encode_block, integrity_sums
 from kvtier.cache.hierarchy import KVHierarchy, LoadPlan, Segment
 from kvtier.cache.keys import KVLayout
 from kvtier.cache.tiers.disk import DiskTier
-from kvtier.cache.tiers.host import HostTier, integrity_sums
+from kvtier.cache.tiers.host import HostTier
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

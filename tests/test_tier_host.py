@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from kvtier.cache import codec
-from kvtier.cache.codec import CodecConfig, CorruptObjectError, decode_block, encode_block, read_header
+from kvtier.cache.codec import (
+    CodecConfig,
+    CorruptObjectError,
+    decode_block,
+    encode_block,
+    integrity_sums,
+    read_header,
+)
 from kvtier.cache.keys import KVLayout
 from kvtier.cache.policy import POLICIES
 from kvtier.cache.tiers import host as host_module
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.host import HostTier, integrity_sums
+from kvtier.cache.tiers.host import HostTier
 
 NS = "model-a"
 # 2 * 2 * 4 * 2 * 8 * 4 = 1024 bytes: 128 words, less than one 512-word row (all tail).

@@ -37,12 +37,13 @@ from kvtier.cache.codec import (
     decode_block,
     encode_block,
     header_length,
+    integrity_sums,
     payload_sums,
 )
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
-from kvtier.cache.tiers.host import HostTier, integrity_sums
+from kvtier.cache.tiers.host import HostTier
 
 log = logging.getLogger(__name__)
 

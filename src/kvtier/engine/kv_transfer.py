@@ -16,9 +16,9 @@ import logging
 import torch
 
 from kvtier.cache.blocks import BlockPool
+from kvtier.cache.codec import integrity_sums
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import BlockKey
-from kvtier.cache.tiers.host import integrity_sums
 from kvtier.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)

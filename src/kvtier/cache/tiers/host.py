@@ -28,13 +28,19 @@ from typing import cast
 
 import torch
 
-from kvtier.cache.codec import CodecConfig, decode_block, encode_block, read_header
+from kvtier.cache.codec import (
+    CodecConfig,
+    decode_block,
+    encode_block,
+    integrity_sums,
+    integrity_sums_width,
+    read_header,
+)
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, KVLayout, tokens_to_bytes
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import TierStats
 
 _Entry = tuple[str, BlockKey]
-_ROW_WORDS = 512  # as the codec's checksum: a burst within 4 KiB always changes a column sum
 CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
 
 
@@ -45,23 +51,6 @@ def check_key(key: object) -> BlockKey:
     if len(key) != DIGEST_SIZE:
         raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
     return key
-
-
-def integrity_sums(blocks: torch.Tensor) -> torch.Tensor:
-    """``[n, block_bytes]`` uint8 (any device) -> ``[n, rows + 512]`` int64: the sums (mod 2**64) of
-    every row and every column of the block's 64-bit words laid out in rows of 512, the last row
-    zero-padded. The same numbers on CPU and GPU; an error escapes only if it leaves every row and
-    column sum unchanged (never for 1-3 changed words, a burst within 4 KiB, or two unequal words
-    swapped within a row)."""
-    n = blocks.shape[0]
-    words = blocks.reshape(n, -1).view(torch.int64)
-    full = words.shape[1] // _ROW_WORDS
-    tail = words[:, full * _ROW_WORDS :]
-    body = words[:, : full * _ROW_WORDS].reshape(n, full, _ROW_WORDS)
-    columns = body.sum(1)
-    columns[:, : tail.shape[1]] += tail  # the padded last row, without copying the block
-    sums = [body.sum(2), tail.sum(1, keepdim=True)] if tail.shape[1] else [body.sum(2)]
-    return torch.cat([*sums, columns], dim=1)
 
 
 class HostTier:
@@ -339,8 +328,7 @@ class HostTier:
     # -- internals (called with the lock held) --------------------------------------------------
 
     def _sums_width(self) -> int:
-        words = self.block_bytes // 8
-        return -(-words // _ROW_WORDS) + _ROW_WORDS  # one sum per (padded) row, one per column
+        return integrity_sums_width(self.block_bytes)
 
     def _row(self, slot: int) -> torch.Tensor:
         chunk, row = divmod(slot, self._chunk_slots)
