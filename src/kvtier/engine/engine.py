@@ -112,7 +112,11 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * ps.gpu_memory_utilization)
         else:
-            budget = max(MIN_CPU_KV_BYTES, int(_available_ram() * ps.cpu_kv_cache_fraction))
+            # No more than the engine can ever use: max_num_seqs sequences of max_model_len tokens.
+            ss, mc = self.config.scheduler, self.loaded.config
+            max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+            usable = ss.max_num_seqs * -(-max_len // ps.block_size) * self.layout.bytes_per_block
+            budget = min(usable, max(MIN_CPU_KV_BYTES, int(_available_ram() * ps.cpu_kv_cache_fraction)))
         num = budget // self.layout.bytes_per_block
         if num < 1:
             raise ValueError(

@@ -12,7 +12,6 @@ from kvtier.cache.keys import KVLayout
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier
-from kvtier.cache.tiers.redis import RedisTier
 from kvtier.config import ConfigError, EngineConfig, TierSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,8 @@ def make_tier(
             expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block),
         )
     if name == "redis":
+        from kvtier.cache.tiers.redis import RedisTier  # redis-py takes 0.3 s to import: only when used
+
         assert settings.redis_url
         return RedisTier(
             settings.redis_url,

@@ -13,24 +13,19 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from kvtier.model.bytetok import BYTE_VOCAB, CHAT_TEMPLATE, SPECIAL_TOKENS, ByteTokenizer
 from kvtier.model.llama import CausalLM
 from kvtier.model.registry import ModelConfig, UnsupportedArchitectureError, model_config_from_hf
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
-SPECIAL_TOKENS = ("<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<pad>", "<unk>")
-BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 # Real architectures with seeded random weights: benchmarks run the true shapes without downloads.
 SYNTHETIC_MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -117,8 +112,13 @@ class LoadedModel:
     name: str
 
 
-def byte_level_tokenizer() -> Any:
-    """A 256-byte vocabulary plus a few special tokens and a simple chat template."""
+def byte_level_tokenizer() -> ByteTokenizer:
+    """The synthetic models' tokenizer (and that of checkpoints without tokenizer files)."""
+    return ByteTokenizer()
+
+
+def hf_byte_level_tokenizer() -> Any:
+    """The same tokenizer built by transformers: the oracle ``ByteTokenizer`` is tested against."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -140,8 +140,10 @@ def byte_level_tokenizer() -> Any:
 
 
 def _synthetic_hf_config(name: str, dtype: torch.dtype) -> Any:
-    from transformers import LlamaConfig, Qwen3Config
-
+    """The synthetic model's config. With the default rope it is a plain namespace holding what
+    ``model_config_from_hf`` and the rotary embedding read (the values ``LlamaConfig`` /
+    ``Qwen3Config`` would hold): importing transformers' config modules took 2-5 s of a 12 s start.
+    Scaled ropes come from transformers' own functions, which need its config class."""
     if name not in SYNTHETIC_MODELS:
         raise ValueError(f"unknown synthetic model {name!r}; available: {', '.join(SYNTHETIC_MODELS)}")
     spec = dict(SYNTHETIC_MODELS[name])
@@ -153,11 +155,27 @@ def _synthetic_hf_config(name: str, dtype: torch.dtype) -> Any:
         pad_token_id=256 + SPECIAL_TOKENS.index("<pad>"),
         rms_norm_eps=1e-5,
     )
-    cls, arch_name = (
-        (LlamaConfig, "LlamaForCausalLM") if arch == "llama" else (Qwen3Config, "Qwen3ForCausalLM")
-    )
-    hf = cls(**spec, architectures=[arch_name])
-    if rope is not None:
+    arch_name = "LlamaForCausalLM" if arch == "llama" else "Qwen3ForCausalLM"
+    if rope is None or rope.get("rope_type", "default") == "default":
+        rope = rope or {"rope_type": "default", "rope_theta": 10000.0}
+        defaults = dict(
+            model_type=arch,
+            architectures=[arch_name],
+            head_dim=spec["hidden_size"] // spec["num_attention_heads"],
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+        )
+        hf: Any = SimpleNamespace(**{**defaults, **spec})
+        hf.rope_parameters = hf.rope_scaling = dict(rope)
+        hf.rope_theta = rope["rope_theta"]
+    else:
+        from transformers import LlamaConfig, Qwen3Config
+
+        cls = LlamaConfig if arch == "llama" else Qwen3Config
+        hf = cls(**spec, architectures=[arch_name])
         hf.rope_parameters = rope  # set after construction: keeps the validation of real configs quiet
         hf.rope_scaling = rope
     hf.dtype = dtype
@@ -223,12 +241,23 @@ def _build_on_meta(cfg: ModelConfig, hf_config: Any) -> CausalLM:
     return model
 
 
+def _materialize(model: CausalLM, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter uninitialised memory on ``device`` (the caller fills it).
+
+    Not ``to_empty``: its ``empty_like`` of a meta tensor runs torch's Python reference kernels,
+    whose first use imports sympy and torch.fx (1.6 s of every start)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                fresh = torch.empty(p.shape, dtype=dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+
+
 def load_synthetic(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
     hf_config = _synthetic_hf_config(name, dtype)
     cfg = model_config_from_hf(hf_config, dtype)
     model = _build_on_meta(cfg, hf_config)
-    model.to_empty(device=device)
-    model.to(dtype)
+    _materialize(model, device, dtype)
     model.rotary = type(model.rotary)(hf_config, cfg.head_dim).to(device)  # buffers are not on meta
     model.tie_weights()
     _init_synthetic_weights(model, seed, device)
