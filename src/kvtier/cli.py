@@ -70,8 +70,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
-    except (InvalidRequestError, ConfigError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (InvalidRequestError, ConfigError, ValueError, OSError) as e:
+        # One line on stderr, no traceback: the message names the problem (and the file, the limit).
+        text = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"error: {text}\n")
         sys.exit(2)
 
 

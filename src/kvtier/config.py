@@ -9,6 +9,7 @@ nested by part (``pool: {block_size: 32}``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "KVTIER_"
+EXPLICIT_EMPTY = ("disk_path",)  # an empty value is refused, not read as "use the default"
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,7 @@ def default_cache_dir() -> str:
 
 
 LOAD_POLICIES = ("cost", "always")
+WRITE_POLICIES = ("write-back", "write-through", "selective")
 
 
 @dataclass
@@ -112,18 +115,39 @@ class EngineConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
-        p, s = self.pool, self.scheduler
+        """Every limit a setting has, checked before anything is built; ConfigError names it."""
+        p, s, t = self.pool, self.scheduler, self.tiers
+        _check_types(self)
         if p.block_size < 1 or p.block_size & (p.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1, got {p.block_size}")
         if p.kv_cache_memory is not None and p.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be > 0 bytes, got {p.kv_cache_memory}")
         if not 0.0 < p.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {p.gpu_memory_utilization}")
+        if not 0.0 < p.cpu_kv_cache_fraction <= 1.0:
+            raise ConfigError(f"cpu_kv_cache_fraction must be in (0, 1], got {p.cpu_kv_cache_fraction}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.tiers.load_policy not in LOAD_POLICIES:
+        if s.max_model_len is not None and s.max_model_len < 2:
             raise ConfigError(
-                f"unknown load_policy {self.tiers.load_policy!r}; use {' or '.join(LOAD_POLICIES)}"
+                f"max_model_len must be >= 2 tokens (a prompt and one to generate), got {s.max_model_len}"
+            )
+        if t.load_policy not in LOAD_POLICIES:
+            raise ConfigError(f"unknown load_policy {t.load_policy!r}; use {' or '.join(LOAD_POLICIES)}")
+        if t.write_policy not in WRITE_POLICIES:
+            raise ConfigError(f"unknown write_policy {t.write_policy!r}; use {', '.join(WRITE_POLICIES)}")
+        if t.selective_hits < 0:
+            raise ConfigError(f"selective_hits must be >= 0, got {t.selective_hits}")
+        for name in ("host_capacity", "disk_capacity"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 bytes, got {getattr(t, name)}")
+        if t.redis_ttl is not None and t.redis_ttl < 1:
+            raise ConfigError(f"redis_ttl must be >= 1 second or unset, got {t.redis_ttl}")
+        if not t.redis_timeout > 0:
+            raise ConfigError(f"redis_timeout must be > 0 seconds, got {t.redis_timeout}")
+        if t.disk_path is not None and not t.disk_path.strip():
+            raise ConfigError(
+                f"disk_path is empty; leave it unset for the default folder ({default_cache_dir()})"
             )
 
     @classmethod
@@ -149,6 +173,9 @@ class EngineConfig:
             if name not in index:
                 raise ConfigError(f"unknown setting {name!r} in {source}; known: {', '.join(sorted(index))}")
             part, f = index[name]
+            if name in EXPLICIT_EMPTY and value == "":  # "" is a mistake here, not "unset"
+                setattr(part, name, "")
+                continue
             setattr(part, name, _coerce(value, f.type, name))
 
 
@@ -183,7 +210,11 @@ def _from_env(cfg: EngineConfig, env: typing.Mapping[str, str]) -> dict[str, Any
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Strings from env and flags into the field's type (int, float, bool, str, optional)."""
+    """Strings from env and flags into the field's type (int, float, bool, str, optional).
+
+    Values that are already typed must have the field's type: ``block_size=1.5`` or ``True`` is an
+    error, never 1 (a bool is not a number, and a float with a fraction is not an integer).
+    """
     hint = _resolve(annotation)
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -194,22 +225,53 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ConfigError(f"setting {name} cannot be empty")
     try:
         if base is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
+            return _to_bool(value)
         if base is int:
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return _to_int(value)
         if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"setting {name}: cannot read {value!r} as {getattr(base, '__name__', base)}"
-        ) from None
+            return _to_float(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError, OverflowError):
+        kind = _KINDS.get(base, getattr(base, "__name__", str(base)))
+        raise ConfigError(f"setting {name} must be {kind}, got {value!r} ({type(value).__name__})") from None
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    number = float(value) if isinstance(value, (str, float)) else float("nan")
+    if isinstance(value, str) and "e" not in value.lower() and "." not in value:
+        return int(value)
+    if not math.isfinite(number) or number != int(number):  # 1.5 is not an integer; 1e9 and 2.0 are
+        raise ValueError(value)
+    return int(number)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
 
 
 def _resolve(annotation: Any) -> Any:
@@ -223,3 +285,14 @@ def _resolve(annotation: Any) -> Any:
     if isinstance(annotation, types.UnionType):
         return typing.Union[annotation.__args__]  # noqa: UP007
     return annotation
+
+
+def _check_types(cfg: EngineConfig) -> None:
+    """Settings assigned by hand (``EngineConfig().pool.block_size = True``) skip ``_coerce``: the
+    same strict reading, applied to every field's current value."""
+    for part in cfg.parts().values():
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if value is None or (f.name in EXPLICIT_EMPTY and value == ""):
+                continue
+            setattr(part, f.name, _coerce(value, f.type, f.name))

@@ -23,7 +23,18 @@ from kvtier.config import EngineConfig
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
 from kvtier.engine.output import EngineStats, check_stop, make_output
-from kvtier.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput, SamplingParams
+from kvtier.engine.request import (
+    FinishReason,
+    InvalidRequestError,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    check_cache_salt,
+    check_params,
+    check_prompt_ids,
+    check_request_id,
+    check_text,
+)
 from kvtier.engine.runner import ModelRunner, StepResult
 from kvtier.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.engine.tiers import build_hierarchy
@@ -59,6 +70,7 @@ def _dtype(name: str) -> torch.dtype | None:
 
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        config.validate()  # a config built by hand has not been through EngineConfig.load
         self.config = config
         ms, ps, ss = config.model, config.pool, config.scheduler
         self.device = resolve_device(ms.device)
@@ -130,13 +142,9 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass token ids")
+            check_text("the prompt", prompt)
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        ids = [int(t) for t in prompt]
-        vocab = self.loaded.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return ids
+        return check_prompt_ids(prompt, self.loaded.config.vocab_size)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -153,8 +161,10 @@ class Engine:
         cache_salt: str | None = None,
     ) -> list[str]:
         """Queue a request (n > 1: one per completion). Returns the ids. Raises InvalidRequestError."""
-        params = params or SamplingParams()
+        params = check_params(params)
         params.validate(self.loaded.config.vocab_size)
+        cache_salt = check_cache_salt(cache_salt)
+        request_id = check_request_id(request_id)
         if params.stop and self.tokenizer is None:  # without text they would be ignored silently
             raise InvalidRequestError(
                 "stop strings need a tokenizer and this model has none: use stop_token_ids"

@@ -8,7 +8,7 @@ from typing import Any
 
 from kvtier.config import EngineConfig
 from kvtier.engine.engine import Engine, Prompt
-from kvtier.engine.request import InvalidRequestError, RequestOutput, SamplingParams
+from kvtier.engine.request import InvalidRequestError, RequestOutput, SamplingParams, check_prompt_ids
 
 
 @dataclass
@@ -64,18 +64,19 @@ class LLM:
         if len(param_list) != len(prompt_list):
             raise InvalidRequestError(f"{len(prompt_list)} prompts but {len(param_list)} SamplingParams")
         groups: list[list[str]] = []
+        final: dict[str, RequestOutput] = {}
         try:
             for p, sp in zip(prompt_list, param_list, strict=True):
                 groups.append(self.engine.add_request(p, sp, cache_salt=cache_salt))
-        except InvalidRequestError:
-            for ids in groups:  # all or nothing: no orphans left running in the engine
+            for out in self.engine.run_until_done():
+                if out.finished:
+                    final[out.request_id] = out
+        except BaseException:  # bad input, or KeyboardInterrupt: no orphans left to run in a later call
+            for ids in groups:
                 for rid in ids:
-                    self.engine.abort(rid)
+                    if rid not in final:
+                        self.engine.abort(rid)
             raise
-        final: dict[str, RequestOutput] = {}
-        for out in self.engine.run_until_done():
-            if out.finished:
-                final[out.request_id] = out
         return [_merge([final[rid] for rid in ids]) for ids in groups]
 
     def chat(
@@ -122,6 +123,8 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):  # an array, a tensor, bytes, a dict, None, a number
+        check_prompt_ids(prompts, 0)  # raises, naming what was given
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [items]  # type: ignore[list-item]

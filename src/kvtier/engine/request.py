@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvtier.cache.hierarchy import LoadPlan
@@ -41,32 +43,160 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self, vocab_size: int) -> None:
-        def bad(msg: str) -> InvalidRequestError:
-            return InvalidRequestError(msg)
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Raise InvalidRequestError naming the parameter and its limit for anything the step could
+        not run: wrong types (a str temperature, a float n, a bool top_k), NaN or infinite numbers,
+        ``stop`` given as one string (it would stop at any of its characters)."""
+        _integer("max_tokens", self.max_tokens, 1)
+        _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE, TEMPERATURE_LIMIT)
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / t overflows float32: wrong tokens, not greedy
+            raise InvalidRequestError(f"{TEMPERATURE_LIMIT}; got {self.temperature}")
+        _number("top_p", self.top_p, 0.0, 1.0, "top_p must be in (0, 1]", open_low=True)
+        _integer("top_k", self.top_k, 0, "top_k must be an integer >= 0 (0 disables it)")
+        _number("min_p", self.min_p, 0.0, 1.0, "min_p must be in [0, 1]")
+        _number("repetition_penalty", self.repetition_penalty, MIN_PENALTY, MAX_PENALTY, PENALTY_LIMIT)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not -2.0 <= value <= 2.0:
-                raise bad(f"{name} must be in [-2, 2], got {value}")
-        if self.n < 1:
-            raise bad(f"n must be >= 1, got {self.n}")
+            _number(name, getattr(self, name), -2.0, 2.0, f"{name} must be in [-2, 2]")
+        _integer("n", self.n, 1, f"n must be >= 1 and <= {MAX_N}", high=MAX_N)
+        if self.seed is not None:
+            _integer("seed", self.seed, None, "seed must be an integer or None")
+        for f in fields(self):  # every flag, including ones added later
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise InvalidRequestError(f"{f.name} must be true or false, got {_show(getattr(self, f.name))}")
+        self._validate_stops(vocab_size)
+
+    def _validate_stops(self, vocab_size: int) -> None:
+        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
+            hint = " (one stop string? wrap it in a list)" if isinstance(self.stop, str) else ""
+            raise InvalidRequestError(f"stop must be a list of strings{hint}, got {_show(self.stop)}")
+        if len(self.stop) > MAX_STOPS:
+            raise InvalidRequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOPS} are allowed")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise InvalidRequestError(f"stop must be a list of strings, got an element {_show(s)}")
+            if not s:
+                raise InvalidRequestError("stop strings must be non-empty")
+            check_text("a stop string", s)
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(
+            self.stop_token_ids, (list, tuple)
+        ):
+            raise InvalidRequestError(
+                f"stop_token_ids must be a list of token ids, got {_show(self.stop_token_ids)}"
+            )
         for t in self.stop_token_ids:
+            if not _is_int(t):
+                raise InvalidRequestError(f"stop_token_ids must hold integers, got an element {_show(t)}")
             if not 0 <= t < vocab_size:
-                raise bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
-        if any(not s for s in self.stop):
-            raise bad("stop strings must be non-empty")
+                raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+# Beyond these float32 sampling overflows (t -> 0 or a penalty -> 0 divides by zero) and picks token 0.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e4
+TEMPERATURE_LIMIT = f"temperature must be >= 0: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
+PENALTY_LIMIT = f"repetition_penalty must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 disables it)"
+MAX_N = 256  # completions per request: each is a request of its own in the scheduler
+MAX_STOPS = 64  # stop strings are searched in every step's new text
+
+
+def _show(value: Any) -> str:
+    """``value`` for an error message: its type and a short repr (never the whole of a huge input)."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_int(value: Any) -> bool:
+    """A true integer: bools are refused (True would silently mean 1), numpy integers accepted."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(
+    name: str, value: Any, low: int | None, limit: str | None = None, high: int | None = None
+) -> None:
+    limit = limit or f"{name} must be an integer >= {low}"
+    if not _is_int(value):
+        raise InvalidRequestError(f"{limit}; got {_show(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidRequestError(f"{limit}; got {value}")
+
+
+def _number(
+    name: str, value: Any, low: float, high: float | None, limit: str, open_low: bool = False
+) -> None:
+    """A finite real in [low, high] ((low, high] when ``open_low``): NaN and inf are refused."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise InvalidRequestError(f"{limit}; got {_show(value)}")
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{limit} and finite; got {value}")
+    if value < low or (open_low and value == low) or (high is not None and value > high):
+        raise InvalidRequestError(f"{limit}; got {value}")
+
+
+def check_text(what: str, text: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (from a broken JSON escape) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{what} is not valid Unicode: character {e.start} ({text[e.start : e.end]!r}) is a lone "
+            "surrogate"
+        ) from None
+
+
+def check_params(params: Any) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        hint = ": build one with SamplingParams(**values)" if isinstance(params, dict) else ""
+        raise InvalidRequestError(f"params must be a SamplingParams{hint}, got {_show(params)}")
+    return params
+
+
+def check_cache_salt(salt: Any) -> str | None:
+    if salt is None:
+        return None
+    if not isinstance(salt, str):
+        raise InvalidRequestError(f"cache_salt must be a string or None, got {_show(salt)}")
+    if len(salt) > MAX_SALT_CHARS:
+        raise InvalidRequestError(f"cache_salt has {len(salt)} characters; at most {MAX_SALT_CHARS}")
+    check_text("cache_salt", salt)
+    return salt
+
+
+MAX_SALT_CHARS = 1024
+
+
+def check_request_id(request_id: Any) -> str | None:
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str) or not request_id or "#" in request_id:
+        raise InvalidRequestError(
+            f"request_id must be a non-empty string without '#' (it separates n > 1 completions), "
+            f"got {_show(request_id)}"
+        )
+    return request_id
+
+
+def check_prompt_ids(prompt: Any, vocab_size: int) -> list[int]:
+    """A list or tuple of token ids in the vocabulary. Anything else (bytes, a dict, a float, a bool,
+    None, a number, an array or tensor) is refused rather than coerced into ids."""
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        raise InvalidRequestError(
+            f"a prompt must be a str or a list of token ids, got a {type(prompt).__name__}: "
+            "pass prompt.tolist()"
+        )
+    if not isinstance(prompt, (list, tuple)):
+        raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {_show(prompt)}")
+    ids: list[int] = []
+    for i, t in enumerate(prompt):
+        if not _is_int(t):
+            raise InvalidRequestError(f"token ids must be integers; token {i} is {_show(t)}")
+        t = int(t)
+        if not 0 <= t < vocab_size:
+            raise InvalidRequestError(f"token id {t} is outside the vocabulary [0, {vocab_size})")
+        ids.append(t)
+    return ids
 
 
 class RequestState(enum.Enum):

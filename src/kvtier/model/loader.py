@@ -1,6 +1,6 @@
 """Load a model: a HF checkpoint folder (safetensors, mmap, meta device) or ``synthetic:<name>``.
 
-Also gives every model its fingerprint: a digest of architecture config, weight identity and dtype
+Also gives every model its fingerprint: a digest of architecture config, every weight byte and dtype
 that is part of every cache key, so a changed model never reuses old KV.
 """
 
@@ -21,7 +21,12 @@ from safetensors import safe_open
 
 from kvtier.model.bytetok import BYTE_VOCAB, CHAT_TEMPLATE, SPECIAL_TOKENS, ByteTokenizer
 from kvtier.model.llama import CausalLM
-from kvtier.model.registry import ModelConfig, UnsupportedArchitectureError, model_config_from_hf
+from kvtier.model.registry import (
+    ModelConfig,
+    ModelConfigError,
+    UnsupportedArchitectureError,
+    model_config_from_hf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,10 @@ SYNTHETIC_MODELS: dict[str, dict[str, Any]] = {
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: the message names the file and what is wrong."""
 
 
 @dataclass
@@ -200,27 +209,88 @@ def _config_bytes(cfg: ModelConfig, hf_config: Any) -> bytes:
     return json.dumps(fields, sort_keys=True).encode()
 
 
-SAMPLES_PER_FILE = 64
-SAMPLE_BYTES = 1 << 16
+DIGEST_CACHE_NAME = ".kvtier-weights-digest.json"
+DIGEST_CACHE_VERSION = 1
+_CHUNK = 8 << 20
 
 
-def weight_identity(files: list[Path]) -> bytes:
-    """Safetensors headers plus 64 evenly spread 64 KiB samples per file.
+def weight_identity(files: list[Path], cache_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """A digest of every byte of every weight file: any edit, anywhere, changes the fingerprint.
 
-    Hashing every byte of a 16 GB checkpoint takes tens of seconds at every start; the header pins
-    names, shapes and dtypes, and a fine-tune changes nearly every weight, so the samples see it.
+    Hashing 16 GB takes tens of seconds, so each file's digest is remembered beside the checkpoint
+    (in ``cache_dir`` when the folder is read-only) under the file's size, mtime, ctime and inode:
+    an in-place edit changes mtime, and even one that restores mtime changes ctime, which no user
+    can set. A restart reads the remembered digests and no weights.
     """
     h = hashlib.blake2b(digest_size=32)
+    folder = files[0].parent if files else Path(".")
+    remembered = _read_digest_cache(folder, cache_dir)
+    fresh: dict[str, dict[str, Any]] = {}
     for path in files:
-        size = path.stat().st_size
-        h.update(path.name.encode() + struct.pack("<Q", size))
-        with path.open("rb") as f:
-            header_len = struct.unpack("<Q", f.read(8))[0]
-            h.update(f.read(min(header_len, size)))
-            for i in range(SAMPLES_PER_FILE):
-                f.seek(size * i // SAMPLES_PER_FILE)
-                h.update(f.read(SAMPLE_BYTES))
+        st = path.stat()
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+        entry = remembered.get(path.name)
+        if not (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
+            entry = {**stamp, "blake2b": _file_digest(path)}
+        fresh[path.name] = entry
+        h.update(path.name.encode() + struct.pack("<Q", st.st_size) + bytes.fromhex(entry["blake2b"]))
+    if fresh != remembered:
+        _write_digest_cache(folder, cache_dir, fresh)
     return h.digest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    try:
+        with path.open("rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+    except OSError as e:
+        raise CheckpointError(f"cannot read the weights file {path}: {_reason(e)}") from None
+    return h.hexdigest()
+
+
+def _digest_cache_paths(folder: Path, cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """Beside the checkpoint first; the kvtier cache folder (one file per checkpoint path) second."""
+    from kvtier.config import default_cache_dir
+
+    tag = hashlib.blake2b(str(folder.resolve()).encode(), digest_size=16).hexdigest()
+    other = Path(cache_dir or default_cache_dir()) / "weight-digests" / f"{tag}.json"
+    return [folder / DIGEST_CACHE_NAME, other]
+
+
+def _read_digest_cache(folder: Path, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    for path in _digest_cache_paths(folder, cache_dir):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # absent or damaged: the digests are recomputed (a damaged cache is never trusted)
+        if isinstance(data, dict) and data.get("version") == DIGEST_CACHE_VERSION:
+            files = data.get("files")
+            if isinstance(files, dict) and all(
+                isinstance(e, dict) and isinstance(e.get("blake2b"), str) and len(e["blake2b"]) == 64
+                for e in files.values()
+            ):
+                return files
+    return {}
+
+
+def _write_digest_cache(
+    folder: Path, cache_dir: str | os.PathLike[str] | None, files: dict[str, Any]
+) -> None:
+    text = json.dumps({"version": DIGEST_CACHE_VERSION, "files": files}, sort_keys=True)
+    for path in _digest_cache_paths(folder, cache_dir):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the new, never half
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    log.warning("cannot remember the weight digests of %s: the next start re-reads the weights", folder)
 
 
 def _init_synthetic_weights(model: CausalLM, seed: int, device: torch.device) -> None:
@@ -233,6 +303,21 @@ def _init_synthetic_weights(model: CausalLM, seed: int, device: torch.device) ->
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+
+
+def _rng_identity(device: torch.device) -> bytes:
+    """What synthetic weights depend on besides name, seed and dtype: the generator that drew them.
+
+    ``_init_synthetic_weights`` is a pure function of (name, seed, dtype, torch's RNG algorithm on
+    this kind of device): CPU and CUDA generators give different numbers for one seed, and a CUDA
+    kernel's draw order follows the grid it launches, which follows the device model. So the torch
+    version and the device (its model name on CUDA) are part of a synthetic fingerprint, and two
+    instances share synthetic KV exactly when they drew the same weights.
+    """
+    kind = device.type
+    if kind == "cuda":
+        kind += ":" + torch.cuda.get_device_name(device)
+    return f"{torch.__version__}|{kind}".encode()
 
 
 def _build_on_meta(cfg: ModelConfig, hf_config: Any) -> CausalLM:
@@ -261,7 +346,9 @@ def load_synthetic(name: str, device: torch.device, dtype: torch.dtype, seed: in
     model.rotary = type(model.rotary)(hf_config, cfg.head_dim).to(device)  # buffers are not on meta
     model.tie_weights()
     _init_synthetic_weights(model, seed, device)
-    fingerprint = _digest(b"synthetic", name.encode(), str(seed).encode(), _config_bytes(cfg, hf_config))
+    fingerprint = _digest(
+        b"synthetic", name.encode(), str(seed).encode(), _config_bytes(cfg, hf_config), _rng_identity(device)
+    )
     return LoadedModel(
         model.eval(), cfg, hf_config, byte_level_tokenizer(), fingerprint, SYNTHETIC_PREFIX + name
     )
@@ -270,12 +357,29 @@ def load_synthetic(name: str, device: torch.device, dtype: torch.dtype, seed: in
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read the weight index {index}: {_reason(e)}") from None
+        if not names or not all(isinstance(n, str) and n and "/" not in n and n != ".." for n in names):
+            raise CheckpointError(
+                f"the weight index {index} names no weight files, or names outside {folder}"
+            )
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"the weight index {index} names {missing[0]}, which is not in {folder}")
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     return files
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"no {e} entry"
+    return str(e) or type(e).__name__
 
 
 def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Any:
@@ -305,9 +409,12 @@ def load_checkpoint(
 
     try:
         hf_config = AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError) as e:
-        raise UnsupportedArchitectureError(f"cannot read {folder / 'config.json'}: {e}") from e
-    cfg = model_config_from_hf(hf_config, dtype)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise UnsupportedArchitectureError(f"cannot read {folder / 'config.json'}: {_reason(e)}") from e
+    try:
+        cfg = model_config_from_hf(hf_config, dtype)
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{folder / 'config.json'}: {e}") from None
     files = _safetensors_files(folder)
     model = _build_on_meta(cfg, hf_config)
     state = _read_state_dict(files, cfg, device)
@@ -318,7 +425,10 @@ def load_checkpoint(
     missing = expected - state.keys()
     if missing:
         raise ValueError(f"checkpoint {folder} lacks weights: {sorted(missing)[:5]}")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape config.json does not predict
+        raise CheckpointError(f"the weights in {folder} do not match its config.json: {e}") from None
     model.rotary = type(model.rotary)(hf_config, cfg.head_dim).to(device)
     model.tie_weights()
     fingerprint = _digest(b"checkpoint", _config_bytes(cfg, hf_config), weight_identity(files))
@@ -330,10 +440,13 @@ def _read_state_dict(files: list[Path], cfg: ModelConfig, device: torch.device) 
     state: dict[str, torch.Tensor] = {}
     load_device = "cpu" if device.type == "cpu" else str(device)
     for path in files:
-        with safe_open(str(path), framework="pt", device=load_device) as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensor = f.get_tensor(name)
-                state[name] = tensor if tensor.dtype == cfg.dtype else tensor.to(cfg.dtype)
+        try:
+            with safe_open(str(path), framework="pt", device=load_device) as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    tensor = f.get_tensor(name)
+                    state[name] = tensor if tensor.dtype == cfg.dtype else tensor.to(cfg.dtype)
+        except Exception as e:  # SafetensorsError, OSError, a torch error on a bad dtype: all name no file
+            raise CheckpointError(f"cannot read the weights file {path}: {_reason(e)}") from None
     return state
 
 

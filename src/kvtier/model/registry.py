@@ -71,6 +71,44 @@ def _eos_ids(hf: Any) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
+class ModelConfigError(ValueError):
+    """A config whose numbers cannot build a model (zero heads, negative layers, ...)."""
+
+
+_POSITIVE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+
+
+def _check_shape(hf: Any) -> None:
+    """Every size is a positive integer and the heads divide evenly: otherwise building the model
+    fails deep inside torch (a division by zero, a negative dimension) with no name in the message."""
+    for name in (*_POSITIVE, "num_key_value_heads", "head_dim"):
+        value = getattr(hf, name, None)
+        if value is None and name not in _POSITIVE:
+            continue  # optional: defaults to num_attention_heads / hidden_size // heads
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelConfigError(f"config {name} must be a positive integer, got {value!r}")
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise ModelConfigError(
+            f"config num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    if getattr(hf, "head_dim", None) is None and hf.hidden_size % heads:
+        raise ModelConfigError(
+            f"config hidden_size ({hf.hidden_size}) must be a multiple of num_attention_heads ({heads})"
+        )
+    eps = getattr(hf, "rms_norm_eps", None)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise ModelConfigError(f"config rms_norm_eps must be a number in (0, 1), got {eps!r}")
+
+
 def model_config_from_hf(hf: Any, dtype: torch.dtype | None = None) -> ModelConfig:
     archs = list(getattr(hf, "architectures", None) or [])
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
@@ -79,6 +117,7 @@ def model_config_from_hf(hf: Any, dtype: torch.dtype | None = None) -> ModelConf
             f"unsupported architecture {archs or [getattr(hf, 'model_type', '?')]}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    _check_shape(hf)
     qkv_bias, o_bias, qk_norm = _qkv_o_bias(arch, hf)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     config_dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
