@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from kvtier.engine.request import (
     check_text,
 )
 from kvtier.engine.runner import ModelRunner, StepResult
-from kvtier.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from kvtier.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.engine.tiers import build_hierarchy
 from kvtier.model.attention import make_attention_backend
 from kvtier.model.loader import LoadedModel, load_model
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from kvtier.engine.llm import LLM, StreamDelta
 
 __all__ = ["LLM", "Engine", "EngineStats", "Prompt", "StreamDelta", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 MIN_CPU_KV_BYTES = 64 << 20
@@ -236,7 +239,12 @@ class Engine:
             if self.scheduler.loading:
                 time.sleep(0.0005)  # only loads are in flight: let the I/O thread run
             return failed
-        return failed + self._postprocess(sched, self._run(sched))
+        try:
+            result = self._run(sched)
+        except Exception as e:  # not KeyboardInterrupt: an interrupted generate() aborts its own
+            result, broken = self._run_alone(sched, e)
+            failed += broken
+        return failed + self._postprocess(sched, result)
 
     def _run(self, sched: SchedulerOutput) -> StepResult:
         start = time.perf_counter()
@@ -247,31 +255,69 @@ class Engine:
         self.stats.computed_tokens += sched.num_tokens
         return result
 
+    def _run_alone(self, sched: SchedulerOutput, error: Exception) -> tuple[StepResult, list[RequestOutput]]:
+        """The batch failed: run each chunk by itself, so the request at fault fails with its error
+        and the others get their tokens. Re-running a chunk rewrites the same KV into the same slots
+        (its blocks are not committed yet), so nothing computed twice differs."""
+        log.warning("a step of %d requests failed (%s); running them one by one", len(sched.chunks), error)
+        result = StepResult({}, {})
+        broken: list[RequestOutput] = []
+        for chunk in list(sched.chunks):
+            try:
+                one = self.runner.execute([chunk]) if len(sched.chunks) > 1 else None
+            except Exception as e:
+                error = e
+                one = None
+            if one is None:
+                sched.chunks.remove(chunk)
+                broken += self._fail_with(chunk.request, error)
+                continue
+            result.sampled.update(one.sampled)
+            result.logits.update(one.logits)
+        return result, broken
+
+    def _fail_with(self, req: Request, error: BaseException) -> list[RequestOutput]:
+        """Finish ``req`` with its error (the caller sees finish_reason "error" and the message)."""
+        log.error("request %s failed: %s: %s", req.request_id, type(error).__name__, error, exc_info=error)
+        req.error = f"{type(error).__name__}: {error}"
+        self._finish(req, FinishReason.ERROR, time.monotonic())
+        return [make_output(req)]
+
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         """Advance each scheduled request: commit its full blocks, append its token, check stops."""
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for chunk in sched.chunks:
-            req = chunk.request
-            req.num_computed_tokens += chunk.num_new_tokens
-            shared = self.scheduler.commit_computed_blocks(req)
-            if shared and self.kv is not None:
-                self.kv.write_through(shared)
-            token = result.sampled.get(req.request_id)
-            if token is None:
-                continue  # a prefill chunk that did not reach the prompt's end
-            req.output_token_ids.append(token)
-            if req.request_id in result.logits:
-                req.step_logits.append(result.logits[req.request_id])
-            if req.first_token_time is None:
-                req.first_token_time = now
-            self.stats.generated_tokens += 1
-            max_len = self.scheduler.limits.max_model_len
-            reason = check_stop(req, token, self.tokenizer, self._detok[req.request_id], max_len)
-            if reason is not None:
-                self._finish(req, reason, now)
-            outputs.append(make_output(req))
+            try:
+                out = self._advance(chunk, result, now)
+            except Exception as e:  # one request's bad text or stop check: it alone fails
+                outputs += self._fail_with(chunk.request, e)
+                continue
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _advance(self, chunk: ScheduledChunk, result: StepResult, now: float) -> RequestOutput | None:
+        """One request after the step: its output, or None for a prefill chunk that samples nothing."""
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_new_tokens
+        shared = self.scheduler.commit_computed_blocks(req)
+        if shared and self.kv is not None:
+            self.kv.write_through(shared)
+        token = result.sampled.get(req.request_id)
+        if token is None:
+            return None  # a prefill chunk that did not reach the prompt's end
+        req.output_token_ids.append(token)
+        if req.request_id in result.logits:
+            req.step_logits.append(result.logits[req.request_id])
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self.stats.generated_tokens += 1
+        max_len = self.scheduler.limits.max_model_len
+        reason = check_stop(req, token, self.tokenizer, self._detok[req.request_id], max_len)
+        if reason is not None:
+            self._finish(req, reason, now)
+        return make_output(req)
 
     def _fail(self, requests: list[Request]) -> list[RequestOutput]:
         """Requests the scheduler could not place, however long they wait: finished by length."""

@@ -61,7 +61,9 @@ class SamplingParams:
             _integer("seed", self.seed, None, "seed must be an integer or None")
         for f in fields(self):  # every flag, including ones added later
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise InvalidRequestError(f"{f.name} must be true or false, got {_show(getattr(self, f.name))}")
+                raise InvalidRequestError(
+                    f"{f.name} must be true or false, got {_show(getattr(self, f.name))}"
+                )
         self._validate_stops(vocab_size)
 
     def _validate_stops(self, vocab_size: int) -> None:

@@ -25,6 +25,7 @@ from kvtier.model.registry import (
     ModelConfig,
     ModelConfigError,
     UnsupportedArchitectureError,
+    check_raw_config,
     model_config_from_hf,
 )
 
@@ -408,8 +409,12 @@ def load_checkpoint(
     from transformers import AutoConfig
 
     try:
+        check_raw_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError) as e:  # ModelConfigError, a JSONDecodeError, an unreadable file
+        raise ModelConfigError(f"{folder / 'config.json'}: {_reason(e)}") from None
+    try:
         hf_config = AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except (ValueError, KeyError, OSError, TypeError, ArithmeticError) as e:
         raise UnsupportedArchitectureError(f"cannot read {folder / 'config.json'}: {_reason(e)}") from e
     try:
         cfg = model_config_from_hf(hf_config, dtype)

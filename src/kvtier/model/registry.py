@@ -85,6 +85,21 @@ _POSITIVE = (
 )
 
 
+def check_raw_config(data: Any) -> None:
+    """The sizes a config.json gives, checked before transformers reads it (it divides by the head
+    count on construction: zero heads would be a bare ZeroDivisionError)."""
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"config must be a JSON object, got {type(data).__name__}")
+    for name in (*_POSITIVE, "num_key_value_heads", "head_dim"):
+        value = data.get(name)
+        if (
+            name in data
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+        ):
+            raise ModelConfigError(f"config {name} must be a positive integer, got {value!r}")
+
+
 def _check_shape(hf: Any) -> None:
     """Every size is a positive integer and the heads divide evenly: otherwise building the model
     fails deep inside torch (a division by zero, a negative dimension) with no name in the message."""
