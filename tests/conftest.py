@@ -4,7 +4,7 @@ import os
 
 import torch
 
-pytest_plugins = ["tests.redis_servers"]
+pytest_plugins = ["tests.redis_servers", "tests.memcached_servers"]
 
 # Tests that want tiers ask for them; others must not read or write the user's cache folder.
 os.environ.setdefault("KVTIER_TIERS", "none")

@@ -63,6 +63,9 @@ def default_cache_dir() -> str:
 
 LOAD_POLICIES = ("cost", "always")
 WRITE_POLICIES = ("write-back", "write-through", "selective")
+SHARED_TIERS = ("redis", "memcached")  # tiers on servers other instances share; each has a <name>_url
+TIER_NAMES = ("host", "disk", *SHARED_TIERS)
+MEMCACHED_MAX_TTL = 30 * 24 * 3600  # memcached reads a larger expiry as an absolute Unix time
 
 
 @dataclass
@@ -70,7 +73,7 @@ class TierSettings:
     """The hierarchy below the device pool. Codecs are ``<quantization>+<compression>`` or "none"."""
 
     tiers: str = (
-        "auto"  # auto (host on CUDA, disk, redis when a URL is set), none, or a list "host,disk,redis"
+        "auto"  # auto (host on CUDA, disk, redis/memcached when a URL is set), none, or "host,disk,redis"
     )
     tier_policy: str = "lru"  # eviction policy of the host and disk tiers
     write_policy: str = "write-back"  # write-back, write-through, selective
@@ -85,19 +88,26 @@ class TierSettings:
     redis_codec: str = "none+lz4"
     redis_ttl: int | None = None  # seconds
     redis_timeout: float = 0.5
+    memcached_url: str | None = None  # memcached://host:port[,host:port...] (keys spread by hashing)
+    memcached_codec: str = "none+lz4"
+    memcached_ttl: int | None = None  # seconds, at most 30 days
+    memcached_timeout: float = 0.5
 
     def enabled(self, cuda: bool) -> list[str]:
         if self.tiers == "none":
             return []
         if self.tiers == "auto":
-            names = (["host"] if cuda else []) + ["disk"] + (["redis"] if self.redis_url else [])
-            return names
+            names = (["host"] if cuda else []) + ["disk"]
+            return names + [n for n in SHARED_TIERS if getattr(self, f"{n}_url")]
         names = [n.strip() for n in self.tiers.split(",") if n.strip()]
-        unknown = [n for n in names if n not in ("host", "disk", "redis")]
+        unknown = [n for n in names if n not in TIER_NAMES]
         if unknown:
-            raise ConfigError(f"unknown tier {unknown[0]!r}; tiers are host, disk, redis (or auto, none)")
-        if "redis" in names and not self.redis_url:
-            raise ConfigError("the redis tier needs redis_url (KVTIER_REDIS_URL)")
+            raise ConfigError(
+                f"unknown tier {unknown[0]!r}; tiers are {', '.join(TIER_NAMES)} (or auto, none)"
+            )
+        for name in SHARED_TIERS:
+            if name in names and not getattr(self, f"{name}_url"):
+                raise ConfigError(f"the {name} tier needs {name}_url (KVTIER_{name.upper()}_URL)")
         return names
 
     def resolved_disk_path(self) -> str:
@@ -145,6 +155,13 @@ class EngineConfig:
             raise ConfigError(f"redis_ttl must be >= 1 second or unset, got {t.redis_ttl}")
         if not t.redis_timeout > 0:
             raise ConfigError(f"redis_timeout must be > 0 seconds, got {t.redis_timeout}")
+        if t.memcached_ttl is not None and not 1 <= t.memcached_ttl <= MEMCACHED_MAX_TTL:
+            raise ConfigError(
+                f"memcached_ttl must be 1..{MEMCACHED_MAX_TTL} seconds (30 days) or unset, "
+                f"got {t.memcached_ttl}"
+            )
+        if not t.memcached_timeout > 0:
+            raise ConfigError(f"memcached_timeout must be > 0 seconds, got {t.memcached_timeout}")
         if t.disk_path is not None and not t.disk_path.strip():
             raise ConfigError(
                 f"disk_path is empty; leave it unset for the default folder ({default_cache_dir()})"

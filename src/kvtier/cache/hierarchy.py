@@ -123,7 +123,12 @@ MIN_STEP_SAMPLES = 8  # steps observed before the fit replaces the seed
 MIN_TOKEN_SPREAD = 16  # tokens: the standard deviation of step sizes a slope is fitted from
 
 # Seeds until the engine has measured its own numbers (replaced by real transfers and prefills).
-SEED_COSTS = {"host": TierCost(20e-6, 5e9), "disk": TierCost(200e-6, 1e9), "redis": TierCost(1e-3, 3e8)}
+SEED_COSTS = {
+    "host": TierCost(20e-6, 5e9),
+    "disk": TierCost(200e-6, 1e9),
+    "redis": TierCost(1e-3, 3e8),
+    "memcached": TierCost(1e-3, 3e8),
+}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Builds the tier hierarchy an engine uses from its settings (host, disk, Redis)."""
+"""Builds the tier hierarchy an engine uses from its settings (host, disk, Redis, memcached)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvtier.cache.keys import KVLayout
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier
-from kvtier.config import ConfigError, EngineConfig, TierSettings
+from kvtier.config import SHARED_TIERS, ConfigError, EngineConfig, TierSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ def make_tier(
             ttl_seconds=settings.redis_ttl,
             timeout_seconds=settings.redis_timeout,
         )
+    if name == "memcached":
+        from kvtier.cache.tiers.memcached import MemcachedTier  # like redis-py: only when used
+
+        assert settings.memcached_url
+        return MemcachedTier(
+            settings.memcached_url,
+            namespace,
+            ttl_seconds=settings.memcached_ttl,
+            timeout_seconds=settings.memcached_timeout,
+        )
     raise ConfigError(f"unknown tier {name!r}")
 
 
@@ -70,13 +80,19 @@ def build_hierarchy(
     if not names:
         return None
     secret = secret_from_env()
-    if "redis" in names and secret is None:
-        log.warning(
-            "the Redis tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
-            "so anyone who can write to this Redis can feed this engine KV"
-        )
+    for shared in (n for n in names if n in SHARED_TIERS):
+        if secret is None:
+            log.warning(
+                "the %s tier is shared and KVTIER_CACHE_SECRET is not set: objects carry no HMAC, "
+                "so anyone who can write to that server can feed this engine KV",
+                shared,
+            )
     cuda = device.type == "cuda"
-    codec_text = {"disk": settings.disk_codec, "redis": settings.redis_codec}
+    codec_text = {
+        "disk": settings.disk_codec,
+        "redis": settings.redis_codec,
+        "memcached": settings.memcached_codec,
+    }
     tiers = [make_tier(n, settings, fingerprint, layout, pin_memory=cuda) for n in names]
     codecs = [parse_codec(codec_text[n]) if n in codec_text else None for n in names]
     return KVHierarchy(
