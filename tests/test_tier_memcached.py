@@ -406,3 +406,14 @@ def test_server_stats_are_the_servers_own(memcached_server: MemcachedServer, tie
     (only,) = t.server_stats(max_age=0).values()
     assert only["item_size_max"] == ITEM and only["curr_items"] >= 3 and only["bytes"] > 3000
     assert {"evictions", "get_hits", "get_misses", "limit_maxbytes"} <= set(only)
+
+
+def test_settings_name_the_memcached_tier() -> None:
+    from kvtier.config import ConfigError, EngineConfig
+
+    cfg = EngineConfig.load({"memcached_url": "memcached://127.0.0.1:1"}, env={})
+    assert cfg.tiers.enabled(cuda=False) == ["disk", "memcached"]
+    with pytest.raises(ConfigError, match="memcached_url"):
+        EngineConfig.load({"tiers": "disk,memcached"}, env={}).tiers.enabled(cuda=False)
+    with pytest.raises(ConfigError, match="memcached"):
+        EngineConfig.load({"tiers": "memcache"}, env={}).tiers.enabled(cuda=False)

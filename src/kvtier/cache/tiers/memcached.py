@@ -363,7 +363,7 @@ class MemcachedTier:
         failed: set[bytes] = set()
         for server, names in self._group(values).items():
             batch = {n: values[n] for n in names}
-            refused = self._guarded(server, partial(_set_many, batch, self._expire), None)
+            refused = self._guarded(server, partial(wire.set_many, batch, self._expire), None)
             failed.update(names if refused is None else refused)
         return failed
 
@@ -387,7 +387,7 @@ class MemcachedTier:
         merged: dict[bytes, T] = {}
         for server, group in self._group(names).items():
             empty: dict[bytes, T] = {}
-            merged.update(self._guarded(server, partial(_call, op, group), empty))
+            merged.update(self._guarded(server, partial(wire.call, op, group), empty))
         return merged
 
     def _guarded(self, server: _Server, op: Callable[[PooledClient], T], default: T) -> T:
@@ -430,6 +430,9 @@ class MemcachedTier:
     def _failed(self, server: _Server, error: BaseException) -> None:
         with self._lock:
             self._stats.errors += 1
+        known = self._generation
+        if known is not None:  # a server that comes back has lost its counters: re-read them first
+            self._generation = (known[0], -_GENERATION_TTL_S)
         if server.breaker.record_failure():
             log.warning(
                 "memcached tier %s: %s; breaker open for %.2fs (misses meanwhile)",
@@ -439,11 +442,3 @@ class MemcachedTier:
             )
         else:
             log.debug("memcached tier %s: %s", server.address, error)
-
-
-def _call(op: Callable[[PooledClient, list[bytes]], T], names: list[bytes], client: PooledClient) -> T:
-    return op(client, names)
-
-
-def _set_many(values: dict[bytes, bytes], expire: int, client: PooledClient) -> list[bytes]:
-    return list(client.set_many(values, expire=expire))

@@ -18,12 +18,14 @@ import hashlib
 import os
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
 
+T = TypeVar("T")
 SCHEME = "memcached"
 DEFAULT_PORT = 11211
 HEAD = struct.Struct("<4s8sIQI")  # magic, version, chunk count, total length, chunk size
@@ -159,6 +161,16 @@ def assemble(head_name: bytes, items: dict[bytes, bytes]) -> bytes | None:
 
 
 # ---------------------------------------------------------------------- commands on one server
+
+
+def call(op: Callable[[PooledClient, list[bytes]], T], names: list[bytes], client: PooledClient) -> T:
+    """``op(client, names)``, arguments in the order ``functools.partial`` fills them."""
+    return op(client, names)
+
+
+def set_many(values: dict[bytes, bytes], expire: int, client: PooledClient) -> list[bytes]:
+    """Store ``values`` in one pipelined batch; the names the server did not store."""
+    return list(client.set_many(values, expire=expire))
 
 
 def get_many(client: PooledClient, names: list[bytes]) -> dict[bytes, bytes]:
