@@ -417,3 +417,7 @@ def test_settings_name_the_memcached_tier() -> None:
         EngineConfig.load({"tiers": "disk,memcached"}, env={}).tiers.enabled(cuda=False)
     with pytest.raises(ConfigError, match="memcached"):
         EngineConfig.load({"tiers": "memcache"}, env={}).tiers.enabled(cuda=False)
+    with pytest.raises(ConfigError, match="30 days"):
+        EngineConfig.load({"memcached_ttl": 40 * 24 * 3600}, env={})
+    with pytest.raises(ConfigError, match="memcached_timeout"):
+        EngineConfig.load({"memcached_timeout": 0}, env={})
