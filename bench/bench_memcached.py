@@ -1,0 +1,224 @@
+"""The memcached tier against plain pymemcache on the same server, in one run.
+
+    python3 bench/bench_memcached.py [--total 128MiB --batch-blocks 16 --repeats 5 --item-size 1m]
+
+For two KV layouts (synthetic:small in float32: 384 KiB blocks, one item each; and an 8B model's
+layout, 32 layers x 8 KV heads x 128 in bfloat16: 2 MiB blocks, so three items each at memcached's
+default 1 MiB item size) it stores --total bytes of encoded blocks (the tier's default codec,
+``memcached_codec``) through the tier and reads them back, against the ceiling of the same bytes
+moved by pymemcache's own ``set_many`` / ``get_many`` on the same server (the objects cut into the
+same number of items as the tier's chunks, no manifest, no checks):
+  put           vs  plain set_many
+  get + decode  vs  plain get_many          (the issue's aim: >= 50% of the ceiling, printed, not asserted)
+``get`` and ``decode`` alone and the hierarchy's load path break the time down. Each figure is the
+median of --repeats; a ceiling is the best of its repeats. A memcached of its own on a free 127.0.0.1
+port (stopped at the end), or --memcached-url. Prints the load average: on a busy machine compare the
+ratios, measured in the same run, rather than the GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Run as a script from bench/: the tier benchmark's helpers are shared, not copied.
+import bench_tiers as bt
+from bench_engine import parse_bytes
+
+try:
+    import kvtier  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import pymemcache
+from pymemcache.client.base import Client
+
+from kvtier.cache.hierarchy import KVHierarchy
+from kvtier.cache.keys import KVLayout
+from kvtier.cache.tiers.memcached import MemcachedTier
+from kvtier.config import TierSettings
+from kvtier.engine.tiers import make_tier, parse_codec
+
+AIM = 0.50
+SET, GET = "plain set_many", "plain get_many"  # the ceilings
+LAYOUTS = {
+    "synthetic:small fp32": KVLayout(
+        num_layers=12, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32"
+    ),
+    "8B-shaped bf16": KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16"),
+}
+
+
+@contextlib.contextmanager
+def local_memcached(item_size: str, memory_mb: int) -> Iterator[str]:
+    binary = shutil.which("memcached")
+    if binary is None:
+        raise SystemExit(
+            "memcached is not on PATH: install the Debian package memcached, or pass --memcached-url"
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", str(memory_mb), "-I", item_size]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                Client(("127.0.0.1", port), connect_timeout=0.2, timeout=0.2).version()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"memcached did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"memcached://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pieces_of(objects: list[bytes], chunk: int) -> list[dict[bytes, bytes]]:
+    """Each object cut into ``chunk``-byte items under plain names: the ceiling's bytes."""
+    return [
+        {b"bench:%d:%d" % (i, j): o[j * chunk : (j + 1) * chunk] for j in range(max(1, -(-len(o) // chunk)))}
+        for i, o in enumerate(objects)
+    ]
+
+
+def batches_of(items: list[dict[bytes, bytes]], blocks: int) -> list[dict[bytes, bytes]]:
+    out = []
+    for i in range(0, len(items), blocks):
+        merged: dict[bytes, bytes] = {}
+        for d in items[i : i + blocks]:
+            merged.update(d)
+        out.append(merged)
+    return out
+
+
+def plain_set(client: Client, batches: list[dict[bytes, bytes]]) -> Callable[[], int]:
+    def run() -> int:
+        return sum(len(client.set_many(b)) for b in batches)  # names not stored
+
+    return run
+
+
+def plain_get(client: Client, batches: list[dict[bytes, bytes]]) -> Callable[[], int]:
+    names = [list(b) for b in batches]
+
+    def run() -> int:
+        return sum(len(n) - len(client.get_many(n)) for n in names)  # misses
+
+    return run
+
+
+def bench_layout(url: str, label: str, layout: KVLayout, args: argparse.Namespace) -> dict[str, Any]:
+    blocks = bt.make_blocks(layout, parse_bytes(args.total), args.seed)
+    codec = parse_codec(TierSettings().memcached_codec)
+    objects = blocks.objects(codec)
+    stored = sum(len(o) for o in objects)
+    tier = make_tier("memcached", TierSettings(memcached_url=url), bt.FINGERPRINT, layout)
+    assert isinstance(tier, MemcachedTier)
+    host, port = url.removeprefix("memcached://").split(":")
+    client = Client((host, int(port)), default_noreply=False, timeout=30, no_delay=True)
+    b, repeats, kvb = args.batch_blocks, args.repeats, blocks.kv_bytes
+    ceiling_batches = batches_of(pieces_of(objects, tier.chunk_bytes), b)
+    items = sum(len(d) for d in ceiling_batches)
+    print(
+        f"\n{label}: {blocks.n} blocks of {layout.bytes_per_block / 1024:.0f} KiB "
+        f"({stored / blocks.n / 1024:.0f} KiB objects, {items / blocks.n:.0f} item(s) each at item size "
+        f"{tier.item_size / 1024:.0f} KiB), {b} blocks per call"
+    )
+    ceilings = {SET: bt.timed(plain_set(client, ceiling_batches), repeats)}
+    ceilings[GET] = bt.timed(plain_get(client, ceiling_batches), repeats)
+    ceiling_misses = plain_get(client, ceiling_batches)()
+    client.delete_many([n for d in ceiling_batches for n in d])
+    ceiling_bytes = {name: stored for name in ceilings}
+    hier = KVHierarchy([tier], [codec], layout, bt.FINGERPRINT)
+    get_decode = bt.op_get_decode(tier, blocks, b)
+    rows = [
+        bt.measure("memcached", "put", bt.tier_put(tier, blocks.keys, objects, b), kvb, repeats, SET, True),
+        bt.measure("memcached", "get", bt.op_get(tier, blocks, b), kvb, repeats, GET),
+        bt.measure("memcached", "decode", bt.op_decode(blocks, codec), kvb, repeats, GET),
+        bt.measure("memcached", "get + decode", get_decode, kvb, repeats, GET, True),
+        bt.measure("memcached", "hierarchy load", bt.op_load(hier, blocks, b), kvb, repeats, GET),
+    ]
+    hier.close()
+    stats = tier.stats().as_dict()
+    tier.clear()
+    tier.close()
+    client.close()
+    bt.print_ceilings(ceilings, ceiling_bytes)
+    bt.print_rows(rows, ceilings, ceiling_bytes, blocks.n)
+    if ceiling_misses:
+        print(f"note: the plain get_many missed {ceiling_misses} items (memory too small? raise -m)")
+    return {
+        "blocks": blocks.n,
+        "kv_bytes": kvb,
+        "stored_bytes": stored,
+        "items_per_block": items / blocks.n,
+        "item_size": tier.item_size,
+        "ceilings": {k: {"times_s": v, "bandwidth": stored / min(v)} for k, v in ceilings.items()},
+        "rows": [
+            {
+                "operation": r.operation,
+                "bandwidth": r.bandwidth,
+                "times_s": r.times,
+                "fraction": bt.fraction_of(r, ceilings, ceiling_bytes),
+                "misses": r.misses,
+            }
+            for r in rows
+        ],
+        "tier_stats": stats,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--total", default="128MiB", help="KV bytes per layout")
+    p.add_argument("--batch-blocks", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--item-size", default="1m", help="memcached -I for the server started here")
+    p.add_argument("--memory-mb", type=int, default=2048, help="memcached -m for the server started here")
+    p.add_argument("--memcached-url", help="use this server instead of starting one")
+    p.add_argument("--json", help="write every figure here")
+    args = p.parse_args()
+    args.command = "memcached"
+    bt.AIMS.setdefault("memcached", AIM)  # bench_tiers' tables judge rows by tier name
+    machine = bt.machine_info(bt.resolve_device("cpu"))
+    bt.print_machine("memcached tier vs plain pymemcache on the same server", machine)
+    print(f"pymemcache {pymemcache.__version__}, CPU threads {os.cpu_count()}")
+    started = contextlib.nullcontext(args.memcached_url) if args.memcached_url else None
+    with started or local_memcached(args.item_size, args.memory_mb) as url:
+        results = {label: bench_layout(url, label, layout, args) for label, layout in LAYOUTS.items()}
+    print(
+        "\nGB/s = KV bytes delivered / median time (the ceiling: stored bytes / best time). The ceiling is "
+        "pymemcache's get_many / set_many of the same stored bytes in the same number of items; the tier "
+        "adds names with generations, the manifest and version checks, reassembly, and for get + decode "
+        "the codec (lz4, checksum)."
+    )
+    ratios = {
+        label: next(r["fraction"] for r in res["rows"] if r["operation"] == "get + decode")
+        for label, res in results.items()
+    }
+    print("get + decode / plain get_many: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ratios.items()))
+    bt.finish(args, "memcached", machine, {"layouts": results})
+
+
+if __name__ == "__main__":
+    main()
