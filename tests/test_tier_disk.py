@@ -92,7 +92,7 @@ def test_namespaces_and_drop_other_namespaces(tmp_path: Path) -> None:
     new.put([(key(3), b"new3")])
     (tmp_path / "unrelated.txt").write_text("keep me")
     (tmp_path / "old-model" / "notes.txt").write_text("keep me too")
-    assert new.drop_other_namespaces() == 2
+    assert new.drop_namespaces(keep=new.namespace) == 2
     assert old.get([key(1), key(2)]) == [None, None]
     assert new.get([key(3)]) == [b"new3"]
     assert (tmp_path / "unrelated.txt").exists() and (tmp_path / "old-model" / "notes.txt").exists()
@@ -280,7 +280,7 @@ def test_unusable_root_misses_without_raising(tmp_path: Path) -> None:
     assert tier.get([key(1)]) == [None]
     assert tier.lookup([key(1)]) == 0
     tier.delete([key(1)])
-    assert tier.drop_other_namespaces() == 0
+    assert tier.drop_namespaces(keep=tier.namespace) == 0
     tier.clear()
     s = tier.stats()
     assert s.errors > 0 and s.misses == 1 and s.bytes_written == 0

@@ -602,11 +602,11 @@ def test_namespaces_are_isolated() -> None:
     tier.clear()  # only the current namespace
     assert len(tier) == 0 and tier.used_bytes == 2 * BB
     fill(tier, [3])
-    assert tier.drop_other_namespaces() == 2
+    assert tier.drop_namespaces(keep=tier.namespace) == 2
     assert tier.used_bytes == BB and tier.lookup([key(3)]) == 1
     tier.set_namespace("old-model")
     assert tier.lookup([key(1)]) == 0 and tier.lookup([key(2)]) == 0
-    assert tier.drop_other_namespaces() == 1
+    assert tier.drop_namespaces(keep=tier.namespace) == 1
     assert tier.used_bytes == 0
     # Two tiers with different namespaces share nothing.
     other = HostTier(LAYOUT, "new-model", 8 * BB)

@@ -156,7 +156,7 @@ def test_namespace_isolation_and_drop_other_namespaces(backend: Backend, tiers: 
     assert len(b) == 0 and len(a) == 50 and len(ab) == 5
 
     b.put([(k, b"b") for k in keys[:7]])
-    dropped = a.drop_other_namespaces()
+    dropped = a.drop_namespaces(keep=a.namespace)
     assert dropped == 7 + 5
     assert len(a) == 50 and len(b) == 0 and len(ab) == 0
     assert backend.total_keys() == 50 + len(foreign)
@@ -306,7 +306,7 @@ def test_server_killed_breaker_opens_then_recovers_after_restart(
     st = tier.stats()
     assert st.errors == 3  # nothing was attempted
     assert st.extra["breaker_short_circuits"] == 100
-    assert tier.keys() == [] and len(tier) == 0 and tier.drop_other_namespaces() == 0
+    assert tier.keys() == [] and len(tier) == 0 and tier.drop_namespaces(keep=tier.namespace) == 0
     tier.clear()
 
     # a probe after the backoff fails (server still down): the backoff doubles
@@ -414,7 +414,7 @@ def test_nothing_listening_never_raises(tiers: list[RedisTier]) -> None:
         assert tier.get(keys) == [None] * 4
         tier.put(make_items(keys))
         tier.delete(keys)
-        assert tier.keys() == [] and len(tier) == 0 and tier.drop_other_namespaces() == 0
+        assert tier.keys() == [] and len(tier) == 0 and tier.drop_namespaces(keep=tier.namespace) == 0
         tier.clear()
         assert tier.used_bytes == 0
         assert time.monotonic() - t0 < 4 * TIMEOUT

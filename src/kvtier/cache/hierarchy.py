@@ -11,9 +11,11 @@ to wait on. Below the device pool a written block goes to every tier (an inclusi
 LMCache's storage manager does): tiers evict by their own policies, a later lookup takes the cheapest
 copy, and no demotion ever has to read a block back from a slower tier to pass it on.
 
-Loads land on the engine's device. The host tier holds raw blocks (``HostTier``): they are copied
-straight from its pinned slab to the device and checked there (``integrity_sums``); objects from the
-other tiers are verified by the codec into a pinned staging buffer, then copied to the device.
+Loads land on the engine's device, through each tier's ``load_into`` (the protocol's road, with a
+plain default): the host tier copies raw blocks straight from its pinned slab to the device and
+checks them there (``integrity_sums``), the disk tier reads uncompressed objects into place, and the
+others' objects are verified by the codec into a pinned staging buffer, then copied to the device.
+The hierarchy never asks which class a tier is.
 """
 
 from __future__ import annotations
@@ -29,21 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.cache.codec import (
-    CheckedObject,
-    CodecConfig,
-    CorruptObjectError,
-    check_object,
-    decode_block,
-    encode_block,
-    header_length,
-    integrity_sums,
-    payload_sums,
-)
+from kvtier.cache.codec import CodecConfig, CorruptObjectError
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.disk import DiskTier
-from kvtier.cache.tiers.host import HostTier
+from kvtier.cache.tiers.loading import BlockIO
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +170,18 @@ class KVHierarchy:
         step_tokens: int = 2048,
         always_load: bool = False,
     ) -> None:
-        """``codecs``: one per tier, None for a ``HostTier`` (it keeps raw blocks). ``device``: where
-        loads land (the engine's); on CUDA the staging buffer is page-locked, so the copy to the GPU
-        is a real async DMA. ``step_tokens``: the scheduler's token budget per step. ``always_load``:
-        load every hit, whatever the cost model predicts (deterministic; what LMCache does)."""
+        """``codecs``: one per tier, None for a tier of raw blocks (``raw_blocks``: the host tier).
+        ``device``: where loads land (the engine's); on CUDA the staging buffer is page-locked, so
+        the copy to the GPU is a real async DMA. ``step_tokens``: the scheduler's token budget per
+        step. ``always_load``: load every hit, whatever the cost model predicts (deterministic;
+        what LMCache does)."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
         if len(codecs) != len(tiers):
             raise ValueError("one codec per tier")
         for tier, codec in zip(tiers, codecs, strict=True):
-            if (codec is None) != isinstance(tier, HostTier):
-                raise ValueError(f"{tier.name} tier: every tier has a codec but the host tier (None)")
+            if (codec is None) != tier.raw_blocks:
+                raise ValueError(f"{tier.name} tier: every tier has a codec but those of raw blocks (None)")
         self.tiers = list(tiers)
         self.codecs = list(codecs)
         self.layout = layout
@@ -197,6 +189,7 @@ class KVHierarchy:
         self.write_policy = write_policy
         self.selective_hits = selective_hits
         self.secret = secret
+        self.io = [BlockIO(layout, fingerprint, codec, secret, self._reject) for codec in self.codecs]
         self.costs = [TierCost(**vars(SEED_COSTS.get(t.name, SEED_COSTS["disk"]))) for t in tiers]
         self.step_cost = StepCost(prefill_seconds_per_token)
         self.step_tokens = step_tokens
@@ -280,15 +273,7 @@ class KVHierarchy:
                 keys = plan.keys[seg.start : seg.start + seg.count]
                 tokens = block_tokens[seg.start : seg.start + seg.count]
                 t0 = time.perf_counter()
-                dst = out[n : n + seg.count]
-                if isinstance(tier, HostTier):
-                    good = self._load_resident(tier, keys, tokens, dst)
-                elif isinstance(tier, DiskTier) and self.codecs[seg.tier] == CodecConfig():
-                    good, other_codec = self._load_in_place(tier, keys, tokens, dst)
-                    if other_codec:  # objects written with another codec: read them the usual way
-                        good += self._load_objects(tier, keys[good:], tokens[good:], dst[good:])
-                else:
-                    good = self._load_objects(tier, keys, tokens, dst)
+                good = tier.load_into(keys, tokens, out[n : n + seg.count], self.io[seg.tier])
                 # The cost model learns what a load really costs: fetch and verification together,
                 # in the units it predicts in (bytes of uncompressed KV).
                 self.costs[seg.tier].observe(good * self.layout.bytes_per_block, time.perf_counter() - t0)
@@ -339,138 +324,12 @@ class KVHierarchy:
             stream = self._thread_state.stream = torch.cuda.Stream(self.device)
         return stream
 
-    def _load_resident(
-        self, tier: HostTier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
-    ) -> int:
-        """Copy the leading held blocks straight into ``out`` and check them where they landed."""
-        slots = tier.acquire(keys, tokens)
-        if not slots:
-            return 0
-        dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
-        try:
-            tier.copy_out(slots, dst)
-            expected = tier.expected_sums(slots).to(dst.device, non_blocking=True)
-            intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
-        finally:
-            tier.release(slots)
-        for key, ok in zip(keys, intact, strict=False):
-            if not ok:
-                self._reject(tier, key, CorruptObjectError("checksum: the block's integrity sums differ"))
-        return intact.index(False) if False in intact else len(slots)
-
-    def _load_objects(
-        self, tier: Tier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
-    ) -> int:
-        """Fetch stored objects, verify and decode the leading intact ones into ``out``."""
-        datas = tier.get(keys)
-        staging = out
-        if out.device.type != "cpu":  # decode into page-locked memory, then one DMA
-            staging = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        good = 0
-        for j, (key, data) in enumerate(zip(keys, datas, strict=True)):
-            if not self._verify(tier, key, data, tokens[j], staging[j]):
-                break
-            good += 1
-        if staging is not out and good:
-            out[:good].copy_(staging[:good], non_blocking=True)
-        return good
-
-    def _load_in_place(
-        self, tier: DiskTier, keys: list[BlockKey], tokens: list[list[int]], out: torch.Tensor
-    ) -> tuple[int, bool]:
-        """Uncompressed objects read by the tier straight into a header row and the block's place:
-        ``out`` itself on the CPU, a page-locked staging row copied to the GPU by one DMA there (no
-        ``bytes`` per object, no copy by decode). Headers are checked on the CPU, payload
-        checksums where the payloads are (on the GPU the CPU never reads them). Returns the
-        leading blocks that verified, and whether the run stopped at an object of another size
-        (another codec) that ``get`` must read."""
-        n = len(keys)
-        head_len = header_length(self.fingerprint, self.layout, self.secret is not None)
-        heads = torch.empty((n, head_len), dtype=torch.uint8)
-        payloads = (
-            torch.empty((n, self.layout.bytes_per_block), dtype=torch.uint8, pin_memory=True)
-            if out.is_cuda
-            else out.reshape(n, -1).view(torch.uint8)
-        )
-        views = [(memoryview(h.numpy()), memoryview(p.numpy())) for h, p in zip(heads, payloads, strict=True)]
-        found = tier.read_into(keys, views)
-        checked: list[CheckedObject] = []
-        for j, hit in enumerate(found):
-            if not hit:
-                break
-            try:
-                obj = check_object(
-                    views[j][0],
-                    key=keys[j],
-                    fingerprint=self.fingerprint,
-                    layout=self.layout,
-                    tokens=tokens[j],
-                    secret=self.secret,
-                    payload=views[j][1],
-                )
-            except CorruptObjectError as e:
-                self._reject(tier, keys[j], e)
-                break
-            if obj.header.compression != "none" or obj.header.quantization != "none":
-                # another codec whose payload happens to have the raw size: decode it properly
-                return self._verify_payloads(tier, keys, checked, payloads, out), True
-            checked.append(obj)
-        good = self._verify_payloads(tier, keys, checked, payloads, out)
-        return good, len(checked) == good < n and found[good] is False
-
-    def _verify_payloads(
-        self,
-        tier: Tier,
-        keys: list[BlockKey],
-        checked: list[CheckedObject],
-        payloads: torch.Tensor,
-        out: torch.Tensor,
-    ) -> int:
-        """Checksum (and HMAC) of the leading checked objects; on CUDA their payloads go to ``out``
-        first and are summed there. Returns how many verified."""
-        k = len(checked)
-        sums = None
-        if out.is_cuda and k:
-            dst = out[:k].reshape(k, -1).view(torch.uint8)
-            dst.copy_(payloads[:k], non_blocking=True)
-            row_sums, col_sums = (t.cpu().numpy() for t in payload_sums(dst))  # waits for the DMA
-            sums = [(row_sums[j].tobytes(), col_sums[j].tobytes()) for j in range(k)]
-        for j, obj in enumerate(checked):
-            try:
-                obj.verify_checksum(None if sums is None else sums[j])
-                obj.verify_mac(self.secret)
-            except CorruptObjectError as e:
-                self._reject(tier, keys[j], e)
-                return j
-        return k
-
     def _reject(self, tier: Tier, key: BlockKey, error: CorruptObjectError) -> None:
         """An object that failed a check: a counted miss, deleted from its tier."""
         log.warning("%s tier: rejected object %s: %s", tier.name, key.hex()[:16], error)
         self.stats.corrupt += 1
         tier.record_corrupt()
         tier.delete([key])
-
-    def _verify(
-        self, tier: Tier, key: BlockKey, data: bytes | None, tokens: list[int], out: torch.Tensor
-    ) -> bool:
-        """Decode ``data`` into ``out`` if it is exactly the requested block; else count, delete, miss."""
-        if data is None:
-            return False
-        try:
-            decode_block(
-                data,
-                key=key,
-                fingerprint=self.fingerprint,
-                layout=self.layout,
-                tokens=tokens,
-                secret=self.secret,
-                out=out,
-            )
-            return True
-        except CorruptObjectError as e:
-            self._reject(tier, key, e)
-            return False
 
     # -- writes ------------------------------------------------------------------------------------
     def note_hit(self, key: BlockKey) -> None:
@@ -494,7 +353,7 @@ class KVHierarchy:
     def wants_sums(self) -> bool:
         """Whether writers should hand ``integrity_sums`` with each block (there is a host tier):
         computed where the blocks are, on the GPU, they cost the host tier's store nothing."""
-        return any(isinstance(t, HostTier) for t in self.tiers)
+        return any(t.raw_blocks for t in self.tiers)
 
     def write_async(
         self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor, sums: torch.Tensor | None = None
@@ -511,18 +370,16 @@ class KVHierarchy:
             self._pending_writes.discard(future)
 
     def _write(self, key: BlockKey, tokens: list[int], kv: torch.Tensor, sums: torch.Tensor | None) -> None:
-        encoded: dict[CodecConfig, bytes] = {}
-        for tier, codec in zip(self.tiers, self.codecs, strict=True):
+        encoded: dict[CodecConfig | None, bytes] = {}  # one encoding per codec, shared by its tiers
+        for tier, io in zip(self.tiers, self.io, strict=True):
+
+            def encode(io: BlockIO = io) -> bytes:
+                if io.codec not in encoded:
+                    encoded[io.codec] = io.encode(key, tokens, kv)
+                return encoded[io.codec]
+
             try:
-                if isinstance(tier, HostTier):
-                    tier.store(key, tokens, kv, sums)
-                    continue
-                assert codec is not None
-                if codec not in encoded:
-                    encoded[codec] = encode_block(
-                        key, self.fingerprint, self.layout, tokens, kv, codec, self.secret
-                    )
-                tier.put([(key, encoded[codec])])
+                tier.put_block(key, tokens, kv, sums, encode)
             except Exception:  # a tier failure must never reach the engine
                 log.exception("%s tier: write failed", tier.name)
                 self.stats.write_errors += 1

@@ -9,6 +9,7 @@ pickle, so two processes (or two machines) always agree on a key. Only full bloc
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ import numpy as np
 KEY_VERSION = b"kvtier/1"
 DIGEST_SIZE = 32
 BlockKey = bytes
+# A namespace (the model fingerprint) is a folder name on disk and part of a Redis or memcached key:
+# no separators ("/", ":"), no leading dot, no spaces, short enough for every backend's key limit.
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,26 @@ def chain_keys(
         prev = next_key(prev, tokens[i * block_size : (i + 1) * block_size])
         keys.append(prev)
     return keys
+
+
+def check_key(key: object) -> BlockKey:
+    """A block key is exactly ``DIGEST_SIZE`` bytes; anything else is a programming error."""
+    if not isinstance(key, bytes):
+        raise TypeError(f"block key must be bytes, got {type(key).__name__}")
+    if len(key) != DIGEST_SIZE:
+        raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
+    return key
+
+
+def valid_namespace(namespace: str) -> bool:
+    """Whether ``namespace`` is usable by every tier (see ``NAMESPACE_RE``)."""
+    return NAMESPACE_RE.fullmatch(namespace) is not None
+
+
+def check_namespace(namespace: str) -> str:
+    if not valid_namespace(namespace):
+        raise ValueError(
+            f"invalid namespace {namespace!r}: use 1-128 characters from A-Z a-z 0-9 . _ + = - "
+            "(not starting with a dot or a dash)"
+        )
+    return namespace

@@ -108,3 +108,27 @@ def build_hierarchy(
         step_tokens=config.scheduler.max_num_batched_tokens,
         always_load=settings.load_policy == "always",
     )
+
+
+MAINTENANCE_NAMESPACE = "kvtier-maintenance"  # never written: maintenance works across namespaces
+MAINTENANCE_REDIS_TIMEOUT_S = 2.0  # a command can wait longer than the engine's per-request timeout
+_NO_CAPACITY_LIMIT = 1 << 62  # opening a disk tier must not trim what it finds to some capacity
+
+
+def open_for_maintenance(name: str, settings: TierSettings) -> Tier:
+    """A tier to inspect or clean (``kvtier cache``): no capacity to enforce, nothing written,
+    nothing read until asked (``scan``, ``read_prefixes``, ``drop_namespaces``)."""
+    if name == "disk":
+        root = settings.resolved_disk_path()
+        return DiskTier(root, MAINTENANCE_NAMESPACE, _NO_CAPACITY_LIMIT, read_threads=0, create=False)
+    if name == "redis":
+        if not settings.redis_url:
+            raise ConfigError("the redis tier needs a URL: --redis-url, KVTIER_REDIS_URL or redis_url")
+        timeout = max(settings.redis_timeout, MAINTENANCE_REDIS_TIMEOUT_S)
+        return RedisTier(
+            settings.redis_url,
+            MAINTENANCE_NAMESPACE,
+            timeout_seconds=timeout,
+            connect_timeout_seconds=timeout,
+        )
+    raise ConfigError(f"no maintenance for tier {name!r}; supported: disk, redis")

@@ -1,19 +1,45 @@
-"""The Tier protocol: one contract for host memory, local disk and Redis.
+"""The Tier protocol: one contract for host memory, local disk, Redis (and memcached).
 
 A tier stores opaque, self-describing objects (the bytes made by ``cache.codec``) under block keys.
-It never interprets them: verification is the hierarchy's job (decode checks header, checksum, HMAC),
-which then calls ``delete`` on anything that fails. A tier never raises on a backend failure during
-``lookup``/``get``/``put``/``delete``: it reports a miss (or drops the write), counts the error in its
-stats, and lets the engine recompute. Programming errors (wrong types) still raise.
+It never interprets them on the ordinary path: verification is the hierarchy's job (``BlockIO``
+decodes and checks header, checksum, HMAC), which then calls ``delete`` on anything that fails.
+A tier never raises on a backend failure during ``lookup``/``get``/``put``/``delete``/``load_into``/
+``put_block``: it reports a miss (or drops the write), counts the error in its stats, and lets the
+engine recompute. Programming errors (wrong types) still raise.
+
+The maintenance operations (what ``kvtier cache`` runs) see every namespace. ``scan`` and
+``read_prefixes`` raise ``TierError`` on a backend failure: an empty listing must not pass for an
+empty tier. ``drop_namespaces`` keeps the no-raise rule (an engine may call it) and counts failures in
+``stats().errors``; ``cache.inventory.drop_namespaces`` turns them into a ``TierError`` for tools.
+
+Tiers subclass ``Tier`` explicitly, so they inherit the plain defaults of ``load_into`` and
+``put_block``; a tier with a faster road (the host tier's raw slots, the disk tier's reads into
+place) overrides them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from kvtier.cache.keys import BlockKey
+from kvtier.cache.tiers.loading import BlockIO, load_objects
+
+
+class TierError(Exception):
+    """A maintenance operation failed on the backend; the message names the tier and the cause."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as ``scan`` finds it: its namespace (model fingerprint), key and stored size."""
+
+    namespace: str
+    key: BlockKey
+    size: int
 
 
 @dataclass
@@ -55,10 +81,18 @@ class Tier(Protocol):
       ``capacity_bytes``; an object larger than the capacity is dropped. Writing an existing key
       replaces it atomically: a reader sees the old or the new object, never a mix.
     - ``delete(keys)`` removes keys that exist and ignores the rest.
-    - ``keys()`` lists every held key (for ``kvtier cache ls`` and ``gc``); may be slow.
+    - ``keys()`` lists every held key of the tier's namespace; may be slow.
+    - ``load_into`` / ``put_block``: the hierarchy's roads in and out (defaults below).
+    - ``scan`` / ``read_prefixes`` / ``drop_namespaces``: maintenance across every namespace.
     """
 
     name: str
+    raw_blocks: bool = False  # True: keeps raw KV (no codec), wants integrity sums with each block
+
+    @property
+    def where(self) -> str:
+        """Where the objects live, for people: a folder, a URL without its password."""
+        ...
 
     @property
     def capacity_bytes(self) -> int: ...
@@ -86,6 +120,50 @@ class Tier(Protocol):
         """The hierarchy rejected ``count`` objects read from this tier (and deleted them)."""
         ...
 
-    def clear(self) -> None: ...
+    def clear(self) -> None:
+        """Remove every object of this tier's namespace."""
+        ...
 
     def close(self) -> None: ...
+
+    # -- the hierarchy's roads (plain defaults) ---------------------------------------------------
+
+    def load_into(
+        self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor, io: BlockIO
+    ) -> int:
+        """Load the leading held blocks of ``keys`` (with these ``tokens``) into ``out[:n]``
+        (``[len(keys), *block_shape]`` on any device), verified; returns n. A block that fails
+        verification is handed to ``io.reject`` (counted, deleted) and ends the run.
+        Default: ``get``, then ``io`` decodes into page-locked staging and one copy to ``out``."""
+        return load_objects(self, keys, tokens, out, io)
+
+    def put_block(
+        self,
+        key: BlockKey,
+        tokens: Sequence[int],
+        kv: torch.Tensor,
+        sums: torch.Tensor | None,
+        encode: Callable[[], bytes],
+    ) -> None:
+        """Store one block: ``kv`` (CPU, ``block_shape``), its ``integrity_sums`` when the writer
+        has them, and ``encode()``, its stored object in this tier's codec (made once, shared by
+        the tiers with the same codec). Default: ``put`` the object."""
+        self.put([(key, encode())])
+
+    # -- maintenance, across every namespace ------------------------------------------------------
+
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
+        """Every stored object (of ``namespace`` only, when given); read-only. Raises ``TierError``."""
+        ...
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        """The first ``nbytes`` of each object (its header), None for one gone since the scan.
+        Raises ``TierError``."""
+        ...
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        """Delete the objects of every namespace but ``keep`` (None: of every namespace, this
+        tier's own included); returns how many. Only objects this kind of tier writes are removed,
+        nothing else that shares the folder or the server. Never raises on a backend failure: it
+        is counted in ``stats().errors`` and the count returned is of what was removed."""
+        ...

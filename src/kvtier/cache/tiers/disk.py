@@ -2,7 +2,7 @@
 
 Layout: ``root/<namespace>/<first 2 hex chars of the key>/<key hex>.kvt``, one file per object.
 The namespace is the model fingerprint, so objects of different models never mix; ``kvtier cache
-gc`` calls ``drop_other_namespaces`` to reclaim the space of old models.
+gc`` calls ``drop_namespaces`` to reclaim the space of old models.
 
 Crash safety. ``put`` writes a temp file in the object's own folder
 (``.<key hex>.<pid>.<random>.tmp``) and renames it onto the final name with ``os.replace``,
@@ -53,20 +53,21 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from operator import itemgetter
 from typing import cast
 
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey
+import torch
+
+from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
 from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import TierStats
-from kvtier.cache.tiers.host import check_key
+from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
+from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
 
 SUFFIX = ".kvt"
 TEMP_SUFFIX = ".tmp"
 _HEX_LEN = 2 * DIGEST_SIZE
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:+=-]{0,199}")
 _HEX2_RE = re.compile(r"[0-9a-f]{2}")
 _SCAN_THREADS = 8
 _READ_THREADS = 8
@@ -83,12 +84,7 @@ _READ = 2
 _OTHER_SIZE = 3
 
 
-def valid_namespace(namespace: str) -> bool:
-    """A namespace is one safe folder name: no separators, no leading dot (``.``/``..`` excluded)."""
-    return _NAMESPACE_RE.fullmatch(namespace) is not None
-
-
-class DiskTier:
+class DiskTier(Tier):
     """Tier in a local folder; see the module docstring for layout, crash safety and sharing."""
 
     name = "disk"
@@ -105,16 +101,15 @@ class DiskTier:
         seed: int = 0,
         temp_max_age_s: float = 60.0,
         read_threads: int | None = None,
+        create: bool = True,
     ) -> None:
         """``expected_entries`` sizes the ghost lists / queues of adaptive policies (s3fifo, arc);
         None lets the policy choose. ``temp_max_age_s``: temp files older than this are debris of a
         crash and removed at start-up. ``read_threads``: the threads that read objects not in the
-        page cache (None: 8); 0 reads everything on the calling thread."""
-        if not valid_namespace(namespace):
-            raise ValueError(
-                f"invalid namespace {namespace!r}: use letters, digits and ._:+=- "
-                "(not starting with a dot), at most 200 characters"
-            )
+        page cache (None: 8); 0 reads everything on the calling thread. ``create``: make the namespace
+        folder now (False: only when the first object is written, so that a tier opened to look at
+        a cache, as ``kvtier cache`` does, leaves no trace)."""
+        check_namespace(namespace)  # one safe folder name: no separators, no leading dot
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         if read_threads is None:
@@ -143,10 +138,11 @@ class DiskTier:
         self._stats = TierStats()
         for name in ("dropped", "adopted", "temp_cleaned", "scan_entries", "scan_seconds"):
             self._stats.extra[name] = 0.0
-        try:
-            os.makedirs(self._dir, exist_ok=True)
-        except OSError:
-            self._stats.errors += 1
+        if create:
+            try:
+                os.makedirs(self._dir, exist_ok=True)
+            except OSError:
+                self._stats.errors += 1
         self._rebuild_index()
 
     # -- properties -----------------------------------------------------------------------------
@@ -158,6 +154,10 @@ class DiskTier:
     @property
     def namespace(self) -> str:
         return self._namespace
+
+    @property
+    def where(self) -> str:
+        return self._root
 
     @property
     def capacity_bytes(self) -> int:
@@ -315,30 +315,71 @@ class DiskTier:
         if pool is not None:
             pool.shutdown(wait=True)
 
-    # -- maintenance ----------------------------------------------------------------------------
+    def load_into(
+        self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor, io: BlockIO
+    ) -> int:
+        """Uncompressed objects are read straight into place (``read_into``), others decoded."""
+        if io.plain:
+            return load_in_place(self, self.read_into, keys, tokens, out, io)
+        return load_objects(self, keys, tokens, out, io)
 
-    def drop_other_namespaces(self) -> int:
-        """Delete the objects of every other namespace under ``root``; returns how many.
+    # -- maintenance, across namespaces --------------------------------------------------------
 
-        Only files this tier would have written (``<2 hex>/<key hex>.kvt`` and old temp files) are
-        removed, and then the folders left empty: a root pointed at the wrong folder loses nothing else.
-        """
-        removed = 0
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
+        found: list[StoredObject] = []
         try:
-            with os.scandir(self._root) as it:
-                others = [
-                    e.path
-                    for e in it
-                    if e.name != self._namespace
-                    and valid_namespace(e.name)
-                    and e.is_dir(follow_symlinks=False)
-                ]
-        except OSError:
+            for ns in self._namespace_dirs():
+                if namespace is not None and ns.name != namespace:
+                    continue
+                for sub in _subdirs(ns.path, _HEX2_RE.fullmatch):
+                    with os.scandir(sub.path) as it:
+                        for e in it:
+                            key = _parse_key(e.name, sub.name) if e.name.endswith(SUFFIX) else None
+                            if key is None:
+                                continue
+                            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                                found.append(
+                                    StoredObject(ns.name, key, e.stat(follow_symlinks=False).st_size)
+                                )
+        except OSError as e:
+            raise TierError(f"cannot read the disk tier at {self._root}: {e}") from None
+        return found
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for obj in objects:
+            h = obj.key.hex()
+            try:
+                with open(os.path.join(self._root, obj.namespace, h[:2], h + SUFFIX), "rb") as f:
+                    out.append(f.read(nbytes))
+            except OSError:  # gone since the scan, or unreadable: no header either way
+                out.append(None)
+        return out
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        """Only files this tier would have written (``<2 hex>/<key hex>.kvt`` and old temp files)
+        are removed, and then the folders left empty: a root pointed at the wrong folder loses
+        nothing else."""
+        try:
+            doomed = [e.path for e in self._namespace_dirs() if e.name != keep]
+        except (OSError, TierError):
             self._count_error()
             return 0
-        for path in others:
-            removed += self._purge_dir(path, remove_dirs=True)
-        return removed
+        if keep != self._namespace:  # our own namespace goes too: forget what we indexed
+            with self._lock:
+                self._index.clear()
+                self._used = 0
+                self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
+        return sum(self._purge_dir(path, remove_dirs=True) for path in doomed)
+
+    def _namespace_dirs(self) -> list[os.DirEntry[str]]:
+        """The namespace folders under the root; none when the root does not exist."""
+        if os.path.exists(self._root) and not os.path.isdir(self._root):
+            raise TierError(f"disk path {self._root} is not a folder")
+        try:
+            return _subdirs(self._root, valid_namespace)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -667,6 +708,11 @@ def _parse_key(name: str, prefix: str) -> BlockKey | None:
         return None
     # fromhex accepts upper case and spaces; only the exact form this tier writes is an object.
     return key if len(key) == DIGEST_SIZE and key.hex() == h else None
+
+
+def _subdirs(path: str, accept: Callable[[str], object]) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return [e for e in it if accept(e.name) and e.is_dir(follow_symlinks=False)]
 
 
 def _rmdir_if_empty(path: str) -> None:

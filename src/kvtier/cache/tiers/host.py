@@ -23,40 +23,35 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 
 from kvtier.cache.codec import (
     CodecConfig,
+    CorruptObjectError,
     decode_block,
     encode_block,
+    header_length,
     integrity_sums,
     integrity_sums_width,
     read_header,
 )
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey, KVLayout, tokens_to_bytes
+from kvtier.cache.keys import BlockKey, KVLayout, check_key, check_namespace, tokens_to_bytes
 from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import TierStats
+from kvtier.cache.tiers.base import StoredObject, Tier, TierStats
+from kvtier.cache.tiers.loading import BlockIO
 
 _Entry = tuple[str, BlockKey]
 CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
 
 
-def check_key(key: object) -> BlockKey:
-    """A block key is exactly ``DIGEST_SIZE`` bytes; anything else is a programming error."""
-    if not isinstance(key, bytes):
-        raise TypeError(f"block key must be bytes, got {type(key).__name__}")
-    if len(key) != DIGEST_SIZE:
-        raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
-    return key
-
-
-class HostTier:
+class HostTier(Tier):
     """Tier of raw KV blocks in host memory; ``pin_memory`` page-locks the slab (on CUDA)."""
 
     name = "host"
+    raw_blocks = True
 
     def __init__(
         self,
@@ -78,6 +73,7 @@ class HostTier:
             raise ValueError(f"a host-tier block must be a whole number of 8-byte words, got {block_bytes}")
         self.layout = layout
         self.block_bytes = block_bytes
+        check_namespace(namespace)
         self.pin_memory = pin_memory
         self._namespace = namespace
         self._capacity = int(capacity_bytes)
@@ -103,6 +99,10 @@ class HostTier:
         return self._namespace
 
     @property
+    def where(self) -> str:
+        return "host memory of this process"
+
+    @property
     def capacity_bytes(self) -> int:
         return self._capacity
 
@@ -112,6 +112,7 @@ class HostTier:
 
     def set_namespace(self, namespace: str) -> None:
         """Serve ``namespace`` from now on; blocks of the previous one are kept but never served."""
+        check_namespace(namespace)
         with self._lock:
             self._namespace = namespace
 
@@ -230,37 +231,43 @@ class HostTier:
             ns = self._namespace
             n = 0
             for key in keys:
-                if (ns, key) not in self._slot_of:
+                if (ns, check_key(key)) not in self._slot_of:
                     break
                 n += 1
             return n
 
     def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         """Each held block encoded as a stored object (codec ``none``, no HMAC); None for a miss."""
-        out: list[bytes | None] = []
-        for key in keys:
-            with self._lock:
-                namespace = self._namespace  # the block's model, even if set_namespace runs meanwhile
+        with self._lock:
+            namespace = self._namespace  # the blocks' model, even if set_namespace runs meanwhile
+        return [self._encoded(namespace, check_key(key), count=True) for key in keys]
+
+    def _encoded(self, namespace: str, key: BlockKey, count: bool) -> bytes | None:
+        """One held block as a stored object; ``count``: a read of the protocol (stats, policy)."""
+        with self._lock:
+            slot = self._slot_of.get((namespace, key))
+            if count:
                 self._stats.lookups += 1
-                slot = self._slot_of.get((namespace, key))
                 if slot is None:
                     self._stats.misses += 1
-                    out.append(None)
-                    continue
-                self._stats.hits += 1
-                self._policy.access((namespace, key))
-                self._pins[slot] = self._pins.get(slot, 0) + 1
-                tokens = list(self._tokens[slot])
-            t0 = time.perf_counter()
-            try:
-                block = self.read_block(slot)
-            finally:
-                self.release([slot])
-            out.append(encode_block(key, namespace, self.layout, tokens, block, CodecConfig()))
+                else:
+                    self._stats.hits += 1
+                    self._policy.access((namespace, key))
+            if slot is None:
+                return None
+            self._pins[slot] = self._pins.get(slot, 0) + 1
+            tokens = list(self._tokens[slot])
+        t0 = time.perf_counter()
+        try:
+            block = self.read_block(slot)
+        finally:
+            self.release([slot])
+        data = encode_block(key, namespace, self.layout, tokens, block, CodecConfig())
+        if count:
             with self._lock:
                 self._stats.bytes_read += self.block_bytes
                 self._stats.read_seconds += time.perf_counter() - t0
-        return out
+        return data
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
         """Store encoded objects (any codec; HMAC objects are refused: this tier has no secret).
@@ -316,14 +323,57 @@ class HostTier:
 
     # -- maintenance ----------------------------------------------------------------------------
 
-    def drop_other_namespaces(self) -> int:
-        """Remove the blocks of every namespace but the current one; returns how many."""
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
         with self._lock:
-            ns = self._namespace
-            others = [e for e in self._slot_of if e[0] != ns]
-            for entry in others:
+            entries = [e for e in self._slot_of if namespace is None or e[0] == namespace]
+        # the size of what get returns: an uncompressed object of the block's model
+        return [
+            StoredObject(ns, key, header_length(ns, self.layout, False) + self.block_bytes)
+            for ns, key in entries
+        ]
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        found = [self._encoded(o.namespace, o.key, count=False) for o in objects]
+        return [None if data is None else data[:nbytes] for data in found]
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        with self._lock:
+            doomed = [e for e in self._slot_of if e[0] != keep]
+            for entry in doomed:
                 self._remove(entry)
-            return len(others)
+            return len(doomed)
+
+    # -- the hierarchy's roads: raw blocks, checked where they land -------------------------------
+
+    def load_into(
+        self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor, io: BlockIO
+    ) -> int:
+        """Copy the leading held blocks straight into ``out`` (one DMA per run of slots from the
+        pinned slab) and compare their ``integrity_sums`` where they landed."""
+        slots = self.acquire(keys, tokens)
+        if not slots:
+            return 0
+        dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
+        try:
+            self.copy_out(slots, dst)
+            expected = self.expected_sums(slots).to(dst.device, non_blocking=True)
+            intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
+        finally:
+            self.release(slots)
+        for key, ok in zip(keys, intact, strict=False):
+            if not ok:
+                io.reject(self, key, CorruptObjectError("checksum: the block's integrity sums differ"))
+        return intact.index(False) if False in intact else len(slots)
+
+    def put_block(
+        self,
+        key: BlockKey,
+        tokens: Sequence[int],
+        kv: torch.Tensor,
+        sums: torch.Tensor | None,
+        encode: Callable[[], bytes],
+    ) -> None:
+        self.store(key, tokens, kv, sums)
 
     # -- internals (called with the lock held) --------------------------------------------------
 

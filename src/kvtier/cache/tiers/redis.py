@@ -2,7 +2,7 @@
 
 Objects live under ``kvtier:<namespace>:<key hex>`` as plain strings, optionally with a TTL. The
 namespace separates deployments (or model generations) sharing one server; ``clear`` touches only its
-own namespace, ``drop_other_namespaces`` removes everyone else's block objects.
+own namespace, ``drop_namespaces`` removes the block objects of the others (or of all).
 
 URLs: ``redis://`` and ``rediss://`` (TLS) go to redis-py's ``Redis.from_url``; ``redis+cluster://`` and
 ``rediss+cluster://`` go to ``RedisCluster.from_url`` with the plain scheme (one startup node is enough,
@@ -13,7 +13,9 @@ node (a pipeline of GETs on a cluster, where MGET cannot span slots), ``put`` pi
 a TTL is set), ``delete`` is one UNLINK (a pipeline of UNLINKs on a cluster).
 
 Failures never reach the caller (see ``base.Tier``): a backend error becomes a miss, a dropped write or
-an empty listing, and is counted in ``stats().errors``. A circuit breaker keeps a dead server from
+an empty listing, and is counted in ``stats().errors`` (the maintenance operations ``scan``,
+``read_prefixes`` and ``drop_namespaces`` raise ``TierError`` instead, as the protocol says).
+A circuit breaker keeps a dead server from
 costing every request a timeout: after ``breaker_failures`` consecutive failures it opens, and for the
 backoff period every call returns a miss at once without touching the network; then one call is let
 through as a probe (half-open): success closes the breaker, failure reopens it with the backoff doubled
@@ -32,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,8 +46,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey
-from kvtier.cache.tiers.base import TierStats
+from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
+from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,10 @@ Client = redis.Redis | redis.cluster.RedisCluster
 KEY_PREFIX = "kvtier"
 _PLAIN_SCHEMES = ("redis", "rediss")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-# ':' would make one namespace a prefix of another in SCAN MATCH; glob characters would widen the match.
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._/+=-]{1,128}")
 _HEX_LEN = 2 * DIGEST_SIZE
 _BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 _SCAN_COUNT = 1000
-_DELETE_BATCH = 500
+_BATCH = 500  # names per pipeline or UNLINK in the maintenance operations
 _USED_BYTES_TTL_S = 1.0
 
 
@@ -108,7 +107,7 @@ def ping(url: str, timeout_seconds: float = 0.5) -> bool:
             client.close()
 
 
-class RedisTier:
+class RedisTier(Tier):
     """Blocks in Redis or Redis Cluster, behind the ``Tier`` protocol; safe to share between threads."""
 
     name = "redis"
@@ -125,10 +124,8 @@ class RedisTier:
         breaker_max_backoff_seconds: float = 30.0,
         capacity_bytes: int = 0,
     ) -> None:
-        if not _NAMESPACE_RE.fullmatch(namespace):
-            raise ValueError(
-                f"invalid Redis namespace {namespace!r}: use 1-128 characters from A-Z a-z 0-9 . _ / + = -"
-            )
+        # no ':' (one namespace would be a prefix of another in SCAN MATCH), no glob characters
+        check_namespace(namespace)
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds}")
         if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
@@ -156,6 +153,10 @@ class RedisTier:
             self._client = _connect(url, timeout_seconds, connect_timeout_seconds)
 
     # ------------------------------------------------------------------ Tier protocol
+
+    @property
+    def where(self) -> str:
+        return _redact(self.url)
 
     @property
     def capacity_bytes(self) -> int:
@@ -280,15 +281,46 @@ class RedisTier:
 
     def clear(self) -> None:
         """Delete this namespace's objects (nothing else on the server); a no-op if unreachable."""
-        self._delete_matching(self._prefix + b"*", lambda ns: ns == self.namespace)
+        self._run(lambda client: self._unlink_matching(client, self._prefix + b"*", None, [0]), 0)
 
-    def drop_other_namespaces(self) -> int:
-        """Delete the block objects (``kvtier:<ns>:<64 hex>``) of every namespace but this one.
+    # ------------------------------------------------------------------ maintenance
 
-        Other keys, under ``kvtier:`` or not, are left alone. Returns how many were deleted (those
-        deleted before a failure, if the server fails midway).
-        """
-        return self._delete_matching(f"{KEY_PREFIX}:*".encode(), lambda ns: ns != self.namespace)
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
+        pattern = f"{KEY_PREFIX}:{namespace if namespace is not None else '*'}:*".encode()
+
+        def op(client: Client) -> list[StoredObject]:
+            parsed = [p for n in self._scan(client, pattern) if (p := _parse_name(n)) is not None]
+            found: list[StoredObject] = []
+            for batch in _batched(parsed, _BATCH):
+                pipe = client.pipeline(transaction=False)
+                for ns, key in batch:
+                    pipe.strlen(self._name(key, ns))
+                for (ns, key), size in zip(batch, pipe.execute(), strict=True):
+                    if size:  # 0: deleted (or expired) since the scan
+                        found.append(StoredObject(ns, key, int(size)))
+            return found
+
+        return self._maintain(op)
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        def op(client: Client) -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for batch in _batched(objects, _BATCH):
+                pipe = client.pipeline(transaction=False)
+                for obj in batch:
+                    pipe.getrange(self._name(obj.key, obj.namespace), 0, nbytes - 1)
+                out += [prefix or None for prefix in pipe.execute()]
+            return out
+
+        return self._maintain(op)
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        """Only block objects (``kvtier:<ns>:<64 hex>``) go: other keys, under ``kvtier:`` or not,
+        are left alone. Returns how many were deleted (before a failure, if the server fails midway)."""
+        deleted = [0]
+        pattern = f"{KEY_PREFIX}:*".encode()
+        self._run(lambda client: self._unlink_matching(client, pattern, keep, deleted), 0)
+        return deleted[0]
 
     def close(self) -> None:
         with self._client_lock:
@@ -300,12 +332,18 @@ class RedisTier:
 
     # ------------------------------------------------------------------ internals
 
-    def _name(self, key: BlockKey) -> bytes:
-        if not isinstance(key, bytes | bytearray):
-            raise TypeError(f"block key must be bytes, got {type(key).__name__}")
-        if len(key) != DIGEST_SIZE:
-            raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
-        return self._prefix + key.hex().encode()
+    def _name(self, key: BlockKey, namespace: str | None = None) -> bytes:
+        prefix = self._prefix if namespace is None else f"{KEY_PREFIX}:{namespace}:".encode()
+        return prefix + check_key(key).hex().encode()
+
+    def _maintain(self, op: Callable[[Client], T]) -> T:
+        """Run a maintenance ``op``: no breaker, and a failure raises ``TierError`` naming the server."""
+        try:
+            return op(self._get_client())
+        except ResponseError as e:
+            raise TierError(f"Redis at {self.where} failed: {e}") from None
+        except _BACKEND_ERRORS as e:
+            raise TierError(f"cannot reach Redis at {self.where}: {e}") from None
 
     def _get_client(self) -> Client:
         asked = time.monotonic()
@@ -380,19 +418,14 @@ class RedisTier:
             )
         return client.scan_iter(match=pattern, count=_SCAN_COUNT)
 
-    def _delete_matching(self, pattern: bytes, namespace_ok: Callable[[str], bool]) -> int:
-        deleted = 0
-
-        def op(client: Client) -> int:
-            nonlocal deleted
-            for batch in _batched(self._scan(client, pattern), _DELETE_BATCH):
-                doomed = [n for n in batch if (p := _parse_name(n)) is not None and namespace_ok(p[0])]
-                if doomed:
-                    deleted += self._unlink(client, doomed)
-            return deleted
-
-        self._run(op, 0)
-        return deleted
+    def _unlink_matching(self, client: Client, pattern: bytes, keep: str | None, deleted: list[int]) -> int:
+        """Unlink the block objects matching ``pattern`` but those of namespace ``keep``; counts
+        into ``deleted[0]`` as it goes (the count stands when the server fails midway)."""
+        for batch in _batched(self._scan(client, pattern), _BATCH):
+            doomed = [n for n in batch if (p := _parse_name(n)) is not None and p[0] != keep]
+            if doomed:
+                deleted[0] += self._unlink(client, doomed)
+        return deleted[0]
 
     def _server_used_memory(self, client: Client) -> int:
         if self.cluster:
@@ -413,7 +446,7 @@ def _parse_name(name: bytes) -> tuple[str, BlockKey] | None:
         key = bytes.fromhex(hexpart.decode("ascii"))
     except ValueError:  # UnicodeDecodeError is a ValueError
         return None
-    if not _NAMESPACE_RE.fullmatch(namespace):
+    if not valid_namespace(namespace):
         return None
     return namespace, key
 
