@@ -124,6 +124,8 @@ def open_for_maintenance(name: str, settings: TierSettings) -> Tier:
     if name == "redis":
         if not settings.redis_url:
             raise ConfigError("the redis tier needs a URL: --redis-url, KVTIER_REDIS_URL or redis_url")
+        from kvtier.cache.tiers.redis import RedisTier  # imported only when used, as in make_tier
+
         timeout = max(settings.redis_timeout, MAINTENANCE_REDIS_TIMEOUT_S)
         return RedisTier(
             settings.redis_url,
