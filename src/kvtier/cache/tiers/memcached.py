@@ -55,7 +55,7 @@ from pymemcache.exceptions import (
 
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey
 from kvtier.cache.tiers import memcached_wire as wire
-from kvtier.cache.tiers.base import TierStats
+from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.breaker import CircuitBreaker
 from kvtier.cache.tiers.memcached_wire import parse_url
 
@@ -80,7 +80,7 @@ class _Server:
     breaker: CircuitBreaker
 
 
-class MemcachedTier:
+class MemcachedTier(Tier):
     """Blocks on one or more memcached servers, behind the ``Tier`` protocol; safe to share by threads."""
 
     name = "memcached"
@@ -246,12 +246,30 @@ class MemcachedTier:
         """Make this namespace's objects unreachable (bump its generation); a no-op if unreachable."""
         self._bump(wire.generation_key(self._ns_id))
 
-    # ------------------------------------------------------------------ beyond the protocol (cache CLI)
+    # ------------------------------------------------------------------ maintenance (cache CLI)
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
+        raise TierError(f"memcached at {self.url} cannot list its objects (the protocol has no SCAN)")
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        raise TierError(f"memcached at {self.url} cannot list its objects (the protocol has no SCAN)")
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        """Memcached can neither list nor count objects: every registered namespace but ``keep``
+        gets its generation bumped (``keep`` None: the epoch, which also covers namespaces the
+        registry lost). Returns how many registered namespaces were made unreachable."""
+        others = [ns for ns in self.registered_namespaces() if ns != keep]
+        if keep is None:
+            return len(others) if self.clear_all() else 0
+        return sum(self._bump(wire.generation_key(wire.namespace_id(ns))) for ns in others)
 
     def drop_other_namespaces(self) -> int:
         """Bump the generation of every other namespace in the registry; returns how many were bumped."""
-        others = [ns for ns in self.registered_namespaces() if ns != self.namespace]
-        return sum(self._bump(wire.generation_key(wire.namespace_id(ns))) for ns in others)
+        return self.drop_namespaces(keep=self.namespace)
 
     def clear_all(self) -> bool:
         """Make every namespace's objects unreachable (bump the epoch); False if its server is down."""
