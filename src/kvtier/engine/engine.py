@@ -310,6 +310,8 @@ class Engine:
         req.output_token_ids.append(token)
         if req.request_id in result.logits:
             req.step_logits.append(result.logits[req.request_id])
+        if req.request_id in result.logprobs:
+            req.output_logprobs.append(result.logprobs[req.request_id])
         if req.first_token_time is None:
             req.first_token_time = now
         self.stats.generated_tokens += 1

@@ -20,6 +20,8 @@ class EngineStats:
     steps: int = 0
     finished: int = 0
     ttft: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)  # arrival to finish, finished requests
+    tpot: list[float] = field(default_factory=list)  # (finish - first token) / (tokens - 1), when > 1 token
 
     @property
     def hit_rate(self) -> float:
@@ -29,8 +31,12 @@ class EngineStats:
         self.finished += 1
         self.prompt_tokens += len(req.prompt_token_ids)
         self.cached_prompt_tokens += max(req.num_cached_tokens, 0)
+        if req.finish_time is not None:
+            self.e2e.append(req.finish_time - req.arrival_time)
         if req.first_token_time is not None:
             self.ttft.append(req.first_token_time - req.arrival_time)
+            if req.finish_time is not None and len(req.output_token_ids) > 1:
+                self.tpot.append((req.finish_time - req.first_token_time) / (len(req.output_token_ids) - 1))
 
 
 def check_stop(
@@ -72,6 +78,7 @@ def make_output(req: Request) -> RequestOutput:
         text=req.output_text if req.is_finished else holding_back_stops(req.output_text, req.params.stop),
         finish_reason=req.finish_reason.value if req.finish_reason else None,
         logits=torch.stack(req.step_logits) if req.step_logits else None,
+        logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
     )
     return RequestOutput(
         req.request_id,

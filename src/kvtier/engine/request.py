@@ -20,6 +20,19 @@ class InvalidRequestError(ValueError):
     """Bad input: the message names the problem and the limit. The engine keeps serving."""
 
 
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature and penalties, as
+    vLLM and OpenAI report it) and the ``top`` most likely tokens at that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -37,6 +50,7 @@ class SamplingParams:
     n: int = 1
     include_stop_str_in_output: bool = False
     return_logits: bool = False  # keep each sampled step's logits (tests and debugging)
+    logprobs: int | None = None  # per generated token: its logprob and this many top alternatives
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +73,8 @@ class SamplingParams:
         _integer("n", self.n, 1, f"n must be >= 1 and <= {MAX_N}", high=MAX_N)
         if self.seed is not None:
             _integer("seed", self.seed, None, "seed must be an integer or None")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, f"logprobs must be in [0, {MAX_LOGPROBS}]", MAX_LOGPROBS)
         for f in fields(self):  # every flag, including ones added later
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise InvalidRequestError(
@@ -243,6 +259,7 @@ class Request:
     wait_for: Request | None = None  # n > 1: siblings wait for the first prefill, then share its blocks
     output_text: str = ""
     step_logits: list[torch.Tensor] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     first_token_time: float | None = None
     finish_time: float | None = None
 
@@ -275,6 +292,7 @@ class CompletionOutput:
     text: str
     finish_reason: str | None
     logits: torch.Tensor | None = None  # [num_tokens, vocab] float32 when params.return_logits
+    logprobs: list[TokenLogprob] | None = None  # one per token when params.logprobs is set
 
 
 @dataclass

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvtier.cache.keys import KVLayout
-from kvtier.engine.request import Request
+from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata
 from kvtier.model.llama import CausalLM
@@ -24,6 +24,7 @@ from kvtier.model.sampler import SamplingBatch, sample
 class StepResult:
     sampled: dict[str, int]  # request id -> new token
     logits: dict[str, torch.Tensor]  # request id -> [vocab] float32 (only for return_logits requests)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # only for requests that ask
 
 
 def kv_cache_shape(layout: KVLayout, num_blocks: int) -> tuple[int, ...]:
@@ -109,9 +110,11 @@ class ModelRunner:
             input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
         )
         batch = self._sampling_batch(sampling)
-        token_ids = sample(logits, batch).tolist()  # the step's one host synchronisation
+        tokens = sample(logits, batch)
+        token_ids = tokens.tolist()  # the step's one host synchronisation (a second when logprobs asked)
+        logprobs = _logprobs(logits, tokens, token_ids, sampling)
         kept = {r.request_id: logits[i].cpu() for i, r in enumerate(sampling) if r.params.return_logits}
-        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, kept)
+        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, kept, logprobs)
 
     def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
         ps = [r.params for r in reqs]
@@ -133,3 +136,25 @@ class ModelRunner:
         for r, g in zip(reqs, batch.generators, strict=True):
             r.generator = g
         return batch
+
+
+def _logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], reqs: list[Request]
+) -> dict[str, TokenLogprob]:
+    """Log-probabilities of the sampled tokens and the top alternatives, for the rows that ask only
+    (a log_softmax over the vocabulary is not free), copied to the host in one transfer."""
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    lp = logits.index_select(0, index).float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
+    k = max(int(reqs[i].params.logprobs or 0) for i in rows)
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    chosen_h, values_h, ids_h = chosen.tolist(), top.values.tolist(), top.indices.tolist()
+    out: dict[str, TokenLogprob] = {}
+    for j, i in enumerate(rows):
+        req, want = reqs[i], int(reqs[i].params.logprobs or 0)
+        pairs = list(zip(ids_h[j][:want], values_h[j][:want], strict=True))
+        out[req.request_id] = TokenLogprob(token_ids[i], chosen_h[j], pairs)
+    return out
