@@ -15,17 +15,21 @@ label values left behind. ``update`` reads the engine once into an immutable sna
 reads the engine while its thread mutates it, and costs no engine time. What a scrape shows is as fresh
 as the last ``update``.
 
-Metric names (all prefixed ``kvtier_``):
+Metric names (all prefixed ``kvtier:``, vLLM's style):
 
 - engine: ``prompt_tokens_total``, ``cached_prompt_tokens_total``, ``computed_tokens_total``,
   ``generated_tokens_total``, ``engine_steps_total``, ``requests_finished_total``,
-  ``prefix_cache_hit_ratio``, ``time_to_first_token_seconds`` (histogram).
-- device pool: ``pool_blocks``, ``pool_blocks_available``, ``pool_blocks_cached``,
+  ``prefix_cache_hit_ratio``, ``num_preemptions_total``; vLLM's ``prefix_cache_queries_total`` (prompt
+  tokens looked up) and ``prefix_cache_hits_total{tier}`` (of those, served by the device pool or
+  loaded from a tier); ``num_requests_running`` / ``_waiting`` / ``_loading``; histograms
+  ``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ``e2e_request_latency_seconds``.
+- device pool: ``kv_cache_usage_perc`` (fraction of blocks held by requests), ``pool_blocks``, ``pool_blocks_available``, ``pool_blocks_cached``,
   ``pool_blocks_in_use``, ``pool_evictions_total``.
 - each tier below the device (label ``tier``: host, disk, redis): ``tier_lookups_total``,
   ``tier_hits_total``, ``tier_misses_total``, ``tier_puts_total``, ``tier_read_bytes_total``,
   ``tier_written_bytes_total``, ``tier_read_seconds_total``, ``tier_write_seconds_total``,
   ``tier_evictions_total``, ``tier_corrupt_total``, ``tier_errors_total``, ``tier_blocks_loaded_total``,
+  ``tier_dropped_writes_total`` (stores a tier refused: no room, too large),
   the cost model's ``tier_cost_latency_seconds`` and ``tier_cost_bandwidth_bytes_per_second``, and
   ``tier_extra{tier,name}``: each tier's own extra numbers (Redis circuit breaker state, dropped writes...).
 - the hierarchy: ``hierarchy_decisions_total{decision="load"|"recompute"}``,
@@ -60,10 +64,14 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from kvtier.engine.engine import Engine
 
-__all__ = ["CONTENT_TYPE_LATEST", "TTFT_BUCKETS", "EngineMetrics", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "E2E_BUCKETS", "TPOT_BUCKETS", "TTFT_BUCKETS", "EngineMetrics", "render"]
 
-PREFIX = "kvtier_"
+PREFIX = "kvtier:"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# a tier's TierStats.extra entries that count stores it refused
+_DROPPED_EXTRAS = ("dropped", "dropped_too_large")
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -89,8 +97,21 @@ SPECS: dict[str, _Spec] = {
     "prefix_cache_hit_ratio": _Spec(
         "gauge", "cached_prompt_tokens / prompt_tokens since the engine started."
     ),
+    "num_preemptions": _Spec("counter", "Requests preempted (blocks released, recomputed later)."),
+    "prefix_cache_queries": _Spec("counter", "Prompt tokens of finished requests looked up in the cache."),
+    "prefix_cache_hits": _Spec(
+        "counter", "Prompt tokens served from the cache, by where they were found.", ("tier",)
+    ),
+    "num_requests_running": _Spec("gauge", "Requests in the running batch."),
+    "num_requests_waiting": _Spec("gauge", "Requests waiting for admission."),
+    "num_requests_loading": _Spec("gauge", "Requests waiting for KV loads from a tier."),
     "time_to_first_token_seconds": _Spec("histogram", "Time from arrival to first token, finished requests."),
+    "time_per_output_token_seconds": _Spec(
+        "histogram", "Mean time per output token after the first, finished requests."
+    ),
+    "e2e_request_latency_seconds": _Spec("histogram", "Time from arrival to finish, finished requests."),
     # device pool
+    "kv_cache_usage_perc": _Spec("gauge", "Fraction of device KV blocks held by requests (1 = full)."),
     "pool_blocks": _Spec("gauge", "KV blocks in the device pool."),
     "pool_blocks_available": _Spec("gauge", "Device blocks an allocation can take now: free plus evictable."),
     "pool_blocks_cached": _Spec("gauge", "Device blocks holding a keyed, shareable KV block."),
@@ -110,6 +131,7 @@ SPECS: dict[str, _Spec] = {
         "counter", "Objects that failed verification (counted as misses, deleted).", ("tier",)
     ),
     "tier_errors": _Spec("counter", "Backend failures turned into misses or dropped writes.", ("tier",)),
+    "tier_dropped_writes": _Spec("counter", "Stores the tier refused (no room, too large).", ("tier",)),
     "tier_blocks_loaded": _Spec("counter", "Blocks loaded from this tier into the device.", ("tier",)),
     "tier_cost_latency_seconds": _Spec("gauge", "Cost model: fixed latency of a read.", ("tier",)),
     "tier_cost_bandwidth_bytes_per_second": _Spec("gauge", "Cost model: measured read bandwidth.", ("tier",)),
@@ -175,10 +197,13 @@ class _Builder:
         return tuple(self.families[n] for n in SPECS if n in self.families)
 
 
-class _TtftHistogram:
-    """Cumulative buckets fed by the new entries of ``EngineStats.ttft`` (an append-only list)."""
+class _ListHistogram:
+    """Cumulative buckets fed by the new entries of an append-only list of ``EngineStats``."""
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    def __init__(self, name: str, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError(f"{name} buckets must be increasing and non-empty, got {bounds!r}")
+        self.name = name
         self.bounds = tuple(bounds)
         self.reset(None)
 
@@ -202,7 +227,7 @@ class _TtftHistogram:
         for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             running += n
             buckets.append((floatToGoString(bound), running))
-        family = _family("time_to_first_token_seconds")
+        family = _family(self.name)
         assert isinstance(family, HistogramMetricFamily)
         family.add_metric([], buckets, self.total)
         return family
@@ -211,12 +236,18 @@ class _TtftHistogram:
 class EngineMetrics(Collector):
     """The metrics of one engine, registered on ``registry``; ``update(engine)`` refreshes them."""
 
-    def __init__(self, registry: CollectorRegistry, ttft_buckets: Sequence[float] = TTFT_BUCKETS) -> None:
-        if list(ttft_buckets) != sorted(set(ttft_buckets)) or not ttft_buckets:
-            raise ValueError(f"ttft_buckets must be increasing and non-empty, got {ttft_buckets!r}")
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ttft_buckets: Sequence[float] = TTFT_BUCKETS,
+        tpot_buckets: Sequence[float] = TPOT_BUCKETS,
+        e2e_buckets: Sequence[float] = E2E_BUCKETS,
+    ) -> None:
         self._lock = threading.Lock()
         self._snapshot: tuple[Metric, ...] = ()
-        self._ttft = _TtftHistogram(ttft_buckets)
+        self._ttft = _ListHistogram("time_to_first_token_seconds", ttft_buckets)
+        self._tpot = _ListHistogram("time_per_output_token_seconds", tpot_buckets)
+        self._e2e = _ListHistogram("e2e_request_latency_seconds", e2e_buckets)
         registry.register(self)  # raises ValueError if these names are already there
 
     def update(self, engine: Engine) -> None:
@@ -230,8 +261,16 @@ class EngineMetrics(Collector):
         b.add("engine_steps", s.steps)
         b.add("requests_finished", s.finished)
         b.add("prefix_cache_hit_ratio", s.hit_rate)
+        sched = engine.scheduler
+        b.add("num_preemptions", sched.num_preemptions)
+        b.add("prefix_cache_queries", s.prompt_tokens)
+        b.add("prefix_cache_hits", s.cached_prompt_tokens - s.loaded_prompt_tokens, ["device"])
+        b.add("num_requests_running", len(sched.running))
+        b.add("num_requests_waiting", len(sched.waiting))
+        b.add("num_requests_loading", len(sched.loading))
 
         pool = engine.pool
+        b.add("kv_cache_usage_perc", (pool.num_blocks - pool.num_available) / pool.num_blocks)
         b.add("pool_blocks", pool.num_blocks)
         b.add("pool_blocks_available", pool.num_available)
         b.add("pool_blocks_cached", pool.num_cached)
@@ -246,12 +285,17 @@ class EngineMetrics(Collector):
                     b.add(metric, getattr(ts, field), [tier.name])
                 b.add("tier_cost_latency_seconds", cost.latency_s, [tier.name])
                 b.add("tier_cost_bandwidth_bytes_per_second", cost.bandwidth_bps, [tier.name])
-                for name, value in sorted(dict(ts.extra).items()):  # copied: I/O threads may add keys
+                extra = dict(ts.extra)  # copied: I/O threads may add keys
+                for name, value in sorted(extra.items()):
                     b.add("tier_extra", value, [tier.name, name])
+                b.add("tier_dropped_writes", sum(extra.get(n, 0.0) for n in _DROPPED_EXTRAS), [tier.name])
             hs = hierarchy.stats
             loaded = dict(hs.per_tier_loaded)
             for tier in hierarchy.tiers:
                 b.add("tier_blocks_loaded", loaded.get(tier.name, 0), [tier.name])
+                # loads are counted when they land, finished requests' hits when they finish: the two
+                # agree once the requests that loaded are done
+                b.add("prefix_cache_hits", loaded.get(tier.name, 0) * pool.block_size, [tier.name])
             b.add("hierarchy_decisions", hs.load_decisions, ["load"])
             b.add("hierarchy_decisions", hs.recompute_decisions, ["recompute"])
             b.add("hierarchy_blocks_loaded", hs.blocks_loaded)
@@ -264,8 +308,10 @@ class EngineMetrics(Collector):
             b.add("step_fixed_seconds", hierarchy.step_cost.fixed_s)
 
         with self._lock:
-            self._ttft.feed(s.ttft)
-            families = (*b.done(), self._ttft.family())
+            hists = ((self._ttft, s.ttft), (self._tpot, s.tpot), (self._e2e, s.e2e))
+            for hist, values in hists:
+                hist.feed(values)
+            families = (*b.done(), *(h.family() for h, _ in hists))
             self._snapshot = families
 
     def collect(self) -> Iterable[Metric]:

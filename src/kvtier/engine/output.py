@@ -15,6 +15,7 @@ from kvtier.engine.request import CompletionOutput, FinishReason, Request, Reque
 class EngineStats:
     prompt_tokens: int = 0  # prompt tokens of finished requests
     cached_prompt_tokens: int = 0  # of those, served from the cache
+    loaded_prompt_tokens: int = 0  # of those, loaded from a tier below the device pool
     computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes + recompute)
     generated_tokens: int = 0
     steps: int = 0
@@ -31,6 +32,7 @@ class EngineStats:
         self.finished += 1
         self.prompt_tokens += len(req.prompt_token_ids)
         self.cached_prompt_tokens += max(req.num_cached_tokens, 0)
+        self.loaded_prompt_tokens += req.num_loaded_tokens
         if req.finish_time is not None:
             self.e2e.append(req.finish_time - req.arrival_time)
         if req.first_token_time is not None:
