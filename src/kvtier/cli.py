@@ -1,16 +1,20 @@
-"""The ``kvtier`` command: demo, run (and, as they land, serve, bench, cache)."""
+"""The ``kvtier`` command: demo, run, serve, bench, cache."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from kvtier.cache_cli import cache_app
-from kvtier.config import ConfigError
+from kvtier.config import ConfigError, EngineConfig, _resolve
 from kvtier.engine.request import InvalidRequestError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvtier: never compute the same KV twice.")
@@ -64,6 +68,84 @@ def run(
         reason = delta.finish_reason
     sys.stdout.write("\n")
     console.print(f"[dim]finish reason: {reason}[/dim]")
+
+
+def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command one ``--<setting>`` option per EngineConfig field (``--block-size``,
+    ``--kv-cache-memory``, ``--tiers``...) and ``--config FILE``; the command receives them as
+    ``engine_config: EngineConfig`` loaded the usual way (defaults < YAML < KVTIER_* < flags)."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "engine_config"]
+    taken = {p.name for p in own}
+    extra: list[inspect.Parameter] = []
+    names: list[str] = []
+    for part_name, part in EngineConfig().parts().items():
+        for f in dataclasses.fields(part):
+            if f.name in taken:
+                continue
+            hint = _resolve(f.type)
+            base = next((a for a in getattr(hint, "__args__", ()) if a is not type(None)), hint)
+            option = typer.Option(
+                help=f"{part_name}: default {getattr(part, f.name)!r} (env KVTIER_{f.name.upper()})",
+                rich_help_panel="Engine settings",
+            )
+            extra.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                    annotation=Annotated[Optional[base], option],  # noqa: UP045 - typer reads it at run time
+                )
+            )
+            names.append(f.name)
+    config_opt = inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[str], typer.Option(help="YAML settings file (or KVTIER_CONFIG)")],  # noqa: UP045
+    )
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        overrides = {n: kwargs.pop(n) for n in names}
+        yaml_path = kwargs.pop("config")
+        kwargs["engine_config"] = EngineConfig.load(overrides, yaml_path=yaml_path)
+        return func(*args, **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + [config_opt, *extra]
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+@app.command()
+@with_engine_settings
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on", envvar="KVTIER_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on", envvar="KVTIER_PORT")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option(help="require this key (tenant 'default')", envvar="KVTIER_API_KEY")  # noqa: UP045
+    ] = None,
+    api_keys_file: Annotated[
+        Optional[str], typer.Option(help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)")  # noqa: UP045
+    ] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="model name clients use")] = None,  # noqa: UP045
+    max_pending_requests: Annotated[int, typer.Option(help="accepted, unfinished requests; then 503")] = 1024,
+    shutdown_timeout: Annotated[float, typer.Option(help="SIGTERM: seconds in-flight requests may take")] = 30.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    *,
+    engine_config: EngineConfig,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /metrics and more."""
+    from kvtier.server.app import ServerSettings
+    from kvtier.server.serve import run_server
+
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        api_key=api_key,
+        api_keys_file=api_keys_file,
+        served_model_name=served_model_name,
+        max_pending_requests=max_pending_requests,
+        shutdown_timeout_s=shutdown_timeout,
+    )
+    run_server(engine_config, settings, log_level)
 
 
 def main() -> None:

@@ -1,0 +1,295 @@
+"""FastAPI routes of ``kvtier serve``: OpenAI's completions, chat, models; health, metrics, version,
+tokenize, detokenize. Each route is one small function over ``ServerState``; ``add_routes`` is the place
+to add more (the result cache's embeddings route goes there too).
+
+Errors leave in OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
+parameter or a prompt over the context, 401 for a bad key, 404 for an unknown model, 422 for a body of
+the wrong shape, 503 with Retry-After when the bounded queue is full or the server is stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
+
+import kvtier
+from kvtier.engine.engine import Engine
+from kvtier.engine.request import InvalidRequestError
+from kvtier.metrics import CONTENT_TYPE_LATEST, EngineMetrics, render
+from kvtier.server import completions as cmpl
+from kvtier.server.auth import AuthError, Tenants, cache_salt
+from kvtier.server.loop import EngineLoop, QueueFull, ShuttingDown
+from kvtier.server.protocol import (
+    BadParam,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    api_keys_file: str | None = None
+    served_model_name: str | None = None  # default: the model setting (folder or synthetic:<name>)
+    max_pending_requests: int = 1024  # accepted and unfinished; one more gets 503
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+
+
+class UnknownModel(Exception):
+    pass
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    settings: ServerSettings
+    loop: EngineLoop
+    tenants: Tenants
+    tokenizer: Any  # the HTTP side's own copy: a tokenizer object is not safe to share across threads
+    model_names: list[str]
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.scheduler.limits.max_model_len
+
+    def token_text(self, token_id: int) -> str:
+        return _token_text(self.tokenizer, token_id)
+
+
+@lru_cache(maxsize=65536)
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id])) if tokenizer is not None else str(token_id)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    registry = CollectorRegistry()
+    state = ServerState(
+        engine=engine,
+        settings=settings,
+        loop=EngineLoop(engine, settings.max_pending_requests, EngineMetrics(registry)),
+        tenants=Tenants.build(settings.api_key, settings.api_keys_file),
+        tokenizer=copy.deepcopy(engine.tokenizer),
+        model_names=[settings.served_model_name or engine.loaded.name],
+        registry=registry,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop.start()
+        yield
+        await asyncio.to_thread(state.loop.shutdown)  # after uvicorn let in-flight requests finish
+
+    app = FastAPI(title="kvtier", version=kvtier.__version__, lifespan=lifespan)
+    app.state.kvtier = state
+    add_error_handlers(app, settings)
+    add_routes(app, state)
+    return app
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def _error(status: int, kind: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
+
+
+_PARAM = re.compile(r"^(?:stop token id|stop strings|([a-z_]+)) ")
+
+
+def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
+    retry = {"Retry-After": str(settings.retry_after_s)}
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
+        param = next((str(err["loc"][-1]) for err in e.errors() if err.get("loc")), None)
+        return _error(422, "invalid_request_error", "malformed request body: " + "; ".join(parts), param)
+
+    @app.exception_handler(BadParam)
+    async def bad_param(_: Request, e: BadParam) -> JSONResponse:
+        return _error(400, "invalid_request_error", str(e), e.param)
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(_: Request, e: InvalidRequestError) -> JSONResponse:
+        m = _PARAM.match(str(e))
+        param = m.group(1) if m and m.group(1) else ("stop" if m else None)
+        return _error(400, "invalid_request_error", str(e), param)
+
+    @app.exception_handler(AuthError)
+    async def unauthorized(_: Request, e: AuthError) -> JSONResponse:
+        return _error(401, "authentication_error", str(e))
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(_: Request, e: UnknownModel) -> JSONResponse:
+        return _error(404, "not_found_error", str(e), "model")
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, e: QueueFull) -> JSONResponse:
+        return _error(503, "server_overloaded", str(e), **retry)
+
+    @app.exception_handler(ShuttingDown)
+    async def stopping(_: Request, e: ShuttingDown) -> JSONResponse:
+        return _error(503, "server_unavailable", str(e), **retry)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    app.post("/v1/completions", response_model=None)(_completions(state))
+    app.post("/v1/chat/completions", response_model=None)(_chat(state))
+    app.get("/v1/models")(_models(state))
+    app.get("/health")(_health(state))
+    app.get("/metrics")(_metrics(state))
+    app.get("/version")(_version)
+    app.post("/tokenize")(_tokenize(state))
+    app.post("/detokenize")(_detokenize(state))
+
+
+def authenticate(state: ServerState, request: Request) -> str | None:
+    return state.tenants.authenticate(request.headers.get("authorization"))
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.model_names:
+        raise UnknownModel(f"the model {model!r} does not exist; this server serves {state.model_names}")
+
+
+def encode(state: ServerState, prompt: str | list[int], param: str) -> list[int]:
+    if isinstance(prompt, str):
+        if state.tokenizer is None:
+            raise BadParam("this model has no tokenizer: send token ids", param)
+        return list(state.tokenizer.encode(prompt, add_special_tokens=True))
+    vocab = state.engine.loaded.config.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise BadParam(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+    return list(prompt)
+
+
+def apply_chat_template(state: ServerState, messages: list[dict[str, str]]) -> list[int]:
+    tok = state.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise BadParam("this model has no chat template: use /v1/completions", "messages")
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)
+
+
+async def _respond(job: cmpl.Job, request: Request) -> Any:
+    if job.streaming:
+        return StreamingResponse(cmpl.stream_events(job, request), media_type="text/event-stream")
+    return await cmpl.collect(job, request)
+
+
+def _completions(state: ServerState) -> Any:
+    async def create_completion(body: CompletionRequest, request: Request) -> Any:
+        tenant = authenticate(state, request)
+        check_model(state, body.model)
+        prompts = [encode(state, p, "prompt") for p in body.prompts()]
+        logprobs = body.logprobs_count()
+        L = state.max_model_len
+        params = [
+            body.sampling_params(cmpl.resolve_max_tokens(body.max_tokens, len(ids), L, "prompt"), logprobs)
+            for ids in prompts
+        ]
+        job = cmpl.Job(state, False, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
+        await cmpl.submit_all(job, prompts, params, cache_salt(tenant, body.cache_salt))
+        return await _respond(job, request)
+
+    return create_completion
+
+
+def _chat(state: ServerState) -> Any:
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+        tenant = authenticate(state, request)
+        check_model(state, body.model)
+        ids = apply_chat_template(state, body.chat())
+        logprobs = body.logprobs_count()
+        max_tokens = cmpl.resolve_max_tokens(body.requested_max_tokens(), len(ids), state.max_model_len, "messages")
+        params = body.sampling_params(max_tokens, logprobs)
+        job = cmpl.Job(state, True, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
+        job.rid = job.rid.replace("cmpl-", "chatcmpl-", 1)
+        await cmpl.submit_all(job, [ids], [params], cache_salt(tenant, body.cache_salt))
+        return await _respond(job, request)
+
+    return create_chat_completion
+
+
+def _models(state: ServerState) -> Any:
+    async def list_models(request: Request) -> dict[str, Any]:
+        authenticate(state, request)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "kvtier", "max_model_len": state.max_model_len}
+            for name in state.model_names
+        ]
+        return {"object": "list", "data": data}
+
+    return list_models
+
+
+def _health(state: ServerState) -> Any:
+    async def health() -> Response:
+        if state.loop.fatal is not None:
+            return _error(503, "server_unavailable", f"the engine loop failed: {state.loop.fatal}")
+        return JSONResponse({"status": "ok", "pending_requests": state.loop.num_pending})
+
+    return health
+
+
+def _metrics(state: ServerState) -> Any:
+    async def metrics() -> Response:
+        await state.loop.refresh_metrics()
+        return Response(render(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+async def _version() -> dict[str, str]:
+    return {"version": kvtier.__version__}
+
+
+def _tokenize(state: ServerState) -> Any:
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+        authenticate(state, request)
+        check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadParam("send exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            ids = apply_chat_template(state, [{"role": m.role, "content": m.text()} for m in body.messages])
+        else:
+            ids = encode(state, body.prompt or "", "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    return tokenize
+
+
+def _detokenize(state: ServerState) -> Any:
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        authenticate(state, request)
+        check_model(state, body.model)
+        ids = encode(state, body.tokens, "tokens")
+        if state.tokenizer is None:
+            raise BadParam("this model has no tokenizer", "tokens")
+        return {"prompt": state.tokenizer.decode(ids)}
+
+    return detokenize

@@ -1,0 +1,245 @@
+"""The two completion endpoints' flow: prompts -> engine requests -> an OpenAI body or an SSE stream.
+
+Every check that can fail (model, parameters, prompt length, queue room) runs before the first byte
+of a stream is sent, so a bad request always gets its proper status. A request's completions (``n``)
+and prompts (a list of prompts) run concurrently in the engine; their choices are indexed
+``prompt_index * n + completion_index`` as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+
+from kvtier.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from kvtier.server.loop import RequestStream
+from kvtier.server.protocol import BadParam, envelope, new_id, usage
+
+if TYPE_CHECKING:
+    from kvtier.server.app import ServerState
+
+
+@dataclass
+class Job:
+    """One HTTP request's engine requests (one per prompt), and how to format what they produce."""
+
+    state: ServerState
+    chat: bool
+    model: str
+    include_usage: bool
+    n: int
+    want_logprobs: bool
+    streaming: bool = False
+    rid: str = field(default_factory=lambda: new_id("cmpl"))
+    streams: list[RequestStream] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        if self.chat:
+            return "chat.completion.chunk" if self.streaming else "chat.completion"
+        return "text_completion"
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
+    if prompt_len >= max_model_len:
+        raise BadParam(
+            f"the prompt has {prompt_len} tokens; the model's context is {max_model_len} tokens, "
+            "and at least one must be left to generate",
+            prompt_param,
+        )
+    if requested is None:
+        return max_model_len - prompt_len
+    if requested < 1:
+        raise BadParam(f"max_tokens must be >= 1, got {requested}", "max_tokens")
+    if prompt_len + requested > max_model_len:
+        raise BadParam(
+            f"max_tokens={requested} plus the prompt's {prompt_len} tokens is more than the model's "
+            f"context of {max_model_len} tokens",
+            "max_tokens",
+        )
+    return requested
+
+
+async def submit_all(
+    job: Job, prompts: list[list[int]], params: list[SamplingParams], salt: str | None
+) -> None:
+    """Queue every prompt; if one is refused, the ones already queued are aborted."""
+    try:
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            rid = job.rid if len(prompts) == 1 else f"{job.rid}-{i}"
+            job.streams.append(await job.state.loop.submit(rid, ids, p, salt, final_only=not job.streaming))
+    except BaseException:
+        release_all(job)
+        raise
+
+
+def release_all(job: Job) -> None:
+    for s in job.streams:
+        job.state.loop.release(s)
+    job.streams.clear()
+
+
+# -- non-streaming ------------------------------------------------------------------------------
+
+
+async def collect(job: Job, request: Request) -> dict[str, Any]:
+    """Wait for every completion; a client that disconnects meanwhile cancels this (and aborts)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
+    finals: list[list[RequestOutput]] = []
+    try:
+        for stream in job.streams:
+            outs = []
+            while (out := await stream.queue.get()) is not None:
+                outs.append(out)
+            _raise_if_failed(stream)
+            finals.append(sorted(outs, key=lambda o: o.outputs[0].index))
+    finally:
+        watcher.cancel()
+        release_all(job)
+    choices = []
+    for p, outs in enumerate(finals):
+        for out in outs:
+            c = out.outputs[0]
+            choices.append(_choice(job, p * job.n + c.index, c, c.text, c.logprobs or [], c.finish_reason))
+    return envelope(job.kind, job.rid, job.model, choices, usage=_usage(finals))
+
+
+# -- streaming ----------------------------------------------------------------------------------
+
+
+async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
+    """Server-sent events: the new text of each completion as it is generated, then [DONE]."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
+    finals: list[list[RequestOutput]] = []
+    try:
+        if job.chat:
+            first = [_delta_choice(job, i, {"role": "assistant", "content": ""}, None, None)
+                     for i in range(len(job.streams) * job.n)]
+            yield _sse(_chunk(job, first))
+        for p, stream in enumerate(job.streams):
+            sent_text: dict[int, int] = {}
+            sent_tokens: dict[int, int] = {}
+            outs: list[RequestOutput] = []
+            while (out := await stream.queue.get()) is not None:
+                c = out.outputs[0]
+                t0, k0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+                text, lps = c.text[t0:], (c.logprobs or [])[k0:]
+                sent_text[c.index], sent_tokens[c.index] = max(t0, len(c.text)), len(c.token_ids)
+                if out.finished:
+                    outs.append(out)
+                if text or out.finished or (lps and job.want_logprobs):
+                    yield _sse(_chunk(job, [_choice(job, p * job.n + c.index, c, text, lps, c.finish_reason)]))
+            _raise_if_failed(stream)
+            finals.append(outs)
+        if job.include_usage:
+            yield _sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals)))
+        yield "data: [DONE]\n\n"
+    finally:
+        watcher.cancel()
+        release_all(job)
+
+
+def _chunk(job: Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    extra = {"usage": None} if job.include_usage else {}
+    return envelope(job.kind, job.rid, job.model, choices, **extra)
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+
+
+def _choice(
+    job: Job,
+    index: int,
+    c: CompletionOutput,
+    text: str,
+    lps: list[TokenLogprob],
+    finish_reason: str | None,
+) -> dict[str, Any]:
+    logprobs = None
+    if job.want_logprobs:
+        logprobs = _chat_logprobs(job, lps) if job.chat else _completion_logprobs(job, lps)
+    if not job.chat:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if job.streaming:
+        return _delta_choice(job, index, {"content": text} if text else {}, logprobs, finish_reason)
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _delta_choice(
+    job: Job, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None
+) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _chat_logprobs(job: Job, lps: list[TokenLogprob]) -> dict[str, Any]:
+    text = job.state.token_text
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        t = text(token)
+        return {"token": t, "logprob": logprob, "bytes": list(t.encode())}
+
+    content = [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps
+    ]
+    return {"content": content}
+
+
+def _completion_logprobs(job: Job, lps: list[TokenLogprob]) -> dict[str, Any]:
+    text = job.state.token_text
+    tokens = [text(lp.token_id) for lp in lps]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [_top_dict(text, lp.top) for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _top_dict(text: Any, top: list[tuple[int, float]]) -> dict[str, float]:
+    """OpenAI's token text -> logprob; two tokens with one text (partial bytes) keep the likelier."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(text(token), logprob)
+    return out
+
+
+def _usage(finals: list[list[RequestOutput]]) -> dict[str, Any]:
+    prompt = sum(len(outs[0].prompt_token_ids) for outs in finals if outs)
+    cached = sum(outs[0].num_cached_tokens for outs in finals if outs)
+    completion = sum(len(o.outputs[0].token_ids) for outs in finals for o in outs)
+    body = usage(prompt, completion, cached)
+    served = {getattr(o, "served_from", None) for outs in finals for o in outs} - {None}
+    if served:  # the result cache's answer (when the engine has one): where the completion came from
+        body["kvtier_served_from"] = sorted(served)[0] if len(served) == 1 else "mixed"
+    return body
+
+
+def _raise_if_failed(stream: RequestStream) -> None:
+    if stream.error is not None:
+        raise RuntimeError(f"the engine failed: {stream.error}")
+
+
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
+    """Cancel the handler's task when the client goes away (its finally then aborts the requests)."""
+    with contextlib.suppress(Exception):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                break
+        if task is not None:
+            task.cancel()

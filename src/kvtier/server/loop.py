@@ -1,0 +1,229 @@
+"""The engine loop: one thread owns the Engine and drives ``step``; HTTP handlers talk to it by message.
+
+Handlers (on the asyncio event loop) never touch the engine: ``submit`` and ``abort`` queue a command and
+wake the thread, which applies every queued command between two steps, so requests that arrive
+together join the same batch. Each step's outputs go back to the event loop in one thread-safe call
+(not one per token), into the per-request ``RequestStream`` queues that the handlers read.
+
+Backpressure: at most ``max_pending`` requests are accepted and unfinished at once; one more is refused
+with ``QueueFull`` (HTTP 503) before anything is tokenised into the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.engine.engine import Engine
+from kvtier.engine.request import RequestOutput, SamplingParams
+from kvtier.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL_S = 1.0  # the metrics snapshot is refreshed at least this often while busy
+
+
+class QueueFull(Exception):
+    """The bounded queue is full (HTTP 503 with Retry-After)."""
+
+
+class ShuttingDown(Exception):
+    """The server stops accepting requests (HTTP 503)."""
+
+
+@dataclass
+class RequestStream:
+    """What a handler reads: every RequestOutput of one request's completions, then None at the end."""
+
+    request_id: str
+    ids: list[str]
+    final_only: bool = False  # deliver only finished outputs (a non-streaming handler needs no more)
+    queue: asyncio.Queue[RequestOutput | None] = field(default_factory=asyncio.Queue)
+    unfinished: set[str] = field(default_factory=set)
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_pending: int, metrics: EngineMetrics | None = None) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self.metrics = metrics
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # child request id -> its stream (engine thread)
+        self._pending = 0  # accepted, unfinished requests (event-loop thread)
+        self._accepting = True
+        self._stop = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
+        self._last_metrics = 0.0
+        self.fatal: BaseException | None = None
+
+    # -- event-loop side ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def submit(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        salt: str | None,
+        final_only: bool = False,
+    ) -> RequestStream:
+        """Add a request; raises QueueFull, ShuttingDown, or the engine's InvalidRequestError."""
+        if not self._accepting or self.fatal is not None:
+            raise ShuttingDown("the server is shutting down")
+        if self._pending >= self.max_pending:
+            raise QueueFull(f"the server has {self._pending} requests in flight, its limit: retry later")
+        self._pending += 1
+        done: asyncio.Future[RequestStream] = asyncio.get_running_loop().create_future()
+
+        def add() -> None:
+            try:
+                ids = self.engine.add_request(token_ids, params, request_id, cache_salt=salt)
+            except BaseException as e:  # InvalidRequestError, or a bug: the handler reports it
+                self._reply(done.set_exception, e)
+                return
+            stream = RequestStream(request_id, ids, final_only, unfinished=set(ids))
+            for rid in ids:
+                self._streams[rid] = stream
+            self._reply(done.set_result, stream)
+
+        self._send(add)
+        try:
+            return await done
+        except BaseException:
+            self._pending -= 1
+            if not done.done():  # the handler was cancelled (client gone): undo the add, queued after it
+                self._send(lambda: self._abort_id(request_id))
+            raise
+
+    def release(self, stream: RequestStream) -> None:
+        """The handler is done with ``stream`` (finished, failed or disconnected): abort what runs."""
+        self._pending -= 1
+        if not stream.finished:
+            self._send(lambda: self._abort(stream))
+
+    async def refresh_metrics(self) -> None:
+        """A fresh metrics snapshot, made on the engine thread between two steps."""
+        if self.metrics is None or not self._thread.is_alive():
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def update() -> None:
+            self._update_metrics()
+            self._reply(done.set_result, None)
+
+        self._send(update)
+        await done
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the thread (after aborting what is left) and flush the tiers (Engine.close)."""
+        self._accepting = False
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the engine thread did not stop within %.0f s", timeout)
+            return
+        self.engine.close()
+
+    # -- engine-thread side ---------------------------------------------------------------------
+    def _send(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    def _reply(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._event_loop is not None
+        self._event_loop.call_soon_threadsafe(_if_pending, fn, *args)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._apply_commands()
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                else:
+                    self._wake.wait(METRICS_INTERVAL_S)
+                    self._wake.clear()
+                if time.monotonic() - self._last_metrics > METRICS_INTERVAL_S:
+                    self._update_metrics()
+            self._apply_commands()
+            for stream in list(dict.fromkeys(self._streams.values())):
+                self._abort(stream)
+        except BaseException as e:  # a bug in the engine: fail every request rather than hang them
+            log.exception("the engine loop failed")
+            self.fatal = e
+            for stream in list(dict.fromkeys(self._streams.values())):
+                stream.error = e
+                self._reply(stream.queue.put_nowait, None)
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            self._commands.popleft()()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        batch: list[tuple[RequestStream, RequestOutput]] = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None or (stream.final_only and not out.finished):
+                continue
+            batch.append((stream, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        if batch:
+            assert self._event_loop is not None
+            self._event_loop.call_soon_threadsafe(_deliver, batch)
+
+    def _abort(self, stream: RequestStream) -> None:
+        self.engine.abort(stream.request_id)
+        for rid in stream.ids:
+            self._streams.pop(rid, None)
+
+    def _abort_id(self, request_id: str) -> None:
+        stream = next((s for s in self._streams.values() if s.request_id == request_id), None)
+        if stream is not None:
+            self._abort(stream)
+
+    def _update_metrics(self) -> None:
+        self._last_metrics = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.update(self.engine)
+
+
+def _deliver(batch: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in batch:
+        if out.finished:
+            stream.unfinished.discard(out.request_id)
+        stream.queue.put_nowait(out)
+        if stream.finished:
+            stream.queue.put_nowait(None)
+
+
+def _if_pending(fn: Callable[..., Any], *args: Any) -> None:
+    """Set a future's result unless its waiter went away (a cancelled handler)."""
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, asyncio.Future) and owner.done():
+        return
+    fn(*args)

@@ -1,0 +1,59 @@
+"""``kvtier serve``: build the engine, then run the app on uvicorn until SIGTERM or SIGINT.
+
+Shutdown order: the signal stops new requests (503, and uvicorn closes its listening socket), uvicorn
+waits up to ``shutdown_timeout_s`` for in-flight requests to finish (then cancels them, which aborts
+them in the engine), and the app's lifespan ends the engine loop and flushes the tiers
+(``Engine.close``). The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from kvtier.config import EngineConfig
+from kvtier.engine.engine import Engine
+from kvtier.server.app import ServerSettings, create_app
+from kvtier.server.loop import EngineLoop
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the engine loop to refuse new requests the moment a signal comes."""
+
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
+        super().__init__(config)
+        self.engine_loop = loop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine_loop.stop_accepting()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its shutdown, so the process would die of it (-15);
+        # a shutdown that drained and flushed is a success: exit 0.
+        self._captured_signals.clear()
+
+
+def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = "info") -> None:
+    engine = Engine(config)
+    app = create_app(engine, settings)
+    uconfig = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+        lifespan="on",
+    )
+    server = _Server(uconfig, app.state.kvtier.loop)
+    log.warning(
+        "kvtier serving %s on http://%s:%d (%d KV blocks)",
+        app.state.kvtier.model_names[0],
+        settings.host,
+        settings.port,
+        engine.num_blocks,
+    )
+    server.run()

@@ -1,0 +1,241 @@
+"""`kvtier serve` through the official openai client against a real server process on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.kvtier_servers import KvtierServer
+
+MODEL = "synthetic:tiny"
+MAX_MODEL_LEN = 1024
+KEYS = {"key-a": "alpha", "key-b": "beta"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvtierServer]:
+    keys = Path(tmp_path_factory.mktemp("keys")) / "keys.yaml"
+    keys.write_text("".join(f"{k}: {t}\n" for k, t in KEYS.items()))
+    srv = KvtierServer(
+        "--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", str(MAX_MODEL_LEN),
+        "--api-keys-file", str(keys),
+    )  # fmt: skip
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+def client(server: KvtierServer, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def system_prompt(tag: str, words: int = 30) -> str:
+    return f"[{tag}] " + " ".join(f"rule{i} is to be kind." for i in range(words))
+
+
+def chat(tag: str, user: str = "hello") -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt(tag)}, {"role": "user", "content": user}]
+
+
+GREEDY: dict[str, Any] = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+
+
+def test_completions_stream_matches_non_stream(server: KvtierServer) -> None:
+    c = client(server)
+    full = c.completions.create(model=MODEL, prompt="The tiered cache", **GREEDY)
+    assert full.object == "text_completion" and len(full.choices) == 1
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage is not None and full.usage.completion_tokens == 12
+    assert full.usage.prompt_tokens == len("The tiered cache")  # one byte-level token per character
+    chunks = list(
+        c.completions.create(
+            model=MODEL, prompt="The tiered cache", stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_stream_matches_non_stream(server: KvtierServer) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": "stream me"}]
+    full = c.chat.completions.create(model=MODEL, messages=messages, **GREEDY)  # type: ignore[arg-type]
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    stream = c.chat.completions.create(model=MODEL, messages=messages, stream=True, **GREEDY)  # type: ignore[arg-type]
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_and_seeds(server: KvtierServer) -> None:
+    c = client(server)
+    args: dict[str, Any] = dict(model=MODEL, prompt="sample me", max_tokens=10, temperature=1.0, n=3)
+    first = c.completions.create(seed=7, **args)
+    again = c.completions.create(seed=7, **args)
+    other = c.completions.create(seed=8, **args)
+    assert sorted(ch.index for ch in first.choices) == [0, 1, 2]
+    texts = [ch.text for ch in sorted(first.choices, key=lambda ch: ch.index)]
+    assert texts == [ch.text for ch in sorted(again.choices, key=lambda ch: ch.index)]
+    assert texts != [ch.text for ch in sorted(other.choices, key=lambda ch: ch.index)]
+    assert len(set(texts)) > 1  # each completion draws its own tokens
+    assert first.usage is not None and first.usage.completion_tokens == 30
+    streamed = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "n streams"}], n=2, stream=True, seed=1, max_tokens=6
+    )
+    finished = {ch.choices[0].index for ch in streamed if ch.choices and ch.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_stop_strings(server: KvtierServer) -> None:
+    c = client(server)
+    args: dict[str, Any] = dict(model=MODEL, prompt="stop here", temperature=0, max_tokens=40)
+    text = c.completions.create(**args, extra_body={"ignore_eos": True}).choices[0].text
+    stop = next(ch for ch in text[2:] if ch.isascii() and ch.isprintable())  # a character it does produce
+    expected = text[: text.index(stop)]
+    for stream in (False, True):
+        out = c.completions.create(**args, stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(out)  # type: ignore[arg-type]
+            got = "".join(ch.choices[0].text for ch in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            got, reason = out.choices[0].text, out.choices[0].finish_reason  # type: ignore[union-attr]
+        assert (got, reason) == (expected, "stop")
+
+
+def test_logprobs(server: KvtierServer) -> None:
+    c = client(server)
+    out = c.completions.create(model=MODEL, prompt="logprobs", logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == 12
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0 and 1 <= len(top) <= 3  # token texts may repeat ('\ufffd'): the dict merges them
+        assert chosen == pytest.approx(max(top.values()))  # greedy took the most likely token
+    msgs = [{"role": "user", "content": "chat logprobs"}]
+    out2 = c.chat.completions.create(model=MODEL, messages=msgs, logprobs=True, top_logprobs=2, **GREEDY)  # type: ignore[arg-type]
+    content = out2.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 12
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+
+
+def test_cached_system_prompt_gives_the_same_text(server: KvtierServer) -> None:
+    c = client(server)
+    first = c.chat.completions.create(model=MODEL, messages=chat("cache"), **GREEDY)  # type: ignore[arg-type]
+    second = c.chat.completions.create(model=MODEL, messages=chat("cache"), **GREEDY)  # type: ignore[arg-type]
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert details.cached_tokens >= second.usage.prompt_tokens - 16  # all but the last partial block
+    assert second.choices[0].message.content == first.choices[0].message.content
+    other_user = c.chat.completions.create(model=MODEL, messages=chat("cache", "bye"), **GREEDY)  # type: ignore[arg-type]
+    assert other_user.usage.prompt_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+
+
+def cached(c: openai.OpenAI, tag: str, **extra: Any) -> int:
+    out = c.chat.completions.create(model=MODEL, messages=chat(tag), max_tokens=2, extra_body=extra)  # type: ignore[arg-type]
+    return out.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr,return-value]
+
+
+def test_tenants_never_share_cached_blocks(server: KvtierServer) -> None:
+    a, b = client(server, "key-a"), client(server, "key-b")
+    assert cached(a, "tenants") == 0
+    assert cached(a, "tenants") > 0  # tenant A hits its own blocks
+    assert cached(b, "tenants") == 0  # tenant B does not hit A's
+    assert cached(b, "tenants") > 0
+    assert cached(a, "tenants", cache_salt="private") == 0  # a request's salt narrows A's space
+    assert cached(a, "tenants", cache_salt="private") > 0
+
+
+def post(server: KvtierServer, path: str, body: Any, key: str | None = "key-a") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+
+
+def error_of(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and err["message"]
+    return err  # type: ignore[no-any-return]
+
+
+def test_errors_name_the_problem(server: KvtierServer) -> None:
+    ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert "missing API key" in error_of(post(server, "/v1/completions", ok, key=None), 401)["message"]
+    assert "invalid API key" in error_of(post(server, "/v1/completions", ok, key="key-c"), 401)["message"]
+    err = error_of(post(server, "/v1/completions", {**ok, "model": "gpt-9"}), 404)
+    assert "gpt-9" in err["message"] and err["param"] == "model"
+    err = error_of(post(server, "/v1/chat/completions", {"model": MODEL}), 422)
+    assert "messages" in err["message"] and "Field required" in err["message"]
+    err = error_of(post(server, "/v1/completions", {**ok, "max_tokens": "many"}), 422)
+    assert "max_tokens" in err["message"]
+    cases = [
+        ({"temperature": -1}, "temperature", "temperature must be >= 0"),
+        ({"top_p": 1.5}, "top_p", "(0, 1]"),
+        ({"n": 0}, "n", "[1, 128]"),
+        ({"logprobs": 21}, "logprobs", "[0, 20]"),
+        ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
+        ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", f"context of {MAX_MODEL_LEN} tokens"),
+        ({"prompt": "x" * MAX_MODEL_LEN}, "prompt", f"context is {MAX_MODEL_LEN} tokens"),
+        ({"prompt": [5, 999]}, "prompt", "outside the vocabulary"),
+    ]
+    for change, param, text in cases:
+        err = error_of(post(server, "/v1/completions", {**ok, **change}), 400)
+        assert err["param"] == param and text in err["message"], (change, err)
+    chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}
+    err = error_of(post(server, "/v1/chat/completions", {**chat_body, "logprobs": True, "top_logprobs": 30}), 400)
+    assert "[0, 20]" in err["message"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=MAX_MODEL_LEN
+        )
+    server.wait_idle()  # nothing was left behind by the refused requests
+    assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
+
+
+def test_disconnect_mid_stream_frees_blocks(server: KvtierServer) -> None:
+    body = {"model": MODEL, "prompt": system_prompt("disconnect"), "max_tokens": 300, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    headers = {"Authorization": "Bearer key-a"}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got: list[dict[str, Any]] = []
+        for line in lines:
+            if line.startswith("data: {"):
+                got.append(json.loads(line[6:]))
+            if len(got) >= 3:
+                break
+        assert server.metrics()["kvtier:num_requests_running"] == 1  # still generating when we leave
+    m = server.wait_idle()
+    assert m["kvtier:pool_blocks_in_use"] == 0 and m["kvtier:num_requests_running"] == 0
+    assert m["kvtier:pool_blocks_available"] == m["kvtier:pool_blocks"]  # every block free or evictable
+
+
+def test_side_routes(server: KvtierServer) -> None:
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    toks = post(server, "/tokenize", {"prompt": "abc"}).json()
+    assert toks["count"] == 3 and toks["max_model_len"] == MAX_MODEL_LEN
+    assert post(server, "/detokenize", {"tokens": toks["tokens"]}).json()["prompt"] == "abc"
+    chat_toks = post(server, "/tokenize", {"messages": [{"role": "user", "content": "abc"}]}).json()
+    assert chat_toks["count"] > toks["count"]
+    assert error_of(post(server, "/detokenize", {"tokens": [10**6]}), 400)["param"] == "tokens"
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("kvtier:time_to_first_token_seconds_bucket", "kvtier:time_per_output_token_seconds_count",
+                 "kvtier:e2e_request_latency_seconds_sum", "kvtier:prefix_cache_hits_total",
+                 "kvtier:kv_cache_usage_perc", "kvtier:num_preemptions_total"):  # fmt: skip
+        assert name in text
