@@ -24,7 +24,16 @@ class KvtierServer:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="kvtier-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvtier.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         full_env = {**os.environ, "PYTHONPATH": SRC, "KVTIER_TIERS": "none", **(env or {})}
         self.proc = subprocess.Popen([*cmd, *args], stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
         self._wait_ready()
@@ -49,7 +58,9 @@ class KvtierServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"kvtier serve did not answer /health within {START_TIMEOUT_S} s:\n{self.output()}")
+        raise RuntimeError(
+            f"kvtier serve did not answer /health within {START_TIMEOUT_S} s:\n{self.output()}"
+        )
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -54,7 +54,11 @@ def test_completions_stream_matches_non_stream(server: KvtierServer) -> None:
     assert full.usage.prompt_tokens == len("The tiered cache")  # one byte-level token per character
     chunks = list(
         c.completions.create(
-            model=MODEL, prompt="The tiered cache", stream=True, stream_options={"include_usage": True}, **GREEDY
+            model=MODEL,
+            prompt="The tiered cache",
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
         )
     )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
@@ -89,7 +93,12 @@ def test_n_and_seeds(server: KvtierServer) -> None:
     assert len(set(texts)) > 1  # each completion draws its own tokens
     assert first.usage is not None and first.usage.completion_tokens == 30
     streamed = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "n streams"}], n=2, stream=True, seed=1, max_tokens=6
+        model=MODEL,
+        messages=[{"role": "user", "content": "n streams"}],
+        n=2,
+        stream=True,
+        seed=1,
+        max_tokens=6,
     )
     finished = {ch.choices[0].index for ch in streamed if ch.choices and ch.choices[0].finish_reason}
     assert finished == {0, 1}
@@ -194,7 +203,9 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         err = error_of(post(server, "/v1/completions", {**ok, **change}), 400)
         assert err["param"] == param and text in err["message"], (change, err)
     chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}
-    err = error_of(post(server, "/v1/chat/completions", {**chat_body, "logprobs": True, "top_logprobs": 30}), 400)
+    err = error_of(
+        post(server, "/v1/chat/completions", {**chat_body, "logprobs": True, "top_logprobs": 30}), 400
+    )
     assert "[0, 20]" in err["message"]
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client(server).chat.completions.create(

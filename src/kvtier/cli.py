@@ -91,13 +91,17 @@ def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:
             )
             extra.append(
                 inspect.Parameter(
-                    f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
                     annotation=Annotated[Optional[base], option],  # noqa: UP045 - typer reads it at run time
                 )
             )
             names.append(f.name)
     config_opt = inspect.Parameter(
-        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
         annotation=Annotated[Optional[str], typer.Option(help="YAML settings file (or KVTIER_CONFIG)")],  # noqa: UP045
     )
 
@@ -123,11 +127,14 @@ def serve(
         Optional[str], typer.Option(help="require this key (tenant 'default')", envvar="KVTIER_API_KEY")  # noqa: UP045
     ] = None,
     api_keys_file: Annotated[
-        Optional[str], typer.Option(help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)")  # noqa: UP045
+        str | None,
+        typer.Option(help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)"),
     ] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="model name clients use")] = None,  # noqa: UP045
     max_pending_requests: Annotated[int, typer.Option(help="accepted, unfinished requests; then 503")] = 1024,
-    shutdown_timeout: Annotated[float, typer.Option(help="SIGTERM: seconds in-flight requests may take")] = 30.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="SIGTERM: seconds in-flight requests may take")
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     *,
     engine_config: EngineConfig,

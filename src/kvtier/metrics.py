@@ -23,8 +23,8 @@ Metric names (all prefixed ``kvtier:``, vLLM's style):
   tokens looked up) and ``prefix_cache_hits_total{tier}`` (of those, served by the device pool or
   loaded from a tier); ``num_requests_running`` / ``_waiting`` / ``_loading``; histograms
   ``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ``e2e_request_latency_seconds``.
-- device pool: ``kv_cache_usage_perc`` (fraction of blocks held by requests), ``pool_blocks``, ``pool_blocks_available``, ``pool_blocks_cached``,
-  ``pool_blocks_in_use``, ``pool_evictions_total``.
+- device pool: ``kv_cache_usage_perc`` (fraction of blocks held by requests), ``pool_blocks``,
+  ``pool_blocks_available``, ``pool_blocks_cached``, ``pool_blocks_in_use``, ``pool_evictions_total``.
 - each tier below the device (label ``tier``: host, disk, redis): ``tier_lookups_total``,
   ``tier_hits_total``, ``tier_misses_total``, ``tier_puts_total``, ``tier_read_bytes_total``,
   ``tier_written_bytes_total``, ``tier_read_seconds_total``, ``tier_write_seconds_total``,

@@ -212,7 +212,9 @@ def _completions(state: ServerState) -> Any:
             body.sampling_params(cmpl.resolve_max_tokens(body.max_tokens, len(ids), L, "prompt"), logprobs)
             for ids in prompts
         ]
-        job = cmpl.Job(state, False, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
+        job = cmpl.Job(
+            state, False, body.model, body.include_usage, body.n, logprobs is not None, body.stream
+        )
         await cmpl.submit_all(job, prompts, params, cache_salt(tenant, body.cache_salt))
         return await _respond(job, request)
 
@@ -225,7 +227,9 @@ def _chat(state: ServerState) -> Any:
         check_model(state, body.model)
         ids = apply_chat_template(state, body.chat())
         logprobs = body.logprobs_count()
-        max_tokens = cmpl.resolve_max_tokens(body.requested_max_tokens(), len(ids), state.max_model_len, "messages")
+        max_tokens = cmpl.resolve_max_tokens(
+            body.requested_max_tokens(), len(ids), state.max_model_len, "messages"
+        )
         params = body.sampling_params(max_tokens, logprobs)
         job = cmpl.Job(state, True, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
         job.rid = job.rid.replace("cmpl-", "chatcmpl-", 1)
@@ -239,7 +243,13 @@ def _models(state: ServerState) -> Any:
     async def list_models(request: Request) -> dict[str, Any]:
         authenticate(state, request)
         data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "kvtier", "max_model_len": state.max_model_len}
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "kvtier",
+                "max_model_len": state.max_model_len,
+            }
             for name in state.model_names
         ]
         return {"object": "list", "data": data}

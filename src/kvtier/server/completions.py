@@ -119,8 +119,10 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
     finals: list[list[RequestOutput]] = []
     try:
         if job.chat:
-            first = [_delta_choice(job, i, {"role": "assistant", "content": ""}, None, None)
-                     for i in range(len(job.streams) * job.n)]
+            first = [
+                _delta_choice(job, i, {"role": "assistant", "content": ""}, None, None)
+                for i in range(len(job.streams) * job.n)
+            ]
             yield _sse(_chunk(job, first))
         for p, stream in enumerate(job.streams):
             sent_text: dict[int, int] = {}
@@ -134,7 +136,9 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
                 if out.finished:
                     outs.append(out)
                 if text or out.finished or (lps and job.want_logprobs):
-                    yield _sse(_chunk(job, [_choice(job, p * job.n + c.index, c, text, lps, c.finish_reason)]))
+                    yield _sse(
+                        _chunk(job, [_choice(job, p * job.n + c.index, c, text, lps, c.finish_reason)])
+                    )
             _raise_if_failed(stream)
             finals.append(outs)
         if job.include_usage:
@@ -223,9 +227,9 @@ def _usage(finals: list[list[RequestOutput]]) -> dict[str, Any]:
     cached = sum(outs[0].num_cached_tokens for outs in finals if outs)
     completion = sum(len(o.outputs[0].token_ids) for outs in finals for o in outs)
     body = usage(prompt, completion, cached)
-    served = {getattr(o, "served_from", None) for outs in finals for o in outs} - {None}
+    served = {str(s) for outs in finals for o in outs if (s := getattr(o, "served_from", None))}
     if served:  # the result cache's answer (when the engine has one): where the completion came from
-        body["kvtier_served_from"] = sorted(served)[0] if len(served) == 1 else "mixed"
+        body["kvtier_served_from"] = served.pop() if len(served) == 1 else "mixed"
     return body
 
 

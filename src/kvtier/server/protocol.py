@@ -185,7 +185,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
 
 
 def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,154 @@
+"""`kvtier serve` under pressure: the bounded queue, SIGTERM during load, and a loopback load test."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.kvtier_servers import KvtierServer
+
+MODEL = "synthetic:tiny"
+SERVER_ARGS = ("--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", "1024")
+
+
+def test_full_queue_answers_503_with_retry_after() -> None:
+    server = KvtierServer(*SERVER_ARGS, "--max-pending-requests", "1")
+    try:
+        # 1000 engine steps: the one HTTP round trip below comes long before the first request ends
+        body = {"model": MODEL, "prompt": "first", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: a dropped iterator would close the response
+            assert next(lines).startswith("data: {")  # it runs now
+            refused = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            err = refused.json()["error"]
+            assert err["code"] == 503 and "1 requests in flight" in err["message"]
+            rest = [line for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        again = c.completions.create(model=MODEL, prompt="second", max_tokens=3)
+        assert again.choices[0].finish_reason in ("length", "stop")
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+class Outcomes:
+    """What each client request of the SIGTERM test ended as."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.completed = 0
+        self.refused = 0
+        self.broken: list[str] = []
+
+    def add(self, kind: str, detail: str = "") -> None:
+        with self.lock:
+            if kind == "completed":
+                self.completed += 1
+            elif kind == "refused":
+                self.refused += 1
+            else:
+                self.broken.append(detail)
+
+
+def one_request(c: openai.OpenAI, i: int, out: Outcomes) -> bool:
+    """Run one request; False once the server refuses (the worker then stops)."""
+    args: dict[str, Any] = dict(model=MODEL, prompt=f"request {i} " * (1 + i % 7), max_tokens=24,
+                                extra_body={"ignore_eos": True})  # fmt: skip
+    started = False
+    try:
+        if i % 2:
+            chunks = list(c.completions.create(stream=True, **args))
+            started = True
+            done = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            ok = len(done) == 1 and done[0].choices[0].finish_reason == "length"
+        else:
+            res = c.completions.create(**args)
+            started = True
+            ok = res.choices[0].finish_reason == "length" and res.usage is not None
+            ok = ok and res.usage.completion_tokens == 24
+        out.add("completed" if ok else "broken", f"request {i} ended early")
+        return True
+    except openai.APIStatusError as e:
+        out.add("refused" if e.status_code == 503 else "broken", f"request {i}: {e.status_code} {e.message}")
+    except openai.APIConnectionError as e:  # the listening socket closed: refused before any answer
+        out.add("broken" if started else "refused", f"request {i} cut after its answer began: {e}")
+    return False
+
+
+def test_sigterm_during_load_finishes_or_refuses_every_request() -> None:
+    server = KvtierServer(*SERVER_ARGS, "--shutdown-timeout", "60")
+    out = Outcomes()
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def worker(w: int) -> None:
+        for k in range(1000):  # bounded: the server refuses long before
+            if not one_request(c, w * 1000 + k, out):
+                return
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while out.completed < 32 and time.monotonic() < deadline:  # load is on
+        time.sleep(0.05)
+    server.terminate()
+    code = server.wait(90)
+    for t in threads:
+        t.join(30)
+    assert code == 0, server.output()
+    assert out.completed >= 32 and not out.broken, (out.broken, server.output())
+    assert out.refused >= 1  # every worker ends on a refusal; some at least saw it
+    assert "Traceback" not in server.output(), server.output()
+
+
+@pytest.mark.slow
+def test_load_500_requests_100_concurrent() -> None:
+    server = KvtierServer(*SERVER_ARGS, "--max-num-seqs", "128")
+    try:
+        results = asyncio.run(_load(server.url, requests=500, concurrency=100))
+        assert len(results) == 500
+        bad = [r for r in results if r[1] != r[2]]
+        assert not bad, bad[:5]  # every request generated exactly what it asked for
+        m = server.wait_idle()
+        assert m["kvtier:pool_blocks_in_use"] == 0  # no leaked blocks
+        assert m["kvtier:pool_blocks_available"] == m["kvtier:pool_blocks"]
+        assert m["kvtier:requests_finished_total"] == 500
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+async def _load(url: str, requests: int, concurrency: int) -> list[tuple[int, int, int]]:
+    """(index, asked tokens, generated tokens) of each request: mixed lengths, streaming and not."""
+    rng = random.Random(0)
+    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> tuple[int, int, int]:
+        prompt = "load " * rng.randint(1, 120)
+        max_tokens = rng.randint(1, 48)
+        args: dict[str, Any] = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.7,
+                                    seed=i, extra_body={"ignore_eos": True})  # fmt: skip
+        async with gate:
+            if i % 2:
+                stream = await c.completions.create(
+                    stream=True, stream_options={"include_usage": True}, **args
+                )
+                usage = [ch.usage async for ch in stream if ch.usage]
+                return i, max_tokens, usage[-1].completion_tokens if usage else -1
+            res = await c.completions.create(**args)
+            return i, max_tokens, res.usage.completion_tokens if res.usage else -1
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(requests))))
+    finally:
+        await c.close()
