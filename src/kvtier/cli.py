@@ -7,8 +7,9 @@ import functools
 import inspect
 import logging
 import sys
+import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,7 +76,8 @@ def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:
     ``--kv-cache-memory``, ``--tiers``...) and ``--config FILE``; the command receives them as
     ``engine_config: EngineConfig`` loaded the usual way (defaults < YAML < KVTIER_* < flags)."""
     sig = inspect.signature(func)
-    own = [p for p in sig.parameters.values() if p.name != "engine_config"]
+    hints = typing.get_type_hints(func, include_extras=True)  # this module's annotations are strings
+    own = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values() if p.name != "engine_config"]
     taken = {p.name for p in own}
     extra: list[inspect.Parameter] = []
     names: list[str] = []
@@ -94,7 +96,7 @@ def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:
                     f.name,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=None,
-                    annotation=Annotated[Optional[base], option],  # noqa: UP045 - typer reads it at run time
+                    annotation=Annotated[base | None, option],
                 )
             )
             names.append(f.name)
@@ -102,7 +104,7 @@ def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:
         "config",
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
-        annotation=Annotated[Optional[str], typer.Option(help="YAML settings file (or KVTIER_CONFIG)")],  # noqa: UP045
+        annotation=Annotated[str | None, typer.Option(help="YAML settings file (or KVTIER_CONFIG)")],
     )
 
     @functools.wraps(func)
@@ -124,13 +126,13 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on", envvar="KVTIER_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on", envvar="KVTIER_PORT")] = 8000,
     api_key: Annotated[
-        Optional[str], typer.Option(help="require this key (tenant 'default')", envvar="KVTIER_API_KEY")  # noqa: UP045
+        str | None, typer.Option(help="require this key (tenant 'default')", envvar="KVTIER_API_KEY")
     ] = None,
     api_keys_file: Annotated[
         str | None,
         typer.Option(help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)"),
     ] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="model name clients use")] = None,  # noqa: UP045
+    served_model_name: Annotated[str | None, typer.Option(help="model name clients use")] = None,
     max_pending_requests: Annotated[int, typer.Option(help="accepted, unfinished requests; then 503")] = 1024,
     shutdown_timeout: Annotated[
         float, typer.Option(help="SIGTERM: seconds in-flight requests may take")
@@ -153,6 +155,83 @@ def serve(
         shutdown_timeout_s=shutdown_timeout,
     )
     run_server(engine_config, settings, log_level)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+@with_engine_settings
+def bench_serve(
+    url: Annotated[str | None, typer.Option(help="server to load, e.g. http://127.0.0.1:8000")] = None,
+    served_model: Annotated[
+        str | None, typer.Option(help="model name for --url (default: its first)")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for --url")] = None,
+    offline: Annotated[bool, typer.Option(help="also run the workload on an in-process engine")] = False,
+    launch: Annotated[bool, typer.Option(help="also start `kvtier serve` with the engine settings")] = False,
+    conversations: int = 32,
+    turns: int = 4,
+    system_prompts: Annotated[int, typer.Option(help="distinct shared system prompts")] = 2,
+    system_words: Annotated[int, typer.Option(help="words per system prompt")] = 300,
+    user_words: int = 12,
+    max_tokens: int = 32,
+    concurrency: Annotated[int, typer.Option(help="chats in flight")] = 16,
+    request_rate: Annotated[float | None, typer.Option(help="chats started per second (Poisson)")] = None,
+    ignore_eos: bool = True,
+    json_out: Annotated[str | None, typer.Option("--json", help="write summaries and samples here")] = None,
+    plot: Annotated[str | None, typer.Option(help="write latency CDFs here (SVG)")] = None,
+    *,
+    engine_config: EngineConfig,
+) -> None:
+    """Multi-turn chat load on an OpenAI-compatible server (--url), kvtier's own (--launch), and/or
+    the in-process engine (--offline): TTFT, TPOT, ITL p50/p99, throughput, cached-token share."""
+    import asyncio
+    import json
+
+    from kvtier.bench import serve as bs
+
+    w = bs.Workload(
+        conversations, turns, system_prompts, system_words, user_words, max_tokens, concurrency,
+        request_rate, ignore_eos,
+    )  # fmt: skip
+    runs = {}
+    if offline:
+        runs["offline"] = bs.offline(w, engine_config)
+    if launch:
+        runs["server"] = bs.served(w, engine_config)
+    if url:
+        model = served_model or _first_model(url, api_key)
+        asyncio.run(bs.run_http(bs.warmup_workload(w), url.rstrip("/"), model, api_key))  # untimed
+        runs["url"] = asyncio.run(bs.run_http(w, url.rstrip("/"), model, api_key))
+    if not runs:
+        raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
+    body = bs.report(runs, w)
+    body["machine"] = {"load_average": _load_average()}
+    console.print(bs.table(body))
+    console.print(f"[dim]load average at the end: {body['machine']['load_average']}[/dim]")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(body, f, indent=1)
+    if plot:
+        bs.plot_svg(body, plot)
+
+
+def _first_model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return str(httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"])
+
+
+def _load_average() -> list[float]:
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def main() -> None:

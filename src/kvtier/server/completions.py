@@ -118,27 +118,25 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
     finals: list[list[RequestOutput]] = []
     try:
-        if job.chat:
-            first = [
-                _delta_choice(job, i, {"role": "assistant", "content": ""}, None, None)
-                for i in range(len(job.streams) * job.n)
-            ]
-            yield _sse(_chunk(job, first))
         for p, stream in enumerate(job.streams):
             sent_text: dict[int, int] = {}
             sent_tokens: dict[int, int] = {}
             outs: list[RequestOutput] = []
             while (out := await stream.queue.get()) is not None:
                 c = out.outputs[0]
+                index = p * job.n + c.index
+                first = c.index not in sent_text
                 t0, k0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
                 text, lps = c.text[t0:], (c.logprobs or [])[k0:]
                 sent_text[c.index], sent_tokens[c.index] = max(t0, len(c.text)), len(c.token_ids)
                 if out.finished:
                     outs.append(out)
-                if text or out.finished or (lps and job.want_logprobs):
-                    yield _sse(
-                        _chunk(job, [_choice(job, p * job.n + c.index, c, text, lps, c.finish_reason)])
-                    )
+                if first and job.chat:  # sent with the first token, as OpenAI does: a client's TTFT
+                    role = {"role": "assistant", "content": ""}
+                    yield _sse(_chunk(job, [_delta_choice(job, index, role, None, None)]))
+                # the first token always makes a chunk, even before it makes text (a partial character)
+                if text or out.finished or (lps and job.want_logprobs) or (first and not job.chat):
+                    yield _sse(_chunk(job, [_choice(job, index, c, text, lps, c.finish_reason)]))
             _raise_if_failed(stream)
             finals.append(outs)
         if job.include_usage:

@@ -1,0 +1,461 @@
+"""``kvtier bench serve``: multi-turn chat load on any OpenAI-compatible server, or on the engine itself.
+
+The workload: ``conversations`` chats, each opened with one of ``system_prompts`` shared system prompts
+(so different chats share a cached prefix) and run for ``turns`` turns, every turn sending the whole
+history so far (so each turn's prompt extends the last one's: the cache's best case, and a real one).
+Turns of one chat run one after another; chats run ``concurrency`` at a time, or start at
+``request_rate`` per second (Poisson arrivals).
+
+The same workload runs through HTTP (``run_http``: streaming chat completions, timed on the client:
+TTFT at the first chunk, inter-token latency between chunks) or in-process on the Engine API
+(``run_offline``: the ceiling the server is measured against, timed the same way at each step's
+outputs). ``compare`` runs both on one machine in one go and reports the server's fraction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+WORDS = [
+    "cache",
+    "block",
+    "tier",
+    "prefix",
+    "token",
+    "model",
+    "engine",
+    "server",
+    "request",
+    "stream",
+    "batch",
+    "layer",
+    "memory",
+    "disk",
+    "host",
+    "redis",
+    "key",
+    "value",
+    "attention",
+    "decode",
+    "prefill",
+    "chunk",
+    "policy",
+    "evict",
+    "load",
+    "store",
+    "hit",
+    "miss",
+]
+
+
+@dataclass
+class Workload:
+    conversations: int = 32
+    turns: int = 4
+    system_prompts: int = 2  # distinct shared system prompts
+    system_words: int = 300  # about 6 tokens a word on a byte tokenizer, ~1.3 on a BPE one
+    user_words: int = 12
+    max_tokens: int = 32
+    concurrency: int = 16  # chats in flight (ignored when request_rate is set)
+    request_rate: float | None = None  # chats started per second, Poisson
+    ignore_eos: bool = True  # fixed output lengths: runs compare like for like
+    seed: int = 0
+
+    def system_prompt(self, i: int) -> str:
+        rng = random.Random(f"system-{self.seed}-{i}")
+        return f"System prompt {i}. " + " ".join(rng.choice(WORDS) for _ in range(self.system_words))
+
+    def user_message(self, chat: int, turn: int) -> str:
+        rng = random.Random(f"user-{self.seed}-{chat}-{turn}")
+        return f"Question {turn} of chat {chat}: " + " ".join(
+            rng.choice(WORDS) for _ in range(self.user_words)
+        )
+
+
+@dataclass
+class Sample:
+    """One request, as its client saw it."""
+
+    chat: int
+    turn: int
+    start: float
+    ttft: float
+    e2e: float
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+# -- drivers ---------------------------------------------------------------------------------------
+
+TurnFn = Callable[[int, int, list[dict[str, str]]], "asyncio.Future[tuple[Sample, str]]"]
+
+
+async def _drive(w: Workload, turn_fn: Callable[..., Any]) -> tuple[list[Sample], float]:
+    """Run every chat's turns in order; chats by concurrency or Poisson arrivals. (samples, seconds)."""
+    samples: list[Sample] = []
+
+    async def chat(c: int) -> None:
+        history = [{"role": "system", "content": w.system_prompt(c % w.system_prompts)}]
+        for t in range(w.turns):
+            history.append({"role": "user", "content": w.user_message(c, t)})
+            sample, reply = await turn_fn(c, t, list(history))
+            samples.append(sample)
+            if sample.error:
+                return
+            history.append({"role": "assistant", "content": reply})
+
+    start = time.perf_counter()
+    if w.request_rate:
+        rng = random.Random(w.seed)
+        tasks = []
+        for c in range(w.conversations):
+            tasks.append(asyncio.create_task(chat(c)))
+            await asyncio.sleep(rng.expovariate(w.request_rate))
+        await asyncio.gather(*tasks)
+    else:
+        gate = asyncio.Semaphore(w.concurrency)
+
+        async def gated(c: int) -> None:
+            async with gate:
+                await chat(c)
+
+        await asyncio.gather(*(gated(c) for c in range(w.conversations)))
+    return samples, time.perf_counter() - start
+
+
+async def run_http(
+    w: Workload, url: str, model: str, api_key: str | None = None, timeout: float = 600.0
+) -> tuple[list[Sample], float]:
+    """The workload against ``url`` (the server's root, e.g. http://127.0.0.1:8000)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+
+        async def turn(c: int, t: int, messages: list[dict[str, str]]) -> tuple[Sample, str]:
+            body: dict[str, Any] = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": w.max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if w.ignore_eos:
+                body["ignore_eos"] = True
+            return await _stream_turn(client, body, c, t)
+
+        return await _drive(w, turn)
+
+
+async def _stream_turn(client: Any, body: dict[str, Any], c: int, t: int) -> tuple[Sample, str]:
+    start = time.perf_counter()
+    first: float | None = None
+    last = start
+    itl: list[float] = []
+    text: list[str] = []
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return Sample(c, t, start, 0, 0, 0, 0, 0, error=f"{r.status_code} {r.text[:200]}"), ""
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not chunk.get("choices"):
+                continue
+            if first is None:
+                first = now
+            else:
+                itl.append(now - last)
+            last = now
+            text.append(chunk["choices"][0].get("delta", {}).get("content") or "")
+    end = time.perf_counter()
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    sample = Sample(
+        c,
+        t,
+        start,
+        (first or end) - start,
+        end - start,
+        int(usage.get("prompt_tokens", 0)),
+        int(usage.get("completion_tokens", 0)),
+        int(cached),
+        itl,
+    )
+    return sample, "".join(text)
+
+
+def run_offline(w: Workload, engine: Any) -> tuple[list[Sample], float]:
+    """The workload on ``engine`` in this process: the same Engine API the server drives, no HTTP."""
+    from kvtier.engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=w.max_tokens, temperature=0.0, ignore_eos=w.ignore_eos)
+    waiters: dict[str, tuple[asyncio.Future[tuple[Sample, str]], Sample, float | None]] = {}
+    ids = iter(range(1 << 62))
+
+    async def turn(c: int, t: int, messages: list[dict[str, str]]) -> tuple[Sample, str]:
+        rid = f"bench-{next(ids)}"
+        start = time.perf_counter()
+        engine.add_request(engine.apply_chat_template(messages), params, rid)
+        fut: asyncio.Future[tuple[Sample, str]] = asyncio.get_running_loop().create_future()
+        waiters[rid] = (fut, Sample(c, t, start, 0, 0, 0, 0, 0), None)
+        return await fut
+
+    async def stepper(done: asyncio.Event) -> None:
+        while not done.is_set():
+            if not engine.has_unfinished():
+                await asyncio.sleep(0)  # let the chats add their next turns
+                continue
+            outs = engine.step()
+            now = time.perf_counter()
+            for out in outs:
+                fut, s, last = waiters[out.request_id]
+                if last is None:
+                    s.ttft = now - s.start
+                else:
+                    s.itl.append(now - last)
+                waiters[out.request_id] = (fut, s, now)
+                if out.finished:
+                    del waiters[out.request_id]
+                    s.e2e = now - s.start
+                    s.prompt_tokens = len(out.prompt_token_ids)
+                    s.output_tokens = len(out.outputs[0].token_ids)
+                    s.cached_tokens = out.num_cached_tokens
+                    fut.set_result((s, out.outputs[0].text))
+            await asyncio.sleep(0)
+
+    async def main() -> tuple[list[Sample], float]:
+        done = asyncio.Event()
+        task = asyncio.create_task(stepper(done))
+        try:
+            return await _drive(w, turn)
+        finally:
+            done.set()
+            await task
+
+    return asyncio.run(main())
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank-interpolated percentile (numpy's default 'linear'); NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
+    ok = [s for s in samples if not s.error]
+    out_tokens = sum(s.output_tokens for s in ok)
+    prompt_tokens = sum(s.prompt_tokens for s in ok)
+    cached = [s for s in ok if s.cached_tokens > 0]
+    series: dict[str, list[float]] = {
+        "ttft": [s.ttft for s in ok],
+        "ttft_cached": [s.ttft for s in cached],
+        "tpot": [t for s in ok if (t := s.tpot) is not None],
+        "itl": [x for s in ok for x in s.itl],
+        "e2e": [s.e2e for s in ok],
+    }
+    summary: dict[str, Any] = {
+        "requests": len(samples),
+        "failed": len(samples) - len(ok),
+        "seconds": seconds,
+        "request_throughput": len(ok) / seconds if seconds else 0.0,
+        "output_token_throughput": out_tokens / seconds if seconds else 0.0,
+        "total_token_throughput": (out_tokens + prompt_tokens) / seconds if seconds else 0.0,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": out_tokens,
+        "cached_token_share": sum(s.cached_tokens for s in ok) / prompt_tokens if prompt_tokens else 0.0,
+    }
+    for name, values in series.items():
+        summary[f"{name}_p50_ms"] = percentile(values, 50) * 1e3
+        summary[f"{name}_p99_ms"] = percentile(values, 99) * 1e3
+    return summary
+
+
+def report(runs: dict[str, tuple[list[Sample], float]], w: Workload) -> dict[str, Any]:
+    """JSON-ready: the workload, each run's summary and samples, and server/offline ratios."""
+    body: dict[str, Any] = {"workload": asdict(w), "runs": {}}
+    for name, (samples, seconds) in runs.items():
+        body["runs"][name] = {"summary": summarize(samples, seconds), "samples": [asdict(s) for s in samples]}
+    if "server" in runs and "offline" in runs:
+        srv, off = body["runs"]["server"]["summary"], body["runs"]["offline"]["summary"]
+        body["ratios"] = {
+            "throughput_server_over_offline": srv["output_token_throughput"] / off["output_token_throughput"],
+            "ttft_cached_p50_server_over_offline": srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"],
+        }
+    return body
+
+
+TABLE_ROWS = (
+    ("requests (failed)", lambda s: f"{s['requests']} ({s['failed']})"),
+    ("request throughput /s", lambda s: f"{s['request_throughput']:.2f}"),
+    ("output tokens /s", lambda s: f"{s['output_token_throughput']:.1f}"),
+    ("total tokens /s", lambda s: f"{s['total_token_throughput']:.1f}"),
+    ("cached-token share", lambda s: f"{s['cached_token_share']:.1%}"),
+    *(
+        (f"{m} p{q} ms", (lambda s, k=f"{m}_p{q}_ms": f"{s[k]:.1f}"))
+        for m in ("ttft", "ttft_cached", "tpot", "itl", "e2e")
+        for q in (50, 99)
+    ),
+)
+
+
+def table(body: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    runs = body["runs"]
+    t = Table(title="kvtier bench serve")
+    t.add_column("metric")
+    for name in runs:
+        t.add_column(name, justify="right")
+    for label, fmt in TABLE_ROWS:
+        t.add_row(label, *(fmt(r["summary"]) for r in runs.values()))
+    for name, value in body.get("ratios", {}).items():
+        t.add_row(name.replace("_", " "), *([""] * (len(runs) - 1)), f"{value:.3f}")
+    return t
+
+
+# -- plots (SVG, no plotting library needed) -------------------------------------------------------
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+
+
+def plot_svg(body: dict[str, Any], path: str) -> None:
+    """Latency CDFs (TTFT, ITL, e2e), one panel each, one line per run; log-scaled time axis."""
+    panels = (("ttft", "TTFT"), ("itl", "inter-token latency"), ("e2e", "end-to-end latency"))
+    width, height, pad = 360, 260, 40
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * 3}" height="{height + 30}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
+    for p, (key, title) in enumerate(panels):
+        x0 = p * width
+        series = {}
+        for name, run in body["runs"].items():
+            samples = [s for s in run["samples"] if not s["error"]]
+            values = [x for s in samples for x in s["itl"]] if key == "itl" else [s[key] for s in samples]
+            series[name] = sorted(v * 1e3 for v in values if v > 0)
+        everything = [v for vs in series.values() for v in vs]
+        if not everything:
+            continue
+        lo, hi = math.log10(min(everything)), math.log10(max(everything))
+        hi = hi if hi > lo else lo + 1
+
+        def sx(v: float, x0: int = x0, lo: float = lo, hi: float = hi) -> float:
+            return x0 + pad + (math.log10(v) - lo) / (hi - lo) * (width - 2 * pad)
+
+        def sy(q: float) -> float:
+            return height - pad + 10 - q * (height - 2 * pad)
+
+        parts.append(f'<text x="{x0 + width / 2}" y="14" text-anchor="middle">{title} (ms, CDF)</text>')
+        parts.append(
+            f'<rect x="{x0 + pad}" y="{sy(1)}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+            'fill="none" stroke="#999"/>'
+        )
+        for tick in range(math.floor(lo), math.ceil(hi) + 1):
+            if lo <= tick <= hi:
+                x = sx(10.0**tick)
+                parts.append(f'<text x="{x}" y="{sy(0) + 14}" text-anchor="middle">{10.0**tick:g}</text>')
+        for i, (name, vs) in enumerate(series.items()):
+            if not vs:
+                continue
+            color = _COLORS[i % len(_COLORS)]
+            step = max(1, len(vs) // 400)  # at most ~400 points a line
+            pts = " ".join(
+                f"{sx(v):.1f},{sy((j + 1) / len(vs)):.1f}" for j, v in enumerate(vs) if j % step == 0
+            )
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(f'<text x="{x0 + pad + 6}" y="{sy(1) + 14 + 13 * i}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+# -- one-command runs ------------------------------------------------------------------------------
+
+
+def warmup_workload(w: Workload) -> Workload:
+    """A short untimed pass first (first-call costs: kernels, allocator, connections), with other
+    system prompts than the timed run's, so it leaves that run nothing cached."""
+    import dataclasses
+
+    return dataclasses.replace(w, seed=w.seed + 1_000_003, conversations=min(4, w.conversations), turns=1)
+
+
+def offline(w: Workload, config: Any) -> tuple[list[Sample], float]:
+    """The workload on a fresh in-process engine built from ``config`` (cold cache, like a new server)."""
+    from kvtier.engine.engine import Engine
+
+    engine = Engine(config)
+    try:
+        run_offline(warmup_workload(w), engine)
+        return run_offline(w, engine)
+    finally:
+        engine.close()
+
+
+def served(w: Workload, config: Any, startup_timeout: float = 300.0) -> tuple[list[Sample], float]:
+    """The workload on a ``kvtier serve`` subprocess with ``config`` (written to a YAML file for it)."""
+    import dataclasses
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump({name: dataclasses.asdict(part) for name, part in config.parts().items()}, f)
+    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--config", f.name, "--port", str(port)]
+    cmd += ["--log-level", "warning", "--max-pending-requests", str(max(1024, 4 * w.conversations))]
+    proc = subprocess.Popen(cmd, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kvtier serve exited with {proc.returncode}")
+            try:
+                models = httpx.get(url + "/v1/models", timeout=2).json()["data"]
+                break
+            except (httpx.HTTPError, KeyError, ValueError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kvtier serve did not start within {startup_timeout} s") from None
+                time.sleep(0.2)
+        asyncio.run(run_http(warmup_workload(w), url, models[0]["id"]))
+        return asyncio.run(run_http(w, url, models[0]["id"]))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        os.unlink(f.name)
