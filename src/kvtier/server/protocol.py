@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvtier.engine.request import MAX_LOGPROBS, SamplingParams
 
-MAX_N = 128  # completions per request
-
 
 class BadParam(ValueError):
     """A value out of range: HTTP 400 naming ``param``."""
@@ -65,10 +63,7 @@ class _Sampling(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if not 1 <= self.n <= MAX_N:
-            raise BadParam(f"n must be in [1, {MAX_N}], got {self.n}", "n")
-        if len(self.stops()) > 16:
-            raise BadParam(f"at most 16 stop strings, got {len(self.stops())}", "stop")
+        """The engine's params; it checks their ranges (InvalidRequestError: 400 naming the field)."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
