@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvtier.cache.tiers import memcached_wire as wire
-from kvtier.cache.tiers.base import Tier
+from kvtier.cache.tiers.base import Tier, TierError
 from kvtier.cache.tiers.memcached import MemcachedTier, parse_url
 from tests.memcached_servers import MemcachedServer, start_server
 
@@ -117,7 +117,7 @@ def test_capacity_ttl_and_programming_errors(memcached_server: MemcachedServer, 
     with pytest.raises(ValueError, match="30 days"):
         MemcachedTier(memcached_server.url, "ns", ttl_seconds=31 * 24 * 3600)
     with pytest.raises(ValueError, match="namespace"):
-        MemcachedTier(memcached_server.url, "bad namespace")
+        MemcachedTier(memcached_server.url, "bad/namespace")
 
     short = tier(tiers, memcached_server.url, "ttl", ttl_seconds=1)
     short.put([(k1, b"soon gone")])
@@ -254,7 +254,7 @@ def test_item_size_is_read_from_each_restart(tiers: list) -> None:
 # ---------------------------------------------------------------------- namespaces and generations
 
 
-def test_namespaces_clear_gc_and_clear_all(memcached_server: MemcachedServer, tiers: list) -> None:
+def test_namespaces_clear_and_drop_namespaces(memcached_server: MemcachedServer, tiers: list) -> None:
     a = tier(tiers, memcached_server.url, "model-a")
     b = tier(tiers, memcached_server.url, "model-b")
     keys = make_keys(3)
@@ -269,7 +269,7 @@ def test_namespaces_clear_gc_and_clear_all(memcached_server: MemcachedServer, ti
 
     # another process's tier (a CLI) drops every namespace but model-a: b sees it within a second
     gc = tier(tiers, memcached_server.url, "model-a")
-    assert gc.drop_other_namespaces() == 1
+    assert gc.drop_namespaces(keep="model-a") == 1
     deadline = time.monotonic() + 5
     while b.get(keys) != [None] * 3:
         assert time.monotonic() < deadline
@@ -277,7 +277,7 @@ def test_namespaces_clear_gc_and_clear_all(memcached_server: MemcachedServer, ti
     assert a.get(keys) == [b"a2"] * 3
 
     b.put([(k, b"b2") for k in keys])
-    assert gc.clear_all()
+    assert gc.drop_namespaces(keep=None) == 2
     deadline = time.monotonic() + 5
     while a.get(keys) != [None] * 3 or b.get(keys) != [None] * 3:
         assert time.monotonic() < deadline
@@ -394,7 +394,9 @@ def test_nothing_listening_never_raises(tiers: list) -> None:
     assert t.get(keys) == [None] * 3 and t.lookup(keys) == 0 and t.keys() == [] and t.used_bytes == 0
     t.delete(keys)
     t.clear()
-    assert t.server_stats() == {} and not t.clear_all()
+    assert t.server_stats() == {} and t.drop_namespaces(None) == 0
+    with pytest.raises(TierError, match="cannot list"):
+        t.scan()
     assert t.stats().errors >= 1
 
 

@@ -28,7 +28,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvtier.cache.inventory import codec_name, drop_namespaces, read_headers, summarize
+from kvtier.cache.inventory import (
+    NO_LISTING,
+    codec_name,
+    drop_namespaces,
+    read_headers,
+    server_summary,
+    summarize,
+)
+from kvtier.cache.inventory import (
+    lists_objects as _lists,
+)
 from kvtier.cache.keys import valid_namespace
 from kvtier.cache.tiers.base import Tier, TierError
 from kvtier.config import ConfigError, EngineConfig, TierSettings
@@ -36,7 +46,7 @@ from kvtier.engine.tiers import open_for_maintenance
 
 cache_app = typer.Typer(
     no_args_is_help=True,
-    help="Inspect and manage the disk and Redis KV tiers (stats, ls, clear, gc).",
+    help="Inspect and manage the disk, Redis and memcached KV tiers (stats, ls, clear, gc).",
 )
 
 HOST_NOTE = "lives only inside a running engine (see its metrics); nothing to inspect here"
@@ -51,6 +61,7 @@ class TierName(str, Enum):
     host = "host"
     disk = "disk"
     redis = "redis"
+    memcached = "memcached"
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -63,6 +74,10 @@ DiskPathOpt = Annotated[
 ]
 RedisUrlOpt = Annotated[
     str | None, typer.Option("--redis-url", help="redis://, rediss://, redis+cluster:// (default: settings)")
+]
+MemcachedUrlOpt = Annotated[
+    str | None,
+    typer.Option("--memcached-url", help="memcached://host:port[,host:port...] (default: settings)"),
 ]
 ConfigOpt = Annotated[str | None, typer.Option("--config", help="YAML settings file (or KVTIER_CONFIG)")]
 
@@ -77,9 +92,14 @@ class Selection:
 
 
 def _select(
-    tier: TierName | None, config: str | None, disk_path: str | None, redis_url: str | None
+    tier: TierName | None,
+    config: str | None,
+    disk_path: str | None,
+    redis_url: str | None,
+    memcached_url: str | None = None,
 ) -> Selection:
-    cfg = EngineConfig.load({"disk_path": disk_path, "redis_url": redis_url}, yaml_path=config)
+    overrides = {"disk_path": disk_path, "redis_url": redis_url, "memcached_url": memcached_url}
+    cfg = EngineConfig.load(overrides, yaml_path=config)
     settings = cfg.tiers
     if tier is not None:
         names = [tier.value]
@@ -89,14 +109,18 @@ def _select(
             names.append("disk")
         if redis_url is not None and "redis" not in names:
             names.append("redis")
-    if "redis" in names and not settings.redis_url:
-        raise CacheCliError(
-            "the redis tier needs a URL: --redis-url, KVTIER_REDIS_URL or redis_url in --config"
-        )
+        if memcached_url is not None and "memcached" not in names:
+            names.append("memcached")
+    for shared in ("redis", "memcached"):
+        if shared in names and not getattr(settings, f"{shared}_url"):
+            raise CacheCliError(
+                f"the {shared} tier needs a URL: --{shared}-url, KVTIER_{shared.upper()}_URL "
+                f"or {shared}_url in --config"
+            )
     if not names:
         raise CacheCliError(
             f"no tiers configured (tiers={settings.tiers!r}): "
-            "pass --tier disk|redis, --disk-path or --redis-url"
+            "pass --tier disk|redis|memcached, --disk-path, --redis-url or --memcached-url"
         )
     return Selection(settings, names)
 
@@ -153,6 +177,7 @@ def stats(
     tier: TierOpt = None,
     disk_path: DiskPathOpt = None,
     redis_url: RedisUrlOpt = None,
+    memcached_url: MemcachedUrlOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     sample: Annotated[
@@ -161,12 +186,17 @@ def stats(
 ) -> None:
     """Objects and bytes per tier and per namespace (model fingerprint); compression from a sample."""
     with _user_errors():
-        selection = _select(tier, config, disk_path, redis_url)
+        selection = _select(tier, config, disk_path, redis_url, memcached_url)
         with _stores(selection) as stores:
-            summaries = {s.name: summarize(s, sample) for s in stores}
+            summaries = {s.name: summarize(s, sample) for s in stores if _lists(s)}
+            servers = {s.name: server_summary(s) for s in stores if not _lists(s)}
     if as_json:
         tiers: list[dict[str, Any]] = [
-            {"tier": "host", "note": HOST_NOTE} if name == "host" else summaries[name].as_dict()
+            {"tier": "host", "note": HOST_NOTE}
+            if name == "host"
+            else servers[name]
+            if name in servers
+            else summaries[name].as_dict()
             for name in selection.names
         ]
         typer.echo(json.dumps({"tiers": tiers}, indent=2))
@@ -182,6 +212,9 @@ def stats(
     for name in selection.names:
         if name == "host":
             table.add_row("host", HOST_NOTE, "", "", "", "", "")
+            continue
+        if name in servers:
+            _server_rows(table, servers[name])
             continue
         s = summaries[name]
         codecs = ", ".join(f"{c} {n}" for c, n in sorted(s.codecs.items()))
@@ -214,18 +247,22 @@ def list_objects(
     tier: TierOpt = None,
     disk_path: DiskPathOpt = None,
     redis_url: RedisUrlOpt = None,
+    memcached_url: MemcachedUrlOpt = None,
     config: ConfigOpt = None,
     limit: Annotated[int, typer.Option(min=0, help="at most this many objects per tier; 0: all")] = 100,
     namespace: Annotated[str | None, typer.Option(help="only this namespace (model fingerprint)")] = None,
 ) -> None:
     """One line per stored object: tier, namespace, key (short hex), bytes, codec, tokens."""
     with _user_errors():
-        selection = _select(tier, config, disk_path, redis_url)
+        selection = _select(tier, config, disk_path, redis_url, memcached_url)
         with _stores(selection) as stores:
             typer.echo(
                 f"{'tier':<5}  {'namespace':<32}  {'key':<16}  {'bytes':>10}  {'codec':<10}  {'tokens':>6}"
             )
             for store in stores:
+                if not _lists(store):
+                    typer.echo(f"{store.name}: {NO_LISTING} (kvtier cache stats shows its numbers)", err=True)
+                    continue
                 objects = sorted(store.scan(namespace), key=lambda o: (o.namespace, o.key))
                 shown = objects if limit == 0 else objects[:limit]
                 for obj, header in zip(shown, read_headers(store, shown), strict=True):
@@ -251,24 +288,31 @@ def clear(
     tier: TierOpt = None,
     disk_path: DiskPathOpt = None,
     redis_url: RedisUrlOpt = None,
+    memcached_url: MemcachedUrlOpt = None,
     config: ConfigOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
 ) -> None:
     """Delete every stored KV object (all namespaces) of the selected tiers. No model is loaded."""
     with _user_errors():
-        selection = _select(tier, config, disk_path, redis_url)
+        selection = _select(tier, config, disk_path, redis_url, memcached_url)
         if selection.names == ["host"]:
             raise CacheCliError(f"the host tier {HOST_NOTE}")
         if "host" in selection.names:
             typer.echo(f"host: {HOST_NOTE}", err=True)
         with _stores(selection) as stores:
-            counts = {s.name: len(s.scan()) for s in stores}
-            what = ", ".join(f"{counts[s.name]} objects from {s.name} {s.where}" for s in stores)
+            counts = {s.name: f"{len(s.scan())} objects" if _lists(s) else "every object" for s in stores}
+            what = ", ".join(f"{counts[s.name]} from {s.name} {s.where}" for s in stores)
             if not yes:
                 typer.confirm(f"Delete {what} (all namespaces)?", abort=True)
             for store in stores:
                 removed = drop_namespaces(store, keep=None)
-                typer.echo(f"{store.name} {store.where}: removed {removed} objects")
+                if _lists(store):
+                    typer.echo(f"{store.name} {store.where}: removed {removed} objects")
+                else:
+                    typer.echo(
+                        f"{store.name} {store.where}: every namespace invalidated ({removed} registered); "
+                        "memcached reclaims the memory as it needs it"
+                    )
 
 
 @cache_app.command()
@@ -293,6 +337,7 @@ def gc(
     tier: TierOpt = None,
     disk_path: DiskPathOpt = None,
     redis_url: RedisUrlOpt = None,
+    memcached_url: MemcachedUrlOpt = None,
     config: ConfigOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would be dropped")] = False,
 ) -> None:
@@ -300,7 +345,7 @@ def gc(
     with _user_errors():
         if (model is None) == (fingerprint is None):
             raise CacheCliError("give exactly one of --model and --fingerprint")
-        selection = _select(tier, config, disk_path, redis_url)
+        selection = _select(tier, config, disk_path, redis_url, memcached_url)
         if selection.names == ["host"]:
             raise CacheCliError(f"the host tier {HOST_NOTE}")
         if fingerprint is None:
@@ -312,8 +357,11 @@ def gc(
         if not valid_namespace(fingerprint):
             raise CacheCliError(f"invalid fingerprint {fingerprint!r}")
         with _stores(selection) as stores:
-            scans = [store.scan() for store in stores]  # every tier answers before anything changes
+            scans = [store.scan() if _lists(store) else None for store in stores]  # all answer first
             for store, found in zip(stores, scans, strict=True):
+                if found is None:
+                    _gc_unlisted(store, fingerprint, dry_run)
+                    continue
                 per_ns = Counter(o.namespace for o in found)
                 kept = per_ns.pop(fingerprint, 0)
                 others = f"{sum(per_ns.values())} objects of {len(per_ns)} other namespace(s)"
@@ -324,6 +372,37 @@ def gc(
                 typer.echo(
                     f"{store.name} {store.where}: kept {kept} objects, dropped {dropped} ({others} found)"
                 )
+
+
+# ------------------------------------------------------------------------------------------ unlisted
+
+
+def _server_rows(table: Table, summary: dict[str, Any]) -> None:
+    servers = summary["servers"]
+    items = sum(s["items"] for s in servers.values())
+    used = sum(s["bytes"] for s in servers.values())
+    table.add_row(summary["tier"], summary["where"], str(items), _human(used), "", "", "-", style="bold")
+    for address, s in servers.items():
+        ratio = "-" if s["hit_ratio"] is None else f"{100 * s['hit_ratio']:.1f}%"
+        table.add_row(
+            "",
+            f"  server {address}: {s['evictions']} evictions, hit ratio {ratio}, "
+            f"item size {_human(s['item_size_max'])}, limit {_human(s['limit_bytes'])}",
+            str(s["items"]),
+            _human(s["bytes"]),
+            "", "", "",
+        )  # fmt: skip
+    for ns in summary["namespaces"]:
+        table.add_row("", f"  {ns} (registered; objects not countable)", "", "", "", "", "")
+
+
+def _gc_unlisted(store: Tier, fingerprint: str, dry_run: bool) -> None:
+    others = [ns for ns in store.registered_namespaces() if ns != fingerprint]  # type: ignore[attr-defined]
+    if dry_run:
+        typer.echo(f"{store.name} {store.where}: would invalidate {len(others)} other namespace(s)")
+        return
+    dropped = drop_namespaces(store, keep=fingerprint)
+    typer.echo(f"{store.name} {store.where}: kept {fingerprint}, invalidated {dropped} other namespace(s)")
 
 
 def model_fingerprint(

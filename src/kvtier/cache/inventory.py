@@ -119,3 +119,37 @@ def drop_namespaces(tier: Tier, keep: str | None) -> int:
             f"{tier.name} tier at {tier.where}: {failed} operation(s) failed; {dropped} objects were removed"
         )
     return dropped
+
+
+# -- tiers that cannot list their objects (memcached): what they tell instead ------------------------
+
+NO_LISTING = "cannot list its objects (memcached has no key listing)"
+
+
+def lists_objects(tier: Tier) -> bool:
+    """False for a tier whose ``scan`` and ``read_prefixes`` always raise (``lists_objects = False``)."""
+    return bool(getattr(tier, "lists_objects", True))
+
+
+def server_summary(store: Tier) -> dict[str, Any]:
+    """What a tier that cannot list tells instead: each server's own numbers, the namespaces that
+    registered on it. Raises TierError when no server answers."""
+    servers: dict[str, dict[str, Any]] = store.server_stats(max_age=0)  # type: ignore[attr-defined]
+    if not servers:
+        raise TierError(f"cannot reach {store.name} at {store.where}")
+    rows = {}
+    for address, st in servers.items():
+        hits, misses = int(st.get("get_hits", 0)), int(st.get("get_misses", 0))
+        rows[address] = {
+            "items": int(st.get("curr_items", 0)),
+            "bytes": int(st.get("bytes", 0)),
+            "limit_bytes": int(st.get("limit_maxbytes", 0)),
+            "evictions": int(st.get("evictions", 0)),
+            "get_hits": hits,
+            "get_misses": misses,
+            "hit_ratio": hits / (hits + misses) if hits + misses else None,
+            "item_size_max": int(st.get("item_size_max", 0)),
+        }
+    namespaces: list[str] = store.registered_namespaces()  # type: ignore[attr-defined]
+    return {"tier": store.name, "where": store.where, "note": NO_LISTING, "servers": rows,
+            "namespaces": namespaces}  # fmt: skip

@@ -111,7 +111,9 @@ def build_hierarchy(
 
 
 MAINTENANCE_NAMESPACE = "kvtier-maintenance"  # never written: maintenance works across namespaces
-MAINTENANCE_REDIS_TIMEOUT_S = 2.0  # a command can wait longer than the engine's per-request timeout
+MAINTENANCE_REDIS_TIMEOUT_S = (
+    2.0  # (memcached too) a command can wait longer than the engine's per-request timeout
+)
 _NO_CAPACITY_LIMIT = 1 << 62  # opening a disk tier must not trim what it finds to some capacity
 
 
@@ -133,4 +135,18 @@ def open_for_maintenance(name: str, settings: TierSettings) -> Tier:
             timeout_seconds=timeout,
             connect_timeout_seconds=timeout,
         )
-    raise ConfigError(f"no maintenance for tier {name!r}; supported: disk, redis")
+    if name == "memcached":
+        if not settings.memcached_url:
+            raise ConfigError(
+                "the memcached tier needs a URL: --memcached-url, KVTIER_MEMCACHED_URL or memcached_url"
+            )
+        from kvtier.cache.tiers.memcached import MemcachedTier
+
+        timeout = max(settings.memcached_timeout, MAINTENANCE_REDIS_TIMEOUT_S)
+        return MemcachedTier(
+            settings.memcached_url,
+            MAINTENANCE_NAMESPACE,  # never registered: it only reads stats and bumps counters
+            timeout_seconds=timeout,
+            connect_timeout_seconds=timeout,
+        )
+    raise ConfigError(f"no maintenance for tier {name!r}; supported: disk, redis, memcached")

@@ -20,8 +20,8 @@ fetches the heads and as many chunks as the last object seen had; more chunks co
 
 Namespaces without SCAN: a name carries the namespace (model fingerprint) and ``<epoch>.<generation>``,
 two counters stored on the ring, read at most once a second (a clear elsewhere is seen within that).
-``clear()`` bumps this namespace's generation, ``drop_other_namespaces()`` those of the other namespaces
-in the registry, ``clear_all()`` the epoch: old objects become unreachable at once and memcached's LRU
+``clear()`` bumps this namespace's generation, ``drop_namespaces(keep)`` those of the other namespaces
+in the registry (``keep`` None: the epoch): old objects become unreachable at once and memcached's LRU
 (or the TTL) reclaims their memory. An evicted counter is re-seeded from the clock: its namespace's old
 objects are missed, never confused with new ones.
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections import defaultdict
@@ -53,7 +52,7 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey
+from kvtier.cache.keys import BlockKey, check_key, check_namespace, valid_namespace
 from kvtier.cache.tiers import memcached_wire as wire
 from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.breaker import CircuitBreaker
@@ -63,7 +62,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_TTL_SECONDS = 30 * 24 * 3600  # memcached reads a larger expiry as an absolute Unix time
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._/+=-]{1,128}")
 _ITEM_ROOM = 256  # of each item: memcached's own ~60 bytes and our name (< 130), not for data
 _GENERATION_TTL_S = 1.0
 _STATS_TTL_S = 1.0
@@ -84,6 +82,7 @@ class MemcachedTier(Tier):
     """Blocks on one or more memcached servers, behind the ``Tier`` protocol; safe to share by threads."""
 
     name = "memcached"
+    lists_objects = False  # scan / read_prefixes raise TierError: memcached cannot list keys
 
     def __init__(
         self,
@@ -97,10 +96,7 @@ class MemcachedTier(Tier):
         breaker_max_backoff_seconds: float = 30.0,
         capacity_bytes: int = 0,
     ) -> None:
-        if not _NAMESPACE_RE.fullmatch(namespace):
-            raise ValueError(
-                f"invalid memcached namespace {namespace!r}: use 1-128 of A-Z a-z 0-9 . _ / + = -"
-            )
+        check_namespace(namespace)
         if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
             raise ValueError(f"ttl_seconds must be 1..{MAX_TTL_SECONDS} (30 days) or None, got {ttl_seconds}")
         if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
@@ -137,6 +133,10 @@ class MemcachedTier(Tier):
         self._server_stats: tuple[dict[str, dict[str, Any]], float] = ({}, -_STATS_TTL_S)
 
     # ------------------------------------------------------------------ Tier protocol
+
+    @property
+    def where(self) -> str:
+        return self.url  # memcached URLs carry no credentials
 
     @property
     def capacity_bytes(self) -> int:
@@ -196,7 +196,7 @@ class MemcachedTier(Tier):
         values: dict[bytes, bytes] = {}
         sizes: dict[bytes, int] = {}
         for name, (_, data) in zip(heads, items, strict=True):
-            if self._capacity and len(data) > self._capacity:
+            if (self._capacity and len(data) > self._capacity) or len(data) > wire.MAX_CHUNKS * limit:
                 with self._lock:
                     self._extra["dropped_too_large"] += 1
                 continue
@@ -224,8 +224,8 @@ class MemcachedTier(Tier):
 
     def keys(self) -> list[BlockKey]:
         """Always []: memcached cannot list keys (``lru_crawler metadump`` skips items while its
-        crawler is busy, so a listing would be silently partial). ``clear`` and ``gc`` need no listing
-        (generations), ``kvtier cache stats`` shows the servers' own counts."""
+        crawler is busy, so a listing would be silently partial). Clearing needs no listing
+        (generations); ``kvtier cache stats`` shows the servers' own counts."""
         return []
 
     def __len__(self) -> int:
@@ -246,40 +246,29 @@ class MemcachedTier(Tier):
         """Make this namespace's objects unreachable (bump its generation); a no-op if unreachable."""
         self._bump(wire.generation_key(self._ns_id))
 
-    # ------------------------------------------------------------------ maintenance (cache CLI)
-
-    @property
-    def where(self) -> str:
-        return self.url
+    # ------------------------------------------------------------------ maintenance
 
     def scan(self, namespace: str | None = None) -> list[StoredObject]:
-        raise TierError(f"memcached at {self.url} cannot list its objects (the protocol has no SCAN)")
+        raise TierError(f"memcached at {self.where} cannot list its objects (see server_stats)")
 
     def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
-        raise TierError(f"memcached at {self.url} cannot list its objects (the protocol has no SCAN)")
+        raise TierError(f"memcached at {self.where} cannot list its objects (see server_stats)")
 
     def drop_namespaces(self, keep: str | None) -> int:
-        """Memcached can neither list nor count objects: every registered namespace but ``keep``
-        gets its generation bumped (``keep`` None: the epoch, which also covers namespaces the
-        registry lost). Returns how many registered namespaces were made unreachable."""
-        others = [ns for ns in self.registered_namespaces() if ns != keep]
+        """Make the objects of every namespace but ``keep`` unreachable by bumping generations (of the
+        registered namespaces), or, for None, the ring's epoch (every namespace, registered or not).
+        Returns how many registered namespaces were invalidated: memcached cannot count objects."""
+        known = self.registered_namespaces()
         if keep is None:
-            return len(others) if self.clear_all() else 0
+            return len(known) if self._bump(wire.EPOCH_KEY) else 0
+        others = [ns for ns in known if ns != keep]
         return sum(self._bump(wire.generation_key(wire.namespace_id(ns))) for ns in others)
-
-    def drop_other_namespaces(self) -> int:
-        """Bump the generation of every other namespace in the registry; returns how many were bumped."""
-        return self.drop_namespaces(keep=self.namespace)
-
-    def clear_all(self) -> bool:
-        """Make every namespace's objects unreachable (bump the epoch); False if its server is down."""
-        return self._bump(wire.EPOCH_KEY)
 
     def registered_namespaces(self) -> list[str]:
         """The namespaces that wrote to this ring (as long as the registry item was not evicted)."""
         raw = self._batched([wire.REGISTRY_KEY], wire.get_many).get(wire.REGISTRY_KEY, b"")
         names = {n.decode("ascii", "replace") for n in raw.split()}
-        return sorted(n for n in names if _NAMESPACE_RE.fullmatch(n))
+        return sorted(n for n in names if valid_namespace(n))
 
     def server_stats(self, max_age: float = _STATS_TTL_S) -> dict[str, dict[str, Any]]:
         """Each reachable server's own ``stats`` and ``item_size_max``, by address; read again when
@@ -304,10 +293,7 @@ class MemcachedTier(Tier):
 
     def _head_names(self, keys: Sequence[BlockKey]) -> list[bytes]:
         for key in keys:
-            if not isinstance(key, bytes | bytearray):
-                raise TypeError(f"block key must be bytes, got {type(key).__name__}")
-            if len(key) != DIGEST_SIZE:
-                raise ValueError(f"block key must be {DIGEST_SIZE} bytes, got {len(key)}")
+            check_key(key)
         gen = self._current_generation() if keys else None
         if gen is None:
             return []
