@@ -1,13 +1,18 @@
-"""``kvtier cache``: inspect and manage the disk and Redis tiers without running an engine.
+"""``kvtier cache``: inspect and manage the disk, Redis and memcached tiers without running an engine.
 
-The tiers come from the settings (``--disk-path``, ``--redis-url``, ``--config`` YAML, ``KVTIER_*``;
-see ``kvtier.config``): by default those of ``tiers`` (``auto``: disk, plus Redis when a URL is set),
-plus any tier whose location is given by a flag; ``--tier`` picks one. The host tier lives only inside
-a running engine, so there is nothing here to look at: its numbers are in that engine's metrics.
+The tiers come from the settings (``--disk-path``, ``--redis-url``, ``--memcached-url``, ``--config``
+YAML, ``KVTIER_*``; see ``kvtier.config``): by default those of ``tiers`` (``auto``: disk, plus Redis
+and memcached when their URL is set), plus any tier whose location is given by a flag; ``--tier``
+picks one. The host tier lives only inside a running engine, so there is nothing here to look at:
+its numbers are in that engine's metrics.
 
 Everything goes through the tiers' own maintenance operations (``Tier.scan``, ``read_prefixes``,
 ``drop_namespaces``) and ``cache.inventory``: this module only formats, so it removes exactly what a
 tier would and nothing else that shares the folder or the server.
+
+memcached cannot list its objects: ``stats`` shows its servers' own numbers (items, bytes, evictions,
+hit ratio, item size) and the namespaces registered there, ``ls`` says it cannot list, and ``clear``
+/ ``gc`` invalidate namespaces by bumping the generations that object names carry.
 
 Errors (bad settings, an unreachable Redis, an unreadable folder) print one line naming the cause and
 exit with code 2, never a traceback.
