@@ -25,13 +25,14 @@ Metric names (all prefixed ``kvtier:``, vLLM's style):
   ``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ``e2e_request_latency_seconds``.
 - device pool: ``kv_cache_usage_perc`` (fraction of blocks held by requests), ``pool_blocks``,
   ``pool_blocks_available``, ``pool_blocks_cached``, ``pool_blocks_in_use``, ``pool_evictions_total``.
-- each tier below the device (label ``tier``: host, disk, redis): ``tier_lookups_total``,
+- each tier below the device (label ``tier``: host, disk, redis, memcached): ``tier_lookups_total``,
   ``tier_hits_total``, ``tier_misses_total``, ``tier_puts_total``, ``tier_read_bytes_total``,
   ``tier_written_bytes_total``, ``tier_read_seconds_total``, ``tier_write_seconds_total``,
   ``tier_evictions_total``, ``tier_corrupt_total``, ``tier_errors_total``, ``tier_blocks_loaded_total``,
   ``tier_dropped_writes_total`` (stores a tier refused: no room, too large),
   the cost model's ``tier_cost_latency_seconds`` and ``tier_cost_bandwidth_bytes_per_second``, and
-  ``tier_extra{tier,name}``: each tier's own extra numbers (Redis circuit breaker state, dropped writes...).
+  ``tier_extra{tier,name}``: each tier's own extra numbers (the Redis and memcached circuit breakers,
+  dropped writes, memcached's partial objects...).
 - the hierarchy: ``hierarchy_decisions_total{decision="load"|"recompute"}``,
   ``hierarchy_blocks_loaded_total``, ``hierarchy_blocks_written_total``,
   ``hierarchy_predicted_load_seconds_total``, ``hierarchy_actual_load_seconds_total``,
