@@ -105,6 +105,7 @@ class MemcachedServer:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         proc.terminate()
         try:
             proc.wait(STOP_TIMEOUT_S)
@@ -118,6 +119,15 @@ class MemcachedServer:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers, as on a hung host."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def client(self) -> Client:
         return Client(("127.0.0.1", self.port), default_noreply=False, timeout=2.0)

@@ -385,6 +385,36 @@ def test_killed_mid_workload_every_call_returns_promptly(
     assert t.stats().errors > 0 and t.stats().extra["breaker_trips"] >= 1
 
 
+def test_a_hung_server_costs_a_timeout_per_call_until_the_breaker_opens(
+    memcached_server: MemcachedServer, tiers: list
+) -> None:
+    timeout = 0.3
+    t = MemcachedTier(memcached_server.url, "ns", timeout_seconds=timeout, connect_timeout_seconds=timeout,
+                      breaker_failures=2, breaker_backoff_seconds=1.0)  # fmt: skip
+    tiers.append(t)
+    keys = make_keys(4)
+    data = [os.urandom(100_000) for _ in keys]
+    t.put(list(zip(keys, data, strict=True)))
+    memcached_server.pause()
+    try:
+        for _ in range(2):  # each waits for its timeout, then the breaker opens
+            start = time.monotonic()
+            assert t.get(keys) == [None] * 4
+            assert time.monotonic() - start < 4 * timeout + 1.0
+        start = time.monotonic()
+        for _ in range(20):  # open: no I/O at all
+            assert t.get(keys) == [None] * 4 and t.lookup(keys) == 0
+            t.put(list(zip(keys, data, strict=True)))
+        assert time.monotonic() - start < 1.0
+        assert t.stats().extra["breaker_open"] == 1
+    finally:
+        memcached_server.resume()
+    deadline = time.monotonic() + 10  # the data survived the freeze: reads come back after the backoff
+    while t.get(keys) != data:
+        assert time.monotonic() < deadline, t.stats()
+        time.sleep(0.1)
+
+
 def test_nothing_listening_never_raises(tiers: list) -> None:
     from tests.redis_servers import free_port
 
