@@ -383,22 +383,18 @@ def gc(
 
 
 def _server_rows(table: Table, summary: dict[str, Any]) -> None:
+    """A tier that cannot count its objects: the bytes its servers hold, then each server's numbers."""
     servers = summary["servers"]
-    items = sum(s["items"] for s in servers.values())
     used = sum(s["bytes"] for s in servers.values())
-    table.add_row(summary["tier"], summary["where"], str(items), _human(used), "", "", "-", style="bold")
+    table.add_row(summary["tier"], summary["where"], "-", _human(used), "", "", "-", style="bold")
     for address, s in servers.items():
         ratio = "-" if s["hit_ratio"] is None else f"{100 * s['hit_ratio']:.1f}%"
-        table.add_row(
-            "",
-            f"  server {address}: {s['evictions']} evictions, hit ratio {ratio}, "
-            f"item size {_human(s['item_size_max'])}, limit {_human(s['limit_bytes'])}",
-            str(s["items"]),
-            _human(s["bytes"]),
-            "", "", "",
-        )  # fmt: skip
+        table.add_row("", f"  {address}: {s['items']} items, hit ratio {ratio}, {s['evictions']} evictions",
+                      "", _human(s["bytes"]), "", "", "")  # fmt: skip
+        table.add_row("", f"    item size {_human(s['item_size_max'])}, memory {_human(s['limit_bytes'])}",
+                      "", "", "", "", "")  # fmt: skip
     for ns in summary["namespaces"]:
-        table.add_row("", f"  {ns} (registered; objects not countable)", "", "", "", "", "")
+        table.add_row("", f"  {ns} (registered; its objects cannot be counted)", "", "", "", "", "")
 
 
 def _gc_unlisted(store: Tier, fingerprint: str, dry_run: bool) -> None:
