@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kvtier import LLM, SamplingParams
-from kvtier.model.loader import DIGEST_CACHE_NAME, load_model, weight_identity
+from kvtier.model.fingerprint import DIGEST_CACHE_NAME, weight_identity
+from kvtier.model.loader import load_model
 from tests.models import make_hf_model, random_prompt, save_model
 
 OLD_WINDOWS, OLD_WINDOW_BYTES = 64, 1 << 16  # what the sampled fingerprint read of each file

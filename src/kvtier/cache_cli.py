@@ -33,6 +33,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvtier.cache.codec import secret_from_env
 from kvtier.cache.inventory import (
     NO_LISTING,
     codec_name,
@@ -44,7 +45,7 @@ from kvtier.cache.inventory import (
 from kvtier.cache.inventory import (
     lists_objects as _lists,
 )
-from kvtier.cache.keys import valid_namespace
+from kvtier.cache.keys import tier_namespace, valid_namespace
 from kvtier.cache.tiers.base import Tier, TierError
 from kvtier.config import ConfigError, EngineConfig, TierSettings
 from kvtier.engine.tiers import open_for_maintenance
@@ -409,28 +410,31 @@ def _gc_unlisted(store: Tier, fingerprint: str, dry_run: bool) -> None:
 def model_fingerprint(
     model: str, config: str | None, dtype: str | None, device: str | None, seed: int | None
 ) -> tuple[str, str]:
-    """The fingerprint an engine would compute for ``model`` with these settings, loaded on the CPU.
+    """The namespace an engine would use for ``model`` with these settings: its fingerprint (computed
+    without building the model) plus the key id of ``KVTIER_CACHE_SECRET`` when that is set.
 
-    The fingerprint covers the dtype, and ``dtype: auto`` means bf16 on CUDA and float32 on the CPU for
-    synthetic models: the device only decides that (the weights are loaded on the CPU either way).
+    The fingerprint covers the dtype (``auto``: bf16 on CUDA, float32 on the CPU for synthetic
+    models) and, for synthetic weights, the device that drew them.
     """
     import torch
 
-    from kvtier.model.loader import SYNTHETIC_PREFIX, load_model
+    from kvtier.engine.engine import resolve_device
+    from kvtier.model.loader import SYNTHETIC_PREFIX, fingerprint_of
 
     cfg = EngineConfig.load(
         {"model": model, "dtype": dtype, "device": device, "seed": seed}, yaml_path=config
     )
     ms = cfg.model
     torch_dtype: torch.dtype | None = None
+    engine_device = resolve_device(ms.device)
     if ms.dtype != "auto":
         if ms.dtype not in ("float32", "float16", "bfloat16"):
             raise CacheCliError(f"unsupported dtype {ms.dtype!r}; use auto, float32, float16, bfloat16")
         torch_dtype = getattr(torch, ms.dtype)
     elif ms.model.startswith(SYNTHETIC_PREFIX):
-        kind = ms.device.split(":")[0]
-        cuda = torch.cuda.is_available() if kind == "auto" else kind == "cuda"
-        torch_dtype = torch.bfloat16 if cuda else torch.float32
-    loaded = load_model(ms.model, torch.device("cpu"), torch_dtype, ms.seed)
-    dtype_name = str(loaded.config.dtype).removeprefix("torch.")
-    return loaded.fingerprint, f"{ms.model}, {dtype_name}, seed {ms.seed}"
+        torch_dtype = torch.bfloat16 if engine_device.type == "cuda" else torch.float32
+    fingerprint = fingerprint_of(ms.model, engine_device, torch_dtype, ms.seed)
+    dtype_name = "auto" if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
+    secret = secret_from_env()
+    keyed = ", signed by the cache secret" if secret is not None else ""
+    return tier_namespace(fingerprint, secret), f"{ms.model}, {dtype_name}, seed {ms.seed}{keyed}"

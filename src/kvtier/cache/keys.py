@@ -9,6 +9,7 @@ pickle, so two processes (or two machines) always agree on a key. Only full bloc
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import struct
 from collections.abc import Sequence
@@ -136,3 +137,22 @@ def check_namespace(namespace: str) -> str:
             "(not starting with a dot or a dash)"
         )
     return namespace
+
+
+KEY_ID_LABEL = b"kvtier/key-id"
+
+
+def key_id(secret: bytes) -> str:
+    """A public name for a secret: the first 8 bytes of HMAC-SHA256(secret, "kvtier/key-id"), hex.
+
+    It reveals nothing usable about the secret (HMAC is a PRF) and is stable across processes, so
+    instances with the same secret agree on it and instances with different ones never do.
+    """
+    return "k" + hmac.new(secret, KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def tier_namespace(fingerprint: str, secret: bytes | None) -> str:
+    """Where a model's objects live in a shared tier: its fingerprint, plus the key id of the
+    secret that signs them. Readers with another secret (or none) then never see, and so never
+    delete as unverifiable, the objects of another configuration: each one's own namespace only."""
+    return fingerprint if secret is None else f"{fingerprint}.{key_id(secret)}"

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtier.cache.blocks import BlockPool
-from kvtier.cache.keys import BlockKey, KVLayout, root_key
+from kvtier.cache.codec import secret_from_env
+from kvtier.cache.keys import BlockKey, KVLayout, root_key, tier_namespace
 from kvtier.config import EngineConfig
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
@@ -113,6 +114,12 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         return self.loaded.fingerprint
+
+    @property
+    def namespace(self) -> str:
+        """The tiers' namespace: the fingerprint, plus the cache secret's key id when one is set."""
+        secret = self.hierarchy.secret if self.hierarchy is not None else secret_from_env()
+        return tier_namespace(self.fingerprint, secret)
 
     def root_key(self, salt: str | None) -> BlockKey:
         if salt not in self._roots:

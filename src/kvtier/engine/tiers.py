@@ -8,7 +8,7 @@ import torch
 
 from kvtier.cache.codec import CodecConfig, secret_from_env
 from kvtier.cache.hierarchy import KVHierarchy
-from kvtier.cache.keys import KVLayout
+from kvtier.cache.keys import KVLayout, tier_namespace
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier
@@ -93,7 +93,8 @@ def build_hierarchy(
         "redis": settings.redis_codec,
         "memcached": settings.memcached_codec,
     }
-    tiers = [make_tier(n, settings, fingerprint, layout, pin_memory=cuda) for n in names]
+    namespace = tier_namespace(fingerprint, secret)  # another secret: another namespace, never a fight
+    tiers = [make_tier(n, settings, namespace, layout, pin_memory=cuda) for n in names]
     codecs = [parse_codec(codec_text[n]) if n in codec_text else None for n in names]
     return KVHierarchy(
         tiers,

@@ -1,17 +1,15 @@
 """Load a model: a HF checkpoint folder (safetensors, mmap, meta device) or ``synthetic:<name>``.
 
-Also gives every model its fingerprint: a digest of architecture config, every weight byte and dtype
-that is part of every cache key, so a changed model never reuses old KV.
+Every model gets its fingerprint (model/fingerprint.py): a digest of architecture config, every weight
+byte and dtype that is part of every cache key, so a changed model never reuses old KV.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +18,13 @@ import torch
 from safetensors import safe_open
 
 from kvtier.model.bytetok import BYTE_VOCAB, CHAT_TEMPLATE, SPECIAL_TOKENS, ByteTokenizer
+from kvtier.model.fingerprint import (
+    CheckpointError,
+    _config_bytes,  # noqa: F401 - tests compare configs through it
+    _reason,
+    checkpoint_fingerprint,
+    synthetic_fingerprint,
+)
 from kvtier.model.llama import CausalLM
 from kvtier.model.registry import (
     ModelConfig,
@@ -108,10 +113,6 @@ SYNTHETIC_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: the message names the file and what is wrong."""
-
-
 @dataclass
 class LoadedModel:
     model: CausalLM
@@ -192,108 +193,6 @@ def _synthetic_hf_config(name: str, dtype: torch.dtype) -> Any:
     return hf
 
 
-def _digest(*parts: bytes) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(struct.pack("<Q", len(p)))
-        h.update(p)
-    return h.hexdigest()
-
-
-def _config_bytes(cfg: ModelConfig, hf_config: Any) -> bytes:
-    fields = {k: str(v) for k, v in asdict(cfg).items()}
-    fields["rope"] = json.dumps(
-        getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None),
-        sort_keys=True,
-        default=str,
-    )
-    return json.dumps(fields, sort_keys=True).encode()
-
-
-DIGEST_CACHE_NAME = ".kvtier-weights-digest.json"
-DIGEST_CACHE_VERSION = 1
-_CHUNK = 8 << 20
-
-
-def weight_identity(files: list[Path], cache_dir: str | os.PathLike[str] | None = None) -> bytes:
-    """A digest of every byte of every weight file: any edit, anywhere, changes the fingerprint.
-
-    Hashing 16 GB takes tens of seconds, so each file's digest is remembered beside the checkpoint
-    (in ``cache_dir`` when the folder is read-only) under the file's size, mtime, ctime and inode:
-    an in-place edit changes mtime, and even one that restores mtime changes ctime, which no user
-    can set. A restart reads the remembered digests and no weights.
-    """
-    h = hashlib.blake2b(digest_size=32)
-    folder = files[0].parent if files else Path(".")
-    remembered = _read_digest_cache(folder, cache_dir)
-    fresh: dict[str, dict[str, Any]] = {}
-    for path in files:
-        st = path.stat()
-        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
-        entry = remembered.get(path.name)
-        if not (isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items())):
-            entry = {**stamp, "blake2b": _file_digest(path)}
-        fresh[path.name] = entry
-        h.update(path.name.encode() + struct.pack("<Q", st.st_size) + bytes.fromhex(entry["blake2b"]))
-    if fresh != remembered:
-        _write_digest_cache(folder, cache_dir, fresh)
-    return h.digest()
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=32)
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    try:
-        with path.open("rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-    except OSError as e:
-        raise CheckpointError(f"cannot read the weights file {path}: {_reason(e)}") from None
-    return h.hexdigest()
-
-
-def _digest_cache_paths(folder: Path, cache_dir: str | os.PathLike[str] | None) -> list[Path]:
-    """Beside the checkpoint first; the kvtier cache folder (one file per checkpoint path) second."""
-    from kvtier.config import default_cache_dir
-
-    tag = hashlib.blake2b(str(folder.resolve()).encode(), digest_size=16).hexdigest()
-    other = Path(cache_dir or default_cache_dir()) / "weight-digests" / f"{tag}.json"
-    return [folder / DIGEST_CACHE_NAME, other]
-
-
-def _read_digest_cache(folder: Path, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-    for path in _digest_cache_paths(folder, cache_dir):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # absent or damaged: the digests are recomputed (a damaged cache is never trusted)
-        if isinstance(data, dict) and data.get("version") == DIGEST_CACHE_VERSION:
-            files = data.get("files")
-            if isinstance(files, dict) and all(
-                isinstance(e, dict) and isinstance(e.get("blake2b"), str) and len(e["blake2b"]) == 64
-                for e in files.values()
-            ):
-                return files
-    return {}
-
-
-def _write_digest_cache(
-    folder: Path, cache_dir: str | os.PathLike[str] | None, files: dict[str, Any]
-) -> None:
-    text = json.dumps({"version": DIGEST_CACHE_VERSION, "files": files}, sort_keys=True)
-    for path in _digest_cache_paths(folder, cache_dir):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            os.replace(tmp, path)  # atomic: a reader sees the old file or the new, never half
-            return
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    log.warning("cannot remember the weight digests of %s: the next start re-reads the weights", folder)
-
-
 def _init_synthetic_weights(model: CausalLM, seed: int, device: torch.device) -> None:
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -304,21 +203,6 @@ def _init_synthetic_weights(model: CausalLM, seed: int, device: torch.device) ->
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-
-
-def _rng_identity(device: torch.device) -> bytes:
-    """What synthetic weights depend on besides name, seed and dtype: the generator that drew them.
-
-    ``_init_synthetic_weights`` is a pure function of (name, seed, dtype, torch's RNG algorithm on
-    this kind of device): CPU and CUDA generators give different numbers for one seed, and a CUDA
-    kernel's draw order follows the grid it launches, which follows the device model. So the torch
-    version and the device (its model name on CUDA) are part of a synthetic fingerprint, and two
-    instances share synthetic KV exactly when they drew the same weights.
-    """
-    kind = device.type
-    if kind == "cuda":
-        kind += ":" + torch.cuda.get_device_name(device)
-    return f"{torch.__version__}|{kind}".encode()
 
 
 def _build_on_meta(cfg: ModelConfig, hf_config: Any) -> CausalLM:
@@ -347,9 +231,7 @@ def load_synthetic(name: str, device: torch.device, dtype: torch.dtype, seed: in
     model.rotary = type(model.rotary)(hf_config, cfg.head_dim).to(device)  # buffers are not on meta
     model.tie_weights()
     _init_synthetic_weights(model, seed, device)
-    fingerprint = _digest(
-        b"synthetic", name.encode(), str(seed).encode(), _config_bytes(cfg, hf_config), _rng_identity(device)
-    )
+    fingerprint = synthetic_fingerprint(name, seed, cfg, hf_config, device)
     return LoadedModel(
         model.eval(), cfg, hf_config, byte_level_tokenizer(), fingerprint, SYNTHETIC_PREFIX + name
     )
@@ -377,12 +259,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, KeyError):
-        return f"no {e} entry"
-    return str(e) or type(e).__name__
-
-
 def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Any:
     has_tokenizer = any(
         (folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -397,13 +273,10 @@ def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Any:
     return None
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None
-) -> LoadedModel:
-    folder = Path(path)
+def _checkpoint_config(folder: Path, dtype: torch.dtype | None) -> tuple[Any, ModelConfig]:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
-            f"model path {str(path)!r} is not a Hugging Face checkpoint folder (no config.json); "
+            f"model path {str(folder)!r} is not a Hugging Face checkpoint folder (no config.json); "
             f"use a local folder or synthetic:<{'|'.join(SYNTHETIC_MODELS)}>"
         )
     from transformers import AutoConfig
@@ -420,6 +293,14 @@ def load_checkpoint(
         cfg = model_config_from_hf(hf_config, dtype)
     except ModelConfigError as e:
         raise ModelConfigError(f"{folder / 'config.json'}: {e}") from None
+    return hf_config, cfg
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None
+) -> LoadedModel:
+    folder = Path(path)
+    hf_config, cfg = _checkpoint_config(folder, dtype)
     files = _safetensors_files(folder)
     model = _build_on_meta(cfg, hf_config)
     state = _read_state_dict(files, cfg, device)
@@ -436,7 +317,7 @@ def load_checkpoint(
         raise CheckpointError(f"the weights in {folder} do not match its config.json: {e}") from None
     model.rotary = type(model.rotary)(hf_config, cfg.head_dim).to(device)
     model.tie_weights()
-    fingerprint = _digest(b"checkpoint", _config_bytes(cfg, hf_config), weight_identity(files))
+    fingerprint = checkpoint_fingerprint(cfg, hf_config, files)
     return LoadedModel(model.eval(), cfg, hf_config, _load_tokenizer(folder, cfg), fingerprint, str(folder))
 
 
@@ -463,3 +344,17 @@ def load_model(
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
         return load_synthetic(name_or_path[len(SYNTHETIC_PREFIX) :], device, dtype or default, seed)
     return load_checkpoint(name_or_path, device, dtype)
+
+
+def fingerprint_of(
+    name_or_path: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0
+) -> str:
+    """The fingerprint ``load_model`` would give, without building the model (``kvtier cache gc``)."""
+    if name_or_path.startswith(SYNTHETIC_PREFIX):
+        name = name_or_path[len(SYNTHETIC_PREFIX) :]
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        hf_config = _synthetic_hf_config(name, dtype)
+        return synthetic_fingerprint(name, seed, model_config_from_hf(hf_config, dtype), hf_config, device)
+    folder = Path(name_or_path)
+    hf_config, cfg = _checkpoint_config(folder, dtype)
+    return checkpoint_fingerprint(cfg, hf_config, _safetensors_files(folder))
