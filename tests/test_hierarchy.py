@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -510,6 +511,7 @@ def test_objects_of_another_secret_are_rejected(
     ref = cold(prompts)
     monkeypatch.setenv("KVTIER_CACHE_SECRET", "a")
     writer = make_llm(tiers="disk", disk_path=str(tmp_path))
+    writer_ns = writer.engine.namespace
     writer.generate(prompts, greedy())
     writer.close()
     assert len(disk_objects(tmp_path)) == 24
@@ -520,11 +522,25 @@ def test_objects_of_another_secret_are_rejected(
     else:
         monkeypatch.setenv("KVTIER_CACHE_SECRET", read_secret)
     reader = make_llm(tiers="disk", disk_path=str(tmp_path))
+    # Another secret is another namespace: the writer's objects are neither used nor touched...
+    assert reader.engine.namespace != writer_ns
     outs = reader.generate(prompts, greedy())
     assert token_ids(outs) == ref
     assert loaded(outs) == [0, 0] and cached(outs) == [0, 0]
-    assert reader.engine.hierarchy.stats.corrupt == len(prompts)
-    assert len(disk_objects(tmp_path)) == 24 - len(prompts)  # each rejected object was deleted
+    assert reader.engine.hierarchy.stats.corrupt == 0
+    assert len(disk_objects(tmp_path)) == 24
+    # ...and the same objects planted in the reader's own namespace fail its HMAC check, are
+    # counted and deleted (one per prompt: a load stops at its first bad block).
+    theirs, ours = tmp_path / writer_ns, tmp_path / reader.engine.namespace
+    shutil.rmtree(ours, ignore_errors=True)
+    shutil.copytree(theirs, ours)
+    again = make_llm(tiers="disk", disk_path=str(tmp_path))
+    outs = again.generate(prompts, greedy())
+    assert token_ids(outs) == ref
+    assert loaded(outs) == [0, 0] and cached(outs) == [0, 0]
+    assert again.engine.hierarchy.stats.corrupt == len(prompts)
+    assert len(list(ours.rglob("*.kvt"))) == 24 - len(prompts)
+    assert len(list(theirs.rglob("*.kvt"))) == 24
 
 
 def test_same_secret_is_accepted(
