@@ -207,6 +207,13 @@ BAD_SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "write-policy": (dict(write_policy="sometimes"), ("write_policy", "write-through")),
     "bool-setting-int": (dict(enable_prefix_caching=2), ("enable_prefix_caching must be true or false",)),
     "str-setting-int": (dict(eviction_policy=3), ("eviction_policy must be a string",)),
+    # settings that name an implementation: checked with the config, the supported names listed
+    "eviction-policy": (dict(eviction_policy="lru2"), ("eviction_policy 'lru2'", "s3fifo")),
+    "tier-policy": (dict(tier_policy="mru"), ("tier_policy 'mru'", "arc")),
+    "disk-codec": (dict(disk_codec="gzip"), ("'gzip'", "zstd")),
+    "redis-codec": (dict(redis_codec="int4+lz4"), ("'int4'", "fp8")),
+    "tier-name": (dict(tiers="host,s3"), ("unknown tier 's3'", "memcached")),
+    "attention-backend": (dict(attention_backend="flash"), ("attention_backend 'flash'", "torch")),
 }
 
 
@@ -217,6 +224,12 @@ def test_bad_settings(case: str) -> None:
         EngineConfig.load(settings, env={})
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_named_settings_fail_before_any_weights_load(tmp_path: Path) -> None:
+    # the model folder does not exist: had weights been loaded first, that would be the error
+    with pytest.raises(ConfigError, match="eviction_policy"):
+        LLM(str(tmp_path / "no-such-model"), eviction_policy="lru2")
 
 
 def test_settings_set_by_hand_are_checked_too(checkpoint: tuple[Any, str]) -> None:

@@ -19,6 +19,10 @@ from typing import Any
 
 import yaml
 
+from kvtier.cache.codec import COMPRESSIONS, QUANTIZATIONS, CodecConfig
+from kvtier.cache.policy import POLICIES
+from kvtier.model.attention import ATTENTION_BACKENDS
+
 ENV_PREFIX = "KVTIER_"
 EXPLICIT_EMPTY = ("disk_path",)  # an empty value is refused, not read as "use the default"
 
@@ -162,6 +166,7 @@ class EngineConfig:
             )
         if not t.memcached_timeout > 0:
             raise ConfigError(f"memcached_timeout must be > 0 seconds, got {t.memcached_timeout}")
+        _check_names(self)
         if t.disk_path is not None and not t.disk_path.strip():
             raise ConfigError(
                 f"disk_path is empty; leave it unset for the default folder ({default_cache_dir()})"
@@ -313,3 +318,36 @@ def _check_types(cfg: EngineConfig) -> None:
             if value is None or (f.name in EXPLICIT_EMPTY and value == ""):
                 continue
             setattr(part, f.name, _coerce(value, f.type, f.name))
+
+
+def parse_codec(text: str) -> CodecConfig:
+    """``none``, ``zstd``, ``int8``, ``fp8+lz4``...: quantization and compression in any order."""
+    quantization, compression = "none", "none"
+    for part in (p.strip() for p in text.split("+") if p.strip()):
+        if part in QUANTIZATIONS[1:]:
+            quantization = part
+        elif part in COMPRESSIONS[1:]:
+            compression = part
+        elif part != "none":
+            names = ", ".join(dict.fromkeys(QUANTIZATIONS + COMPRESSIONS))
+            raise ConfigError(f"unknown codec part {part!r} in {text!r}; use {names}")
+    return CodecConfig(quantization=quantization, compression=compression)
+
+
+def _check_names(cfg: EngineConfig) -> None:
+    """Settings that name an implementation (a policy, a codec, a tier, a kernel) are checked here,
+    before any weights load, with the supported names in the message."""
+    for name, value in (
+        ("eviction_policy", cfg.pool.eviction_policy),
+        ("tier_policy", cfg.tiers.tier_policy),
+    ):
+        if value not in POLICIES:
+            raise ConfigError(f"unknown {name} {value!r}; supported: {', '.join(POLICIES)}")
+    if cfg.model.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"unknown attention_backend {cfg.model.attention_backend!r}; "
+            f"supported: {', '.join(ATTENTION_BACKENDS)}"
+        )
+    for name in ("disk_codec", "redis_codec", "memcached_codec"):
+        parse_codec(getattr(cfg.tiers, name))
+    cfg.tiers.enabled(cuda=False)  # unknown tier names, shared tiers without a URL

@@ -6,31 +6,19 @@ import logging
 
 import torch
 
-from kvtier.cache.codec import CodecConfig, secret_from_env
+from kvtier.cache.codec import secret_from_env
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import KVLayout, tier_namespace
+from kvtier.cache.tiers import open_tier
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.disk import DiskTier
-from kvtier.cache.tiers.host import HostTier
-from kvtier.config import SHARED_TIERS, ConfigError, EngineConfig, TierSettings
+from kvtier.config import SHARED_TIERS, ConfigError, EngineConfig, TierSettings, parse_codec
 
 log = logging.getLogger(__name__)
 
+__all__ = ["build_hierarchy", "make_tier", "open_for_maintenance", "parse_codec"]
+
 # Seeds for the recompute side of the cost model until real prefills are measured.
 SEED_PREFILL_SECONDS_PER_TOKEN = {"cpu": 1e-3, "cuda": 2e-5}
-
-
-def parse_codec(text: str) -> CodecConfig:
-    """``none``, ``zstd``, ``int8``, ``fp8+lz4``...: quantization and compression in any order."""
-    quantization, compression = "none", "none"
-    for part in (p.strip() for p in text.split("+") if p.strip()):
-        if part in ("fp8", "int8"):
-            quantization = part
-        elif part in ("lz4", "zstd"):
-            compression = part
-        elif part != "none":
-            raise ConfigError(f"unknown codec part {part!r} in {text!r}; use none, fp8, int8, lz4, zstd")
-    return CodecConfig(quantization=quantization, compression=compression)
 
 
 def make_tier(
@@ -39,9 +27,10 @@ def make_tier(
     """One tier from the settings; ``pin_memory`` page-locks the host tier's slab (on CUDA)."""
     if name == "host":
         capacity, policy = settings.host_capacity, settings.tier_policy
-        return HostTier(layout, namespace, capacity, policy, pin_memory=pin_memory)
+        return open_tier("host", layout, namespace, capacity, policy, pin_memory=pin_memory)
     if name == "disk":
-        return DiskTier(
+        return open_tier(
+            "disk",
             settings.resolved_disk_path(),
             namespace,
             settings.disk_capacity,
@@ -49,26 +38,10 @@ def make_tier(
             fsync=settings.disk_fsync,
             expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block),
         )
-    if name == "redis":
-        from kvtier.cache.tiers.redis import RedisTier  # redis-py takes 0.3 s to import: only when used
-
-        assert settings.redis_url
-        return RedisTier(
-            settings.redis_url,
-            namespace,
-            ttl_seconds=settings.redis_ttl,
-            timeout_seconds=settings.redis_timeout,
-        )
-    if name == "memcached":
-        from kvtier.cache.tiers.memcached import MemcachedTier  # like redis-py: only when used
-
-        assert settings.memcached_url
-        return MemcachedTier(
-            settings.memcached_url,
-            namespace,
-            ttl_seconds=settings.memcached_ttl,
-            timeout_seconds=settings.memcached_timeout,
-        )
+    if name in ("redis", "memcached"):
+        url, ttl, timeout = (getattr(settings, f"{name}_{part}") for part in ("url", "ttl", "timeout"))
+        assert url  # TierSettings.enabled checked it
+        return open_tier(name, url, namespace, ttl_seconds=ttl, timeout_seconds=timeout)
     raise ConfigError(f"unknown tier {name!r}")
 
 
@@ -123,14 +96,15 @@ def open_for_maintenance(name: str, settings: TierSettings) -> Tier:
     nothing read until asked (``scan``, ``read_prefixes``, ``drop_namespaces``)."""
     if name == "disk":
         root = settings.resolved_disk_path()
-        return DiskTier(root, MAINTENANCE_NAMESPACE, _NO_CAPACITY_LIMIT, read_threads=0, create=False)
+        return open_tier(
+            "disk", root, MAINTENANCE_NAMESPACE, _NO_CAPACITY_LIMIT, read_threads=0, create=False
+        )
     if name == "redis":
         if not settings.redis_url:
             raise ConfigError("the redis tier needs a URL: --redis-url, KVTIER_REDIS_URL or redis_url")
-        from kvtier.cache.tiers.redis import RedisTier  # imported only when used, as in make_tier
-
         timeout = max(settings.redis_timeout, MAINTENANCE_REDIS_TIMEOUT_S)
-        return RedisTier(
+        return open_tier(
+            "redis",
             settings.redis_url,
             MAINTENANCE_NAMESPACE,
             timeout_seconds=timeout,

@@ -151,8 +151,11 @@ class TorchReferenceAttention:
         return o.squeeze(2)
 
 
+ATTENTION_BACKENDS = ("auto", "torch")  # the names make_attention_backend knows (checked by the config)
+
+
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     """``torch`` is the reference and runs everywhere; GPU kernels register here as they land."""
     if name in ("torch", "auto"):
         return TorchReferenceAttention()
-    raise ValueError(f"unknown attention backend {name!r}; supported: auto, torch")
+    raise ValueError(f"unknown attention backend {name!r}; supported: {', '.join(ATTENTION_BACKENDS)}")
