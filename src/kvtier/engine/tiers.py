@@ -115,10 +115,9 @@ def open_for_maintenance(name: str, settings: TierSettings) -> Tier:
             raise ConfigError(
                 "the memcached tier needs a URL: --memcached-url, KVTIER_MEMCACHED_URL or memcached_url"
             )
-        from kvtier.cache.tiers.memcached import MemcachedTier
-
         timeout = max(settings.memcached_timeout, MAINTENANCE_REDIS_TIMEOUT_S)
-        return MemcachedTier(
+        return open_tier(
+            "memcached",
             settings.memcached_url,
             MAINTENANCE_NAMESPACE,  # never registered: it only reads stats and bumps counters
             timeout_seconds=timeout,
