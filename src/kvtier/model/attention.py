@@ -34,6 +34,9 @@ class AttentionMetadata:
     query_lens_host: list[int]
     context_lens_host: list[int]
     num_decodes: int  # rows [0, num_decodes) have exactly one query token
+    # Split-K factor of the decode kernel; None: the backend picks from the batch. A CUDA graph fixes
+    # it at capture (its grid is frozen), for the longest context the graph may see.
+    decode_splits: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -46,7 +49,8 @@ class AttentionBackend(Protocol):
     q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]; kv_layer: ``kv_cache[l]``, shape
     [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim]. Row i's
     query j sits at position ``context_lens[i] - query_lens[i] + j`` and sees keys 0..that position
-    (and only the last ``sliding_window`` of them when a window is set).
+    (and only the last ``sliding_window`` of them when a window is set). An fp8 pool comes with
+    ``kv_scales`` ([2, num_kv_heads] float32): it stores ``value / scale`` as e4m3.
     """
 
     def forward(
@@ -58,13 +62,38 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
-def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None) -> torch.Tensor:
+    """[T, heads, D] -> the pool's dtype; an fp8 pool stores x / scale (per head), clamped to range."""
+    if scales is None:
+        return x.to(dtype)
+    return (x.float() / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def write_kv(
+    kv_layer: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
+) -> None:
     _, num_blocks, block_size, heads, dim = kv_layer.shape
-    kv_layer[0].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, k.to(kv_layer.dtype))
-    kv_layer[1].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
+    for i, x in enumerate((k, v)):
+        data = quantize_kv(x, kv_layer.dtype, None if kv_scales is None else kv_scales[i])
+        kv_layer[i].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, data)
+
+
+def dequantize(x: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None) -> torch.Tensor:
+    """Gathered [R, heads, S, D] K or V -> dtype, times its per-head scale for an fp8 pool."""
+    if scales is None:
+        return x.to(dtype)
+    return (x.float() * scales[None, :, None, None]).to(dtype)
 
 
 def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,29 +134,15 @@ class TorchReferenceAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        write_kv(kv_layer, k, v, meta.slot_mapping)
+        write_kv(kv_layer, k, v, meta.slot_mapping, kv_scales)
         out = torch.empty_like(q)
         block_size = kv_layer.shape[2]
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_layer, meta, scale, sliding_window, block_size)
-        start = nd
-        for row in range(nd, meta.num_rows):
-            qlen, ctx = meta.query_lens_host[row], meta.context_lens_host[row]
-            nb = -(-ctx // block_size)
-            kk, vv = gather_kv(kv_layer, meta.block_tables[row : row + 1, :nb])
-            qq = q[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
-            query_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
-            key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
-            # ctx as a Python int: a scalar tensor made here would be a host-to-device copy and a
-            # sync per prefill row per layer (seen with torch.cuda.set_sync_debug_mode).
-            mask = _visible(query_pos, key_pos, ctx, sliding_window)
-            o = F.scaled_dot_product_attention(
-                qq, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
-            )
-            out[start : start + qlen] = o[0].transpose(0, 1)
-            start += qlen
+            out[:nd] = self._decode(q[:nd], kv_layer, meta, scale, sliding_window, block_size, kv_scales)
+        prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scales, out)
         return out
 
     @staticmethod
@@ -138,24 +153,121 @@ class TorchReferenceAttention:
         scale: float,
         sliding_window: int | None,
         block_size: int,
+        kv_scales: torch.Tensor | None,
     ) -> torch.Tensor:
         nd = meta.num_decodes
         nb = -(-max(meta.context_lens_host[:nd]) // block_size)
         kk, vv = gather_kv(kv_layer, meta.block_tables[:nd, :nb])
+        ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
         ctx = meta.context_lens[:nd].long()[:, None]  # [nd, 1]
         key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
         mask = _visible(ctx - 1, key_pos, ctx, sliding_window)[:, None, None, :]  # [nd, 1, 1, S]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+            q.unsqueeze(2),
+            dequantize(kk, q.dtype, ks),
+            dequantize(vv, q.dtype, vs),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )
         return o.squeeze(2)
 
 
-ATTENTION_BACKENDS = ("auto", "torch")  # the names make_attention_backend knows (checked by the config)
+def prefill_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    kv_scales: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """The rows after the decodes, one at a time: gather the row's blocks, masked SDPA, into ``out``."""
+    block_size = kv_layer.shape[2]
+    ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+    start = meta.num_decodes
+    for row in range(meta.num_decodes, meta.num_rows):
+        qlen, ctx = meta.query_lens_host[row], meta.context_lens_host[row]
+        nb = -(-ctx // block_size)
+        kk, vv = gather_kv(kv_layer, meta.block_tables[row : row + 1, :nb])
+        qq = q[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
+        query_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
+        # ctx as a Python int: a scalar tensor made here would be a host-to-device copy and a
+        # sync per prefill row per layer (seen with torch.cuda.set_sync_debug_mode).
+        mask = _visible(query_pos, key_pos, ctx, sliding_window)
+        o = F.scaled_dot_product_attention(
+            qq,
+            dequantize(kk, q.dtype, ks),
+            dequantize(vv, q.dtype, vs),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[start : start + qlen] = o[0].transpose(0, 1)
+        start += qlen
+
+
+class TritonPagedAttention:
+    """CUDA: the KV write and decode rows in Triton kernels reading the pool through the block table
+    (``kernels/paged_decode.py``); prefill rows still gather + SDPA (the reference's code).
+
+    Needs no host data for decode rows when ``meta.decode_splits`` is set, so it can be captured in a
+    CUDA graph.
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from kvtier.model.kernels import paged_decode as kernels
+
+        kernels.write_kv(kv_layer, k, v, meta.slot_mapping, kv_scales)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        nd = meta.num_decodes
+        if nd:
+            splits = meta.decode_splits
+            if splits is None:
+                longest = max(meta.context_lens_host[:nd])
+                splits = kernels.choose_splits(
+                    nd, kv_layer.shape[3], longest, kernels.block_n_for(q.shape[2]), q.device
+                )
+            kernels.paged_decode(
+                q[:nd],
+                kv_layer,
+                meta.block_tables,
+                meta.context_lens,
+                scale,
+                sliding_window,
+                splits,
+                out=out[:nd],
+                kv_scales=kv_scales,
+            )
+        prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scales, out)
+        return out
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # the names make_attention_backend knows (checked by the config)
 
 
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``torch`` is the reference and runs everywhere; GPU kernels register here as they land."""
-    if name in ("torch", "auto"):
+    """``torch`` is the reference and runs everywhere; ``triton`` needs CUDA (or Triton's
+    interpreter); ``auto`` is triton on CUDA when triton is installed, else torch."""
+    from kvtier.model import kernels
+
+    if name == "torch" or (name == "auto" and not (device.type == "cuda" and kernels.available(device))):
         return TorchReferenceAttention()
+    if name in ("auto", "triton"):
+        if not kernels.available(device):
+            raise ValueError(
+                f"attention_backend='triton' needs a CUDA device and the triton package (device is {device})"
+            )
+        return TritonPagedAttention()
     raise ValueError(f"unknown attention backend {name!r}; supported: {', '.join(ATTENTION_BACKENDS)}")

@@ -71,12 +71,24 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = inverse_frequencies(hf_config, head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+        self._tables: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+    def table(self, max_positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..max_positions-1, made once: the fused rotary kernel indexes it
+        instead of recomputing ~10 small kernels per step (same values: same ops on the same device)."""
+        key = (max_positions, dtype, self.inv_freq.device)
+        if key not in self._tables:
+            self._tables.clear()  # one table at a time: a new length or dtype replaces the old
+            positions = torch.arange(max_positions, device=self.inv_freq.device)
+            self._tables[key] = self(positions, dtype)
+        return self._tables[key]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
