@@ -96,6 +96,7 @@ def reference_decode(
 
 CASES = [
     # rows, heads, kv_heads, dim, page, max_len, window, dtype
+    (1, 4, 2, 16, 4, 30, None, torch.float32),  # one row: one-element length and slot tensors
     (3, 4, 2, 16, 4, 40, None, torch.float32),
     (4, 8, 1, 32, 8, 70, 9, torch.float32),
     (2, 6, 6, 24, 16, 50, None, torch.float16),
@@ -178,6 +179,8 @@ def test_write_kv_matches_index_copy_and_skips_padding(dtype: torch.dtype) -> No
     keep = slots >= 0
     reference_write(expect, k[keep], v[keep], slots[keep])
     write_kv(pool, k, v, slots)
+    assert torch.equal(pool, expect)
+    write_kv(pool, k[:1], v[:1], slots[:1])  # a single token (a batch-1 decode step)
     assert torch.equal(pool, expect)
 
 

@@ -37,12 +37,14 @@ class ModelSettings:
     dtype: str = "auto"  # auto (bf16 on CUDA, float32 on CPU for synthetic; the checkpoint's own otherwise)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # synthetic weights
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto (triton on CUDA when installed, else torch), torch, triton
+    cuda_graph_max_batch: int = 256  # decode CUDA graphs up to this batch (CUDA + triton); 0: none
 
 
 @dataclass
 class PoolSettings:
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) or fp8 (e4m3, per-layer/head scales)
     kv_cache_memory: int | None = (
         None  # bytes for the device pool; None: see gpu_memory_utilization / cpu default
     )
@@ -140,6 +142,10 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {p.gpu_memory_utilization}")
         if not 0.0 < p.cpu_kv_cache_fraction <= 1.0:
             raise ConfigError(f"cpu_kv_cache_fraction must be in (0, 1], got {p.cpu_kv_cache_fraction}")
+        if p.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {p.kv_cache_dtype!r}")
+        if self.model.cuda_graph_max_batch < 0:
+            raise ConfigError(f"cuda_graph_max_batch must be >= 0, got {self.model.cuda_graph_max_batch}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if s.max_model_len is not None and s.max_model_len < 2:

@@ -40,7 +40,8 @@ from kvtier.engine.request import (
 from kvtier.engine.runner import ModelRunner, StepResult
 from kvtier.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.engine.tiers import build_hierarchy
-from kvtier.model.attention import make_attention_backend
+from kvtier.model.attention import TritonPagedAttention, make_attention_backend
+from kvtier.model.kv_fp8 import calibrate_kv_scales, scales_digest
 from kvtier.model.loader import LoadedModel, load_model
 
 if TYPE_CHECKING:
@@ -80,12 +81,19 @@ class Engine:
         self.device = resolve_device(ms.device)
         self.loaded = loaded or load_model(ms.model, self.device, _dtype(ms.dtype), ms.seed)
         self.model = self.loaded.model
-        self.model.attention_backend = make_attention_backend(ms.attention_backend, self.device)
+        backend = make_attention_backend(ms.attention_backend, self.device)
+        self.model.attention_backend = backend
+        if isinstance(backend, TritonPagedAttention):
+            self.model.use_fused_kernels()
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
-        self.layout = KVLayout(
-            mc.num_layers, mc.num_kv_heads, mc.head_dim, ps.block_size, str(mc.dtype).removeprefix("torch.")
+        # fp8 pool: scales measured once (before the hierarchy: they are part of the fingerprint)
+        self.kv_scales = (
+            calibrate_kv_scales(self.model, ps.block_size) if ps.kv_cache_dtype == "fp8" else None
         )
+        self.model.set_kv_scales(self.kv_scales)
+        kv_dtype = "float8_e4m3fn" if self.kv_scales is not None else str(mc.dtype).removeprefix("torch.")
+        self.layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, ps.block_size, kv_dtype)
         self.num_blocks = self._num_blocks()
         self.pool = BlockPool(self.num_blocks, ps.block_size, ps.eviction_policy, ps.enable_prefix_caching)
         max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -99,7 +107,14 @@ class Engine:
             else None
         )
         self.scheduler = Scheduler(self.pool, limits, self.root_key, self.hierarchy)
-        self.runner = ModelRunner(self.model, self.layout, self.num_blocks, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            self.layout,
+            self.num_blocks,
+            self.device,
+            max_model_len=max_len,
+            graph_max_batch=min(ms.cuda_graph_max_batch, ss.max_num_seqs),
+        )
         self.kv = (
             KVTransfer(self.hierarchy, self.pool, self.runner.kv_cache)
             if self.hierarchy is not None
@@ -113,7 +128,11 @@ class Engine:
     # -- set-up ---------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        return self.loaded.fingerprint
+        """The model's, and with an fp8 pool its KV scales' too: blocks quantised with other
+        scales must never be mixed in."""
+        if self.kv_scales is None:
+            return self.loaded.fingerprint
+        return f"{self.loaded.fingerprint}/kv-fp8-{scales_digest(self.kv_scales)}"
 
     @property
     def namespace(self) -> str:

@@ -1,7 +1,8 @@
 """Batch -> tensors -> model -> sampled tokens. Owns the KV cache tensor and the device.
 
 One host synchronisation per step: reading the sampled token ids back. Inputs are built on the host
-in pinned memory (on CUDA) and copied without blocking.
+in pinned memory (on CUDA) and copied without blocking. Decode-only batches up to the largest graph
+bucket replay a CUDA graph (``cuda_graphs.py``) when the model runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.cache.keys import KVLayout
+from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
-from kvtier.model.attention import AttentionMetadata
+from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
 from kvtier.model.llama import CausalLM
 from kvtier.model.sampler import SamplingBatch, sample
 
@@ -48,13 +50,28 @@ def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        layout: KVLayout,
+        num_blocks: int,
+        device: torch.device,
+        max_model_len: int | None = None,
+        graph_max_batch: int = 0,
+    ) -> None:
+        """``graph_max_batch`` > 0 captures decode graphs up to that batch (CUDA + Triton backend only)."""
         self.model = model
         self.layout = layout
         self.device = device
         self.dtype = getattr(torch, layout.dtype)
         self.kv_cache = allocate_kv_cache(kv_cache_shape(layout, num_blocks), self.dtype, device)
         self._pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        graphable = device.type == "cuda" and isinstance(model.attention_backend, TritonPagedAttention)
+        if graph_max_batch > 0 and graphable:
+            max_len = max_model_len or model.config.max_position_embeddings
+            self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, max_len, device)
+            self.graphs.capture()
 
     def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
@@ -99,18 +116,64 @@ class ModelRunner:
         )
         return self._to_device(ids, torch.int64), self._to_device(positions, torch.int64), meta, logits_rows
 
+    def _graph_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the decode graph of this batch's bucket: (logits, greedy tokens); None when the
+        batch does not fit one."""
+        g = self.graphs
+        if (
+            g is None
+            or len(chunks) > g.max_batch
+            or any(c.num_new_tokens != 1 or not c.samples for c in chunks)
+        ):
+            return None
+        n = len(chunks)
+        b = g.bucket(n)
+        assert b is not None
+        bs = self.layout.block_size
+        pos = [c.request.num_computed_tokens for c in chunks]
+        tables = [c.request.block_table for c in chunks]
+        width = max(-(-(p + 1) // bs) for p in pos)
+        pad = b - n
+
+        def pinned(data: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, pin_memory=True)
+
+        flat: list[int] = []
+        for t in tables:
+            flat.extend(t[:width] + [0] * (width - min(len(t), width)))
+        return g.run(
+            pinned(
+                [c.request.token_ids(p, p + 1)[0] for c, p in zip(chunks, pos, strict=True)] + [0] * pad,
+                torch.int64,
+            ),
+            pinned(pos + [0] * pad, torch.int64),
+            pinned(
+                [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)] + [-1] * pad, torch.int64
+            ),
+            pinned([p + 1 for p in pos] + [0] * pad, torch.int32),
+            pinned(flat, torch.int32).view(n, width),
+            n,
+        )
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
-        input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
         sampling = [c.request for c in chunks if c.samples]
-        if not sampling:
-            self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
-            return StepResult({}, {})
-        logits = self.model(
-            input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
-        )
-        batch = self._sampling_batch(sampling)
-        tokens = sample(logits, batch)
+        greedy: torch.Tensor | None = None
+        replayed = self._graph_logits(chunks)
+        if replayed is not None:
+            logits, greedy = replayed
+        else:
+            input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
+            if not sampling:
+                self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
+                return StepResult({}, {})
+            logits = self.model(
+                input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
+            )
+        if greedy is not None and all(_plain_greedy(r) for r in sampling):
+            tokens = greedy  # computed in the graph
+        else:
+            tokens = sample(logits, self._sampling_batch(sampling))
         token_ids = tokens.tolist()  # the step's one host synchronisation (a second when logprobs asked)
         logprobs = _logprobs(logits, tokens, token_ids, sampling)
         kept = {r.request_id: logits[i].cpu() for i, r in enumerate(sampling) if r.params.return_logits}
@@ -158,3 +221,14 @@ def _logprobs(
         pairs = list(zip(ids_h[j][:want], values_h[j][:want], strict=True))
         out[req.request_id] = TokenLogprob(token_ids[i], chosen_h[j], pairs)
     return out
+
+
+def _plain_greedy(req: Request) -> bool:
+    """Greedy without penalties: the token is the argmax of the raw logits (what the graph computed)."""
+    p = req.params
+    return (
+        p.temperature == 0
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+    )

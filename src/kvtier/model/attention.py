@@ -86,7 +86,10 @@ def write_kv(
     _, num_blocks, block_size, heads, dim = kv_layer.shape
     for i, x in enumerate((k, v)):
         data = quantize_kv(x, kv_layer.dtype, None if kv_scales is None else kv_scales[i])
-        kv_layer[i].view(num_blocks * block_size, heads, dim).index_copy_(0, slot_mapping, data)
+        dst = kv_layer[i].view(num_blocks * block_size, heads, dim)
+        if data.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernels: copy the bytes
+            dst, data = dst.view(torch.uint8), data.view(torch.uint8)
+        dst.index_copy_(0, slot_mapping, data)
 
 
 def dequantize(x: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None) -> torch.Tensor:
@@ -101,6 +104,9 @@ def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     rows, nb = block_tables.shape
     _, _, block_size, heads, dim = kv_layer.shape
     idx = block_tables.long()
+    if kv_layer.dtype == torch.float8_e4m3fn:  # indexing has no fp8 kernels: gather the bytes
+        k8, v8 = gather_kv(kv_layer.view(torch.uint8), block_tables)
+        return k8.view(kv_layer.dtype), v8.view(kv_layer.dtype)
     k = kv_layer[0][idx].view(rows, nb * block_size, heads, dim).transpose(1, 2)
     v = kv_layer[1][idx].view(rows, nb * block_size, heads, dim).transpose(1, 2)
     return k, v

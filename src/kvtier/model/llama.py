@@ -12,7 +12,7 @@ Both carry the residual stream separately (``x`` and ``residual``), so their rou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -177,13 +177,13 @@ class CausalLM(nn.Module):
         the projection weights become views of their fused tensors."""
         if not self.fused:
             for layer in self.model.layers:
-                layer.fuse()
+                cast(DecoderLayer, layer).fuse()
             self.fused = True
 
     def set_kv_scales(self, scales: torch.Tensor | None) -> None:
         """fp8 pool: [num_layers, 2, kv_heads] float32 dequantisation scales (None: no scaling)."""
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.kv_scales = None if scales is None else scales[i]
+            cast(DecoderLayer, layer).self_attn.kv_scales = None if scales is None else scales[i]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         if self.fused:

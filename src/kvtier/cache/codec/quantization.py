@@ -11,7 +11,12 @@ import torch
 
 from kvtier.cache.keys import KVLayout
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # an fp8 device pool: its blocks are stored as they are
+}
 KV_DTYPES = tuple(_TORCH_DTYPES)
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INT8_MAX = 127.0  # symmetric: -127..127, -128 unused

@@ -208,7 +208,7 @@ def paged_decode(
     if rows == 0:
         return out
     k_cache, v_cache = kv_layer[0], kv_layer[1]
-    scales = kv_scales if kv_scales is not None else context_lens  # unused when not fp8
+    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (q, q)  # unused: not fp8
     mid_o = mid_lse = out  # unused with one split
     if num_splits > 1:
         mid_o = torch.empty((rows, heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
@@ -222,8 +222,8 @@ def paged_decode(
         out,
         mid_o,
         mid_lse,
-        scales[0],
-        scales[1],
+        k_scale,
+        v_scale,
         scale * LOG2E,
         sliding_window or 0,
         q.stride(0),
@@ -316,15 +316,15 @@ def write_kv(
     fp8 = kv_layer.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is None:
         raise ValueError("an fp8 KV pool needs kv_scales")
-    scales = kv_scales if kv_scales is not None else slot_mapping
+    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k, k)  # unused: not fp8
     _write_kv_kernel[(t,)](
         k,
         v,
         slot_mapping,
         k_cache,
         v_cache,
-        scales[0],
-        scales[1],
+        k_scale,
+        v_scale,
         k.stride(0),
         k.stride(1),
         v.stride(0),

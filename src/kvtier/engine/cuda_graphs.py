@@ -1,0 +1,138 @@
+"""CUDA graphs of the decode step, one per bucketed batch size, captured at start-up.
+
+A batch-1 decode step of a small model is a few hundred kernels of a few microseconds each; launched
+one by one from Python the launches, not the GPU, set the pace. A graph replays them all with one
+launch. Its inputs live in static buffers that each step overwrites: token ids, positions, the
+slots the new K/V go to, context lengths and block tables. A batch is padded up to the next bucket:
+padding rows write no K/V (slot -1) and attend to nothing (length 0), and their logits are dropped.
+Batches larger than the largest bucket, and any batch with a prefill row, run eagerly.
+
+The decode kernel's grid is frozen at capture, so each graph is captured for the longest context
+the engine allows (``decode_splits`` for that length); the kernel cuts each row's own keys into
+those splits, so short rows do not pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+
+from kvtier.model.attention import AttentionMetadata
+from kvtier.model.llama import CausalLM
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def buckets_up_to(max_batch: int) -> list[int]:
+    sizes = [b for b in BUCKETS if b <= max_batch]
+    if max_batch > 0 and (not sizes or sizes[-1] != max_batch) and max_batch < BUCKETS[-1]:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        max_batch: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.buckets = buckets_up_to(max_batch)
+        block_size = kv_cache.shape[3]
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        n = self.buckets[-1] if self.buckets else 0
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1] if self.buckets else 0
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        from kvtier.model.kernels.paged_decode import block_n_for, choose_splits
+
+        cfg = self.model.config
+        splits = choose_splits(
+            batch, cfg.num_kv_heads, self.max_model_len, block_n_for(cfg.head_dim), self.device
+        )
+        return AttentionMetadata(
+            slot_mapping=self.slots[:batch],
+            query_start_loc=self.query_start[: batch + 1],
+            context_lens=self.context_lens[:batch],
+            block_tables=self.block_tables[:batch],
+            query_lens_host=[1] * batch,
+            context_lens_host=[self.max_model_len] * batch,
+            num_decodes=batch,
+            decode_splits=splits,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket, largest first (the others reuse its memory pool). Returns seconds."""
+        from rich.progress import track
+
+        start = time.perf_counter()
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        sizes = list(reversed(self.buckets))
+        show = sys.stderr.isatty()
+        for b in track(sizes, description="capturing CUDA graphs", disable=not show, transient=True):
+            meta = self._meta(b)
+            args = (self.ids[:b], self.positions[:b], self.kv_cache, meta)
+            # One eager run first, on a side stream as torch asks: compiles the kernels for this shape.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.model(*args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.logits[b] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        log.info(
+            "captured %d CUDA graphs (batch %s) in %.2f s", len(sizes), self.buckets, self.capture_seconds
+        )
+        return self.capture_seconds
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        batch: int,
+    ) -> torch.Tensor:
+        """Inputs are host tensors (pinned) already padded to ``bucket(batch)`` rows, except the
+        block tables ([batch, width]). Returns the [batch, vocab] float32 logits (a view)."""
+        b = ids.shape[0]
+        self.ids[:b].copy_(ids, non_blocking=True)
+        self.positions[:b].copy_(positions, non_blocking=True)
+        self.slots[:b].copy_(slots, non_blocking=True)
+        self.context_lens[:b].copy_(context_lens, non_blocking=True)
+        self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        self.graphs[b].replay()
+        return self.logits[b][:batch]
