@@ -32,10 +32,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_seconds, decode_weight_bytes, machine_info, run_one  # noqa: E402
-
-from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.engine.engine import Engine  # noqa: E402
+from bench_engine import copy_seconds, decode_weight_bytes, machine_info, run_one
+from kvtier import LLM, SamplingParams
+from kvtier.engine.engine import Engine
 
 MODELS = ("synthetic:llama-3.2-1b", "synthetic:llama-3.1-8b")
 DEV = torch.device("cuda")
@@ -69,6 +68,22 @@ def cuda_time(fn: Any, reps: int = 50) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return statistics.median(times)
+
+
+def graph_time(fn: Any, reps: int = 20) -> float:
+    """Median device seconds of ``fn`` replayed from a CUDA graph: the kernel's own time, with no
+    Python launch cost (which is what a decode graph pays)."""
+    fn()
+    sync()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, reps)
 
 
 def engine(model: str, **kw: Any) -> Engine:
@@ -108,7 +123,7 @@ def flex_decode(p: dict[str, Any]) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     pool, table, q = p["pool"], p["table"], p["q"]
-    rows, heads, dim = q.shape
+    rows, _, dim = q.shape
     _, nb, page, kvh, _ = pool.shape
     owner = torch.full((nb,), -1, dtype=torch.int32, device=DEV)
     logical = torch.zeros((nb,), dtype=torch.int32, device=DEV)
@@ -146,8 +161,8 @@ def part_attention() -> None:
             if splits > max(1, ctx // 64):
                 continue
             for bn in (32, 64, 128):
-                t = cuda_time(
-                    lambda s=splits, b=bn: paged_decode(
+                t = graph_time(
+                    lambda s=splits, b=bn, p=p: paged_decode(
                         p["q"], p["pool"], p["table"], p["lens"], 0.088, None, s, block_n=b
                     )
                 )
@@ -162,9 +177,11 @@ def part_attention() -> None:
             num_decodes=rows,
         )
         ref = TorchReferenceAttention()
-        row["torch_reference_us"] = (
-            cuda_time(lambda: ref._decode(p["q"], p["pool"], meta, 0.088, None, 16, None), reps=10) * 1e6
-        )
+
+        def reference(p: dict[str, Any] = p, m: Any = meta, ref: Any = ref) -> Any:
+            return ref._decode(p["q"], p["pool"], m, 0.088, None, 16, None)
+
+        row["torch_reference_us"] = cuda_time(reference, reps=10) * 1e6
         try:
             if (rows, ctx) in ((1, 4096), (64, 1024)):
                 row["flex_us"] = cuda_time(flex_decode(p), reps=20) * 1e6
@@ -220,8 +237,8 @@ def part_batch1() -> None:
             res[name] = r
             log(
                 f"batch-1 {model} {name}: {r['tok_s']:.0f} tok/s, step {r['step_ms']:.3f} ms, "
-                f"{r['fraction']:.1%} of weight-bytes/bandwidth (start {start_s:.1f} s"
-                f"{', graphs ' + format(r.get('graph_capture_s', 0), '.1f') + ' s' if 'graph_capture_s' in r else ''})"
+                f"{r['fraction']:.1%} of weight-bytes/bandwidth (start {start_s:.1f} s, "
+                f"graphs {r.get('graph_capture_s', 0):.1f} s)"
             )
             del eng
             free()
@@ -270,7 +287,8 @@ def part_hf() -> None:
         "how": "generate(cache_implementation='static'), decode rate = 128 / (t(129 new) - t(1 new))",
     }
     log(
-        f"HF static-cache generate 1B: {1 / step:.0f} tok/s ({step * 1e3:.3f} ms/step; first call {warm:.1f} s)"
+        f"HF static-cache generate 1B: {1 / step:.0f} tok/s ({step * 1e3:.3f} ms/step; "
+        f"first call {warm:.1f} s)"
     )
 
 
@@ -295,6 +313,20 @@ def part_batch64() -> None:
             eng.step()
         sync()
         step = (time.perf_counter() - t) / n
+        gpu_step = None
+        if eng.runner.graphs is not None and 64 in eng.runner.graphs.graphs:
+            gpu_step = cuda_time(eng.runner.graphs.graphs[64].replay, 20)  # replays the last inputs
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(8):
+            eng.step()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
         ctx = statistics.mean(r.num_computed_tokens for r in eng.requests.values())
         kv = 64 * ctx * eng.layout.bytes_per_token
         wb = decode_weight_bytes(eng)
@@ -306,12 +338,17 @@ def part_batch64() -> None:
             "weight_bytes": wb,
             "fraction": (wb + kv) / step / bw(),
             "graphs": eng.runner.graphs is not None,
+            "gpu_step_ms": None if gpu_step is None else gpu_step * 1e3,
+            "gpu_fraction": None if gpu_step is None else (wb + kv) / gpu_step / bw(),
+            "host_profile": text.getvalue()[-3000:],
         }
         out[model] = r
         log(
             f"batch-64 {model} ctx~{ctx:.0f}: step {step * 1e3:.3f} ms, {64 / step:.0f} tok/s, "
-            f"{r['fraction']:.1%} of (weights + KV)/bandwidth"
+            f"{r['fraction']:.1%} of (weights + KV)/bandwidth; graph replay alone "
+            f"{(gpu_step or 0) * 1e3:.3f} ms ({r['gpu_fraction'] or 0:.1%})"
         )
+        log(text.getvalue()[-1800:])
         del eng
         free()
     RESULTS["batch64"] = out
@@ -332,7 +369,8 @@ def compare(ref: list[Any], got: list[Any]) -> dict[str, float]:
         total += len(r.token_ids)
         same += sum(a == b for a, b in zip(r.token_ids, g.token_ids, strict=True))
         prefix += next(
-            (i for i, (a, b) in enumerate(zip(r.token_ids, g.token_ids)) if a != b), len(r.token_ids)
+            (i for i, (a, b) in enumerate(zip(r.token_ids, g.token_ids, strict=True)) if a != b),
+            len(r.token_ids),
         )
         errs.append(((g.logits[0] - r.logits[0]).norm() / r.logits[0].norm()).item())
     return {
@@ -354,10 +392,20 @@ def part_agree() -> None:
         ref = generate_all(ref_eng, prompts, new)
         del ref_eng
         free()
+        oracle = generate_all(
+            engine(model, attention_backend="torch", kv_cache_memory=4 << 30, dtype="float32"), prompts, new
+        )
+        free()
         fast = generate_all(engine(model, kv_cache_memory=4 << 30), prompts, new)
         free()
         fp8 = generate_all(engine(model, kv_cache_memory=4 << 30, kv_cache_dtype="fp8"), prompts, new)
-        out[model] = {"triton_vs_torch": compare(ref, fast), "fp8_vs_bf16": compare(fast, fp8)}
+        out[model] = {
+            "triton_vs_torch": compare(ref, fast),
+            "fp8_vs_bf16": compare(fast, fp8),
+            "torch_bf16_vs_fp32": compare(oracle, ref),
+            "triton_bf16_vs_fp32": compare(oracle, fast),
+            "triton_fp8_vs_fp32": compare(oracle, fp8),
+        }
         log(f"agreement {model}: {json.dumps(out[model])}")
         free()
     RESULTS["agree"] = out

@@ -262,3 +262,33 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
     gu = (torch.randn((3, 2 * n)) * 3).to(dtype).to(DEVICE)
     expect = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
     assert rel_err(silu_mul(gu), expect) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+def test_rotary_write_kv_matches_rotary_then_write(dtype: torch.dtype) -> None:
+    from transformers import LlamaConfig
+
+    from kvtier.model.attention import write_kv as reference_write
+    from kvtier.model.kernels.elementwise import rotary_
+    from kvtier.model.kernels.paged_decode import rotary_write_kv
+    from kvtier.model.layers import RotaryEmbedding
+
+    dim, heads, kv_heads = (32, 6, 2) if SMALL else (128, 32, 8)
+    rope = RotaryEmbedding(LlamaConfig(head_dim=dim, rope_theta=10000.0), dim).to(DEVICE)
+    cos, sin = rope.table(64, dtype)
+    positions = torch.tensor([3, 0, 63, 17, 9], device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 30, 12], device=DEVICE)
+    qkv = torch.randn((5, heads + 2 * kv_heads, dim)).to(dtype).to(DEVICE)
+    pool = torch.randn((2, 4, 8, kv_heads, dim)).to(dtype).to(DEVICE)
+    expect_qkv, expect_pool = qkv.clone(), pool.clone()
+    rotary_(expect_qkv[:, :heads], positions, cos, sin)
+    rotary_(expect_qkv[:, heads : heads + kv_heads], positions, cos, sin)
+    keep = slots >= 0
+    k, v = expect_qkv[:, heads : heads + kv_heads], expect_qkv[:, heads + kv_heads :]
+    reference_write(expect_pool, k[keep], v[keep], slots[keep])
+    rotary_write_kv(qkv, heads, positions, cos, sin, pool, slots)
+    # the same roundings as rotary_; the GPU compiler may still order a product and a sum
+    # differently between the two kernels, so allow one unit in the last place
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(qkv[:, :heads], expect_qkv[:, :heads], **tol)
+    torch.testing.assert_close(pool, expect_pool, **tol)

@@ -236,6 +236,21 @@ class TritonPagedAttention:
         from kvtier.model.kernels import paged_decode as kernels
 
         kernels.write_kv(kv_layer, k, v, meta.slot_mapping, kv_scales)
+        return self.attend(q, kv_layer, meta, scale, sliding_window, kv_scales)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward`` without the write: the new K/V are in the pool already (the fused rotary
+        kernel put them there)."""
+        from kvtier.model.kernels import paged_decode as kernels
+
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd:

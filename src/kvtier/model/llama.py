@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.model.attention import AttentionBackend, AttentionMetadata, TorchReferenceAttention
+from kvtier.model.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    TorchReferenceAttention,
+    TritonPagedAttention,
+)
 from kvtier.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 from kvtier.model.registry import ModelConfig
 
@@ -82,9 +87,31 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
+        if self.qkv_weight is not None and self.q_norm is None:
+            return self._fused_forward(x, rope, kv_layer, meta, cast(TritonPagedAttention, backend))
         q, k, v = self._qkv(x, rope)
         o = backend.forward(q, k, v, kv_layer, meta, self.scale, self.sliding_window, self.kv_scales)
         return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
+
+    def _fused_forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: TritonPagedAttention,
+    ) -> torch.Tensor:
+        """Projection, then one kernel for rotary + the K/V write, then attention: 3 launches."""
+        from kvtier.model.kernels.paged_decode import rotary_write_kv
+
+        t, hq, hk = x.shape[0], self.num_heads, self.num_kv_heads
+        assert self.qkv_weight is not None  # only called on the fused path
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hk, self.head_dim)
+        rotary_write_kv(
+            qkv, hq, rope.positions, rope.cos, rope.sin, kv_layer, meta.slot_mapping, self.kv_scales
+        )
+        o = backend.attend(qkv[:, :hq], kv_layer, meta, self.scale, self.sliding_window, self.kv_scales)
+        return self.o_proj(o.reshape(t, hq * self.head_dim))
 
 
 def _fuse_linears(linears: list[nn.Linear], name: str) -> torch.Tensor:

@@ -340,3 +340,136 @@ def write_kv(
         FP8=fp8,
         num_warps=4,
     )
+
+
+@triton.jit
+def _rotate(x1, x2, c, s, dtype: tl.constexpr):
+    """The reference's x * cos + rotate_half(x) * sin, each product and the sum rounded to dtype."""
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    o1 = ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype)
+    return o1, o2
+
+
+@triton.jit
+def _rotary_write_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions,
+    cos_ptr,
+    sin_ptr,
+    slots,
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    stride_t,
+    stride_cos,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    Q_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    QH_PAD: tl.constexpr,
+    KH_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions + t).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)
+    dmask = d < HALF
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    # q: rotated in place (heads are HALF * 2 apart: q, k, v are views of one [T, heads, D] tensor)
+    hq = tl.arange(0, QH_PAD)
+    qmask = (hq < Q_HEADS)[:, None] & dmask[None, :]
+    qp = q_ptr + t * stride_t + hq[:, None] * (2 * HALF) + d[None, :]
+    q1 = tl.load(qp, mask=qmask, other=0.0)
+    q2 = tl.load(qp + HALF, mask=qmask, other=0.0)
+    o1, o2 = _rotate(q1, q2, c, s, q1.dtype)
+    tl.store(qp, o1, mask=qmask)
+    tl.store(qp + HALF, o2, mask=qmask)
+    slot = tl.load(slots + t)
+    if slot >= 0:
+        hk = tl.arange(0, KH_PAD)
+        kmask = (hk < KV_HEADS)[:, None] & dmask[None, :]
+        kp = k_ptr + t * stride_t + hk[:, None] * (2 * HALF) + d[None, :]
+        vp = v_ptr + t * stride_t + hk[:, None] * (2 * HALF) + d[None, :]
+        k1, k2 = _rotate(
+            tl.load(kp, mask=kmask, other=0.0), tl.load(kp + HALF, mask=kmask, other=0.0), c, s, q1.dtype
+        )
+        v1 = tl.load(vp, mask=kmask, other=0.0)
+        v2 = tl.load(vp + HALF, mask=kmask, other=0.0)
+        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + hk[:, None] * stride_ch + d[None, :]
+        if FP8:
+            ks = tl.load(k_scale + hk, mask=hk < KV_HEADS, other=1.0)[:, None]
+            vs = tl.load(v_scale + hk, mask=hk < KV_HEADS, other=1.0)[:, None]
+            k1 = tl.clamp(k1.to(tl.float32) / ks, -448.0, 448.0)
+            k2 = tl.clamp(k2.to(tl.float32) / ks, -448.0, 448.0)
+            v1 = tl.clamp(v1.to(tl.float32) / vs, -448.0, 448.0)
+            v2 = tl.clamp(v2.to(tl.float32) / vs, -448.0, 448.0)
+        out_ty = k_cache.dtype.element_ty
+        tl.store(k_cache + dst, k1.to(out_ty), mask=kmask)
+        tl.store(k_cache + dst + HALF, k2.to(out_ty), mask=kmask)
+        tl.store(v_cache + dst, v1.to(out_ty), mask=kmask)
+        tl.store(v_cache + dst + HALF, v2.to(out_ty), mask=kmask)
+
+
+def rotary_write_kv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
+) -> None:
+    """One launch for rotary on q (in place) and k, and the K/V write into the pool.
+
+    qkv: [T, num_heads + 2 * kv_heads, D] (the fused projection's output, head rows contiguous);
+    k is rotated only on its way into the pool (nothing else reads it). Slots < 0 write nothing.
+    """
+    t, total, dim = qkv.shape
+    kv_heads = kv_layer.shape[3]
+    if total != num_heads + 2 * kv_heads or qkv.stride(1) != dim or qkv.stride(2) != 1:
+        raise ValueError("rotary_write_kv wants the fused [T, heads + 2 * kv_heads, D] projection output")
+    if t == 0:
+        return
+    fp8 = kv_layer.dtype == torch.float8_e4m3fn
+    if fp8 and kv_scales is None:
+        raise ValueError("an fp8 KV pool needs kv_scales")
+    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (cos, cos)
+    k_cache, v_cache = kv_layer[0], kv_layer[1]
+    _rotary_write_kernel[(t,)](
+        qkv,
+        qkv[:, num_heads:],
+        qkv[:, num_heads + kv_heads :],
+        positions,
+        cos,
+        sin,
+        slot_mapping,
+        k_cache,
+        v_cache,
+        k_scale,
+        v_scale,
+        qkv.stride(0),
+        cos.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        Q_HEADS=num_heads,
+        KV_HEADS=kv_heads,
+        QH_PAD=triton.next_power_of_2(num_heads),
+        KH_PAD=triton.next_power_of_2(kv_heads),
+        HALF=dim // 2,
+        HALF_PAD=triton.next_power_of_2(dim // 2),
+        PAGE=kv_layer.shape[2],
+        FP8=fp8,
+        num_warps=4,
+    )
