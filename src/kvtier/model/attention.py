@@ -275,7 +275,8 @@ class TritonPagedAttention:
         return out
 
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton")  # the names make_attention_backend knows (checked by the config)
+# the names make_attention_backend knows (checked by the config)
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
