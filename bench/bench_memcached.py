@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script from bench/: the tier benchmark's helpers are shared, not copied.
-import bench_tiers as bt
-from bench_engine import parse_bytes
+import torch
+
+from kvtier.bench import report, tiers
+from kvtier.bench import tier_data as td
+from kvtier.bench.report import parse_bytes
 
 try:
     import kvtier  # noqa: F401
@@ -127,11 +130,11 @@ def plain_get(client: Client, batches: list[dict[bytes, bytes]]) -> Callable[[],
 
 
 def bench_layout(url: str, label: str, layout: KVLayout, args: argparse.Namespace) -> dict[str, Any]:
-    blocks = bt.make_blocks(layout, parse_bytes(args.total), args.seed)
+    blocks = td.make_blocks(layout, parse_bytes(args.total), args.seed)
     codec = parse_codec(TierSettings().memcached_codec)
     objects = blocks.objects(codec)
     stored = sum(len(o) for o in objects)
-    tier = make_tier("memcached", TierSettings(memcached_url=url), bt.FINGERPRINT, layout)
+    tier = make_tier("memcached", TierSettings(memcached_url=url), td.FINGERPRINT, layout)
     assert isinstance(tier, MemcachedTier)
     host, port = url.removeprefix("memcached://").split(":")
     client = Client((host, int(port)), default_noreply=False, timeout=30, no_delay=True)
@@ -143,27 +146,27 @@ def bench_layout(url: str, label: str, layout: KVLayout, args: argparse.Namespac
         f"({stored / blocks.n / 1024:.0f} KiB objects, {items / blocks.n:.0f} item(s) each at item size "
         f"{tier.item_size / 1024:.0f} KiB), {b} blocks per call"
     )
-    ceilings = {SET: bt.timed(plain_set(client, ceiling_batches), repeats)}
-    ceilings[GET] = bt.timed(plain_get(client, ceiling_batches), repeats)
+    ceilings = {SET: td.timed(plain_set(client, ceiling_batches), repeats)}
+    ceilings[GET] = td.timed(plain_get(client, ceiling_batches), repeats)
     ceiling_misses = plain_get(client, ceiling_batches)()
     client.delete_many([n for d in ceiling_batches for n in d])
     ceiling_bytes = {name: stored for name in ceilings}
-    hier = KVHierarchy([tier], [codec], layout, bt.FINGERPRINT)
-    get_decode = bt.op_get_decode(tier, blocks, b)
+    hier = KVHierarchy([tier], [codec], layout, td.FINGERPRINT)
+    get_decode = td.op_get_decode(tier, blocks, b)
     rows = [
-        bt.measure("memcached", "put", bt.tier_put(tier, blocks.keys, objects, b), kvb, repeats, SET, True),
-        bt.measure("memcached", "get", bt.op_get(tier, blocks, b), kvb, repeats, GET),
-        bt.measure("memcached", "decode", bt.op_decode(blocks, codec), kvb, repeats, GET),
-        bt.measure("memcached", "get + decode", get_decode, kvb, repeats, GET, True),
-        bt.measure("memcached", "hierarchy load", bt.op_load(hier, blocks, b), kvb, repeats, GET),
+        td.measure("memcached", "put", td.tier_put(tier, blocks.keys, objects, b), kvb, repeats, SET, True),
+        td.measure("memcached", "get", td.op_get(tier, blocks, b), kvb, repeats, GET),
+        td.measure("memcached", "decode", td.op_decode(blocks, codec), kvb, repeats, GET),
+        td.measure("memcached", "get + decode", get_decode, kvb, repeats, GET, True),
+        td.measure("memcached", "hierarchy load", td.op_load(hier, blocks, b), kvb, repeats, GET),
     ]
     hier.close()
     stats = tier.stats().as_dict()
     tier.clear()
     tier.close()
     client.close()
-    bt.print_ceilings(ceilings, ceiling_bytes)
-    bt.print_rows(rows, ceilings, ceiling_bytes, blocks.n)
+    tiers.print_ceilings(ceilings, ceiling_bytes)
+    tiers.print_rows(rows, ceilings, ceiling_bytes, blocks.n)
     if ceiling_misses:
         print(f"note: the plain get_many missed {ceiling_misses} items (memory too small? raise -m)")
     return {
@@ -178,7 +181,7 @@ def bench_layout(url: str, label: str, layout: KVLayout, args: argparse.Namespac
                 "operation": r.operation,
                 "bandwidth": r.bandwidth,
                 "times_s": r.times,
-                "fraction": bt.fraction_of(r, ceilings, ceiling_bytes),
+                "fraction": tiers.fraction_of(r, ceilings, ceiling_bytes),
                 "misses": r.misses,
             }
             for r in rows
@@ -199,9 +202,9 @@ def main() -> None:
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
     args.command = "memcached"
-    bt.AIMS.setdefault("memcached", AIM)  # bench_tiers' tables judge rows by tier name
-    machine = bt.machine_info(bt.resolve_device("cpu"))
-    bt.print_machine("memcached tier vs plain pymemcache on the same server", machine)
+    td.AIMS.setdefault("memcached", AIM)  # bench_tiers' tables judge rows by tier name
+    machine = report.machine_info(torch.device("cpu"))
+    report.print_machine("memcached tier vs plain pymemcache on the same server", machine)
     print(f"pymemcache {pymemcache.__version__}, CPU threads {os.cpu_count()}")
     started = contextlib.nullcontext(args.memcached_url) if args.memcached_url else None
     with started or local_memcached(args.item_size, args.memory_mb) as url:
@@ -217,7 +220,7 @@ def main() -> None:
         for label, res in results.items()
     }
     print("get + decode / plain get_many: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ratios.items()))
-    bt.finish(args, "memcached", machine, {"layouts": results})
+    report.finish(args, "memcached", machine, {"layouts": results})
 
 
 if __name__ == "__main__":

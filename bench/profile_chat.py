@@ -1,10 +1,11 @@
 """Where the chat workload's time goes, per configuration: model steps, the hierarchy's work on the
 engine thread (write-back copies, load installs, planning) and on the I/O threads (CPU seconds).
 
-    python3 bench/profile_chat.py [--switch-interval S] chat [bench_tiers chat arguments]
+    python3 bench/profile_chat.py [--switch-interval S] chat [kvtier bench chat arguments]
 
-Runs bench_tiers' chat workload (its three configurations) with timers around the engine's steps,
-model execution, write-back copies, load installs and planning, and CPU-time counters on the I/O
+Runs the chat workload of `kvtier bench chat` (its three configurations) with timers around the
+engine's steps, model execution, write-back copies, load installs and planning, and CPU-time
+counters on the I/O
 threads' writes and loads; prints one PROFILE line per engine (the probe and warm-ups included).
 """
 
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import bench_tiers as bt
+from kvtier.bench.cli import main as bench_main
 from kvtier.cache import hierarchy as hmod
 from kvtier.engine import engine as emod
 from kvtier.engine import kv_transfer as kmod
@@ -110,7 +111,7 @@ def main() -> None:
         warnings.simplefilter("always")
     emod.Engine.__init__ = traced_init  # type: ignore[method-assign]
     emod.Engine.close = traced_close  # type: ignore[method-assign]
-    bt.main(rest)
+    bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,29 @@ def serve(
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
 app.add_typer(bench_app, name="bench")
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _bench_command(name: str, summary: str) -> None:
+    """``kvtier bench <name> ...``: the options are kvtier.bench.cli's (``--help`` lists them)."""
+
+    def run(ctx: typer.Context) -> None:
+        from kvtier.bench.cli import main as bench_main
+
+        bench_main([name, *ctx.args])
+
+    bench_app.command(name, help=summary, context_settings=_PASS_THROUGH, add_help_option=False)(run)
+
+
+for _name, _summary in (
+    ("decode", "batch-1 decode tokens/s and weight bandwidth, next to the copy ceiling"),
+    ("throughput", "offline throughput of many requests, next to the matmul ceiling"),
+    ("prefix", "TTFT with a cached prefix vs cold, next to its floor"),
+    ("tiers", "each tier's bandwidth vs the ceiling of its medium, same run"),
+    ("chat", "multi-round chat: the tiers vs the device pool alone vs no caching"),
+    ("policies", "hit ratio of every eviction policy on a chat trace"),
+):
+    _bench_command(_name, _summary)
 
 
 @bench_app.command("serve")

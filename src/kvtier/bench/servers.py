@@ -1,0 +1,233 @@
+"""Real redis-server processes on loopback, for the tests and the benchmarks alike: a single node
+(stoppable, killable, restartable on the same port) and a 3-primary cluster.
+
+Every server binds 127.0.0.1 on a free port (found by binding a socket to port 0), runs in its own
+directory with no persistence (``--save "" --appendonly no``), is ready when PING answers, and is
+stopped by ``stop()`` (terminate, wait, kill): only the process this object started.
+``tests/redis_servers.py`` wraps these in pytest fixtures; ``kvtier bench tiers`` / ``chat`` start one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+INSTALL_HINT = (
+    "redis-server / redis-cli not found on PATH: run scripts/test.sh, which installs the Debian "
+    "package redis-server"
+)
+
+
+def redis_binaries() -> tuple[str, str]:
+    """Paths of ``redis-server`` and ``redis-cli``; FileNotFoundError with an install hint if missing."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise FileNotFoundError(INSTALL_HINT)
+    return server, cli
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (the OS picks it; a race is retried by start())."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int, timeout: float = 0.2) -> bool:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1. ``stop()`` then ``start()`` reuses the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None, cluster: bool = False) -> None:
+        self.server_bin, self.cli_bin = redis_binaries()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port if port is not None else free_port()
+        self.cluster = cluster
+        self.cluster_bus_port = free_port() if cluster else 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+    def _argv(self) -> list[str]:
+        argv = [
+            self.server_bin,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        if self.cluster:
+            argv += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.cluster_bus_port),
+                "--cluster-node-timeout", "5000",
+            ]  # fmt: skip
+        return argv
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> RedisServer:
+        """Start the process and wait until PING answers; raises RuntimeError with the log if it can't."""
+        if self.running:
+            return self
+        self.proc = subprocess.Popen(
+            self._argv(), cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if _ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Terminate (SIGTERM), wait, then kill if it is still there."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): no clean shutdown, clients see their connections reset."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> RedisServer:
+        """Stop (if running) and start again on the same port (the data is gone: no persistence)."""
+        self.stop()
+        return self.start(timeout)
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(directory: Path, attempts: int = 3) -> RedisServer:
+    """Start a single node, retrying with a new port if the one picked was taken meanwhile."""
+    last: Exception | None = None
+    for i in range(attempts):
+        server = RedisServer(directory / f"try{i}")
+        try:
+            return server.start()
+        except RuntimeError as e:
+            last = e
+    raise RuntimeError(f"could not start redis-server after {attempts} attempts") from last
+
+
+class RedisClusterServers:
+    """A 3-primary Redis Cluster (no replicas) on loopback; ``url`` is ``redis+cluster://...``."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.directory = Path(directory)
+        self.nodes = [RedisServer(self.directory / f"node{i}", cluster=True) for i in range(size)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://{self.nodes[0].address}"
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        try:
+            for node in self.nodes:
+                node.start()
+            cli = self.nodes[0].cli_bin
+            addresses = [n.address for n in self.nodes]
+            created = subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float) -> None:
+        """Wait until every node says cluster_state:ok and knows all the others."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._node_ok(n) for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("cluster did not reach cluster_state:ok")
+
+    def _node_ok(self, node: RedisServer) -> bool:
+        client = node.client(socket_timeout=1.0)
+        try:
+            info = client.execute_command("CLUSTER INFO")
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        if isinstance(info, bytes):  # raw text when the client does not parse the reply
+            info = dict(line.split(":", 1) for line in info.decode().split() if ":" in line)
+        return str(info.get("cluster_state")) == "ok" and int(info.get("cluster_known_nodes", 0)) == len(
+            self.nodes
+        )
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,97 @@
+"""`kvtier bench throughput`: offline throughput."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from kvtier.bench.engine_common import FlopModel, finish, make_engine, random_tokens, start
+from kvtier.bench.report import fraction, print_table, sync
+from kvtier.engine.request import SamplingParams
+
+
+def bench_throughput(args: argparse.Namespace) -> None:
+    engine = make_engine(args)
+    n = args.num_requests
+    title = (
+        f"throughput: {n} requests, input and output lengths uniform in "
+        f"[{args.min_len}, {args.max_len}] (seed {args.seed}), random token ids, ignore_eos"
+    )
+    ctx = start(args, engine, title)
+    ceilings = ctx.ceilings
+    vocab = engine.loaded.config.vocab_size
+    rng = random.Random(args.seed)
+    lens = [
+        (rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len)) for _ in range(n)
+    ]
+    prompts = [random_tokens(rng, i, vocab) for i, _ in lens]
+    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in lens]
+
+    warm = random.Random(args.seed + 1)
+    for _ in range(args.warmup_requests):  # warm-up: a few short requests batched together
+        engine.add_request(random_tokens(warm, 64, vocab), SamplingParams(max_tokens=8, ignore_eos=True))
+    for _ in engine.run_until_done():
+        pass
+    engine.pool.reset_cache()
+    steps0, preempt0 = engine.stats.steps, engine.scheduler.num_preemptions
+
+    sync(engine.device)
+    t0 = time.perf_counter()
+    for p, sp in zip(prompts, params, strict=True):
+        engine.add_request(p, sp)
+    final = [out for out in engine.run_until_done() if out.finished]
+    sync(engine.device)
+    elapsed = time.perf_counter() - t0
+
+    errors = [o.error for o in final if o.error]
+    in_tokens = sum(i for i, _ in lens)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in final)
+    flops = FlopModel.of(engine)
+    useful = sum(flops.tokens(0, i + o - 1, o) for i, o in lens)
+    ttfts = sorted(float(o.metrics["ttft"]) for o in final if "ttft" in o.metrics)
+    results = {
+        "num_requests": n,
+        "finished": len(final),
+        "errors": len(errors),
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "expected_output_tokens": sum(o for _, o in lens),
+        "elapsed_s": elapsed,
+        "requests_per_s": len(final) / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+        "steps": engine.stats.steps - steps0,
+        "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "useful_flops": useful,
+        "useful_flops_per_s": useful / elapsed,
+        "ttft_median_s": statistics.median(ttfts) if ttfts else None,
+        "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
+    }
+    headers = [
+        "requests", "in tokens", "out tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
+        "TFLOP/s", "of matmul", "steps", "preempted",
+    ]  # fmt: skip
+    row = [
+        str(n),
+        str(in_tokens),
+        str(out_tokens),
+        f"{elapsed:.1f}",
+        f"{results['requests_per_s']:.3f}",
+        f"{results['output_tokens_per_s']:.1f}",
+        f"{results['total_tokens_per_s']:.1f}",
+        f"{useful / elapsed / 1e12:.4f}",
+        fraction(useful / elapsed, ceilings.get("matmul_flops")),
+        str(results["steps"]),
+        str(results["preemptions"]),
+    ]
+    print_table(headers, [row])
+    if errors:
+        print(f"\n{len(errors)} requests failed, e.g.: {errors[0]}")
+    if ttfts:
+        print(
+            f"\nTTFT median {results['ttft_median_s']:.2f} s, p90 {results['ttft_p90_s']:.2f} s "
+            "(every request queued at the start)"
+        )
+    finish(args, ctx, title, results)

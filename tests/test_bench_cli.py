@@ -1,0 +1,45 @@
+"""``kvtier bench``: the commands run from the installed package and leave their report behind
+(JSON with the raw figures, the markdown that was printed, a plot per table). Tiny workloads; no
+figure is judged here (benchmarks print numbers, they never fail on time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvtier.bench.report import markdown_tables
+from kvtier.cli import app
+
+
+def run(args: list[str]) -> str:
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.stdout
+
+
+def test_policies_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+    out = run(["policies", "--requests", "60", "--capacities", "0.05,0.1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "policies.json").read_text())
+    assert doc["bench"] == "policies" and set(doc["results"]["policies"]) >= {"lru", "s3fifo", "arc"}
+    report = (tmp_path / "policies.md").read_text()
+    headers, rows = markdown_tables(report)[0]
+    assert headers[0] == "policy" and {r[0] for r in rows} >= {"lru", "arc", "unbounded"}
+    assert report.strip() in out  # the file is what was printed
+    assert (tmp_path / "policies-1.png").read_bytes()[:4] == b"\x89PNG"  # a plot of that table
+
+
+def test_decode_on_a_tiny_model_reports_against_the_copy_ceiling(tmp_path: Path) -> None:
+    args = ["decode", "--model", "synthetic:tiny", "--prompt-len", "8", "--output-len", "4", "--repeats", "1"]
+    run([*args, "--threads", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    assert doc["ceilings"]["copy_bandwidth"] > 0  # measured in the same run
+    assert doc["results"]["median"]["decode_tokens"] == 3
+    headers, rows = markdown_tables((tmp_path / "decode.md").read_text())[0]
+    assert headers[0] == "run" and [r[0] for r in rows] == ["run 1", "median"]
+
+
+def test_help_lists_each_commands_options() -> None:
+    assert "--prefix-len" in run(["prefix", "--help"])
+    assert "--capacities" in run(["policies", "--help"])
