@@ -5,6 +5,12 @@ python3 bench/bench_tiers.py ceilings | chat | policies [options]
 """
 
 import sys
+from pathlib import Path
+
+try:
+    import kvtier  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kvtier.bench.cli import main
 

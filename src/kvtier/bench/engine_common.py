@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.report import GB, load_average, machine_info, parse_bytes, sync
+from kvtier.bench.report import GB, load_average, machine_info, parse_bytes, print_machine, sync
 from kvtier.engine.engine import Engine
 from kvtier.engine.llm import LLM
 from kvtier.engine.request import RequestOutput, SamplingParams
@@ -194,15 +194,7 @@ def random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
 def print_header(
     title: str, machine: dict[str, Any], settings: dict[str, Any], ceilings: dict[str, float]
 ) -> None:
-    print(f"## {title}\n")
-    threads = f"{machine['torch_threads']} torch threads, {machine['cpu_count']} CPUs"
-    cuda = f", CUDA {machine['cuda']}" if machine["cuda"] else ""
-    load = machine["load_average_1m"]
-    busy = f"; load average {load:.2f}" if load is not None else ""
-    print(
-        f"machine:  {machine['device']} ({machine['device_name']}); torch {machine['torch']}{cuda}; "
-        f"{threads}{busy}"
-    )
+    print_machine(title, machine)
     print(
         f"model:    {settings['model']} ({settings['params'] / 1e6:.1f}M params, {settings['dtype']}); "
         f"attention {settings['attention_backend']}"

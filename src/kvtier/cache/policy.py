@@ -1,5 +1,8 @@
 """Eviction policies shared by the device block pool and the local tiers (host, disk).
 
+Kept in one file (over 450 lines) because the six policies are one contract read side by side:
+each class is short, and comparing them is how the file is read.
+
 Contract (``EvictionPolicy``): the policy tracks a set of *candidates*: keys that are resident and
 may be evicted. The owner calls
 - ``insert(key)`` when a key becomes resident and evictable (stored in a tier, or a device block

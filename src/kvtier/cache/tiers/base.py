@@ -19,6 +19,7 @@ place) overrides them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -66,6 +67,22 @@ class TierStats:
     def hit_rate(self) -> float:
         asked = self.hits + self.misses
         return self.hits / asked if asked else 0.0
+
+
+class LiveStats:
+    """``stats`` and ``record_corrupt`` for tiers that keep one live ``TierStats`` (``_stats``)
+    guarded by their ``_lock``: the counters are read in place, never copied."""
+
+    _stats: TierStats
+    _lock: threading.Lock | threading.RLock
+
+    def stats(self) -> TierStats:
+        """The live counters (not a copy); callers only read them."""
+        return self._stats
+
+    def record_corrupt(self, count: int = 1) -> None:
+        with self._lock:
+            self._stats.corrupt += count
 
 
 @runtime_checkable

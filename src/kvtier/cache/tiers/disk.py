@@ -1,5 +1,8 @@
 """DiskTier: encoded KV blocks as files in a local folder, shared safely between processes.
 
+Kept in one file (over 450 lines) because crash safety, the in-memory index and the read path are
+one set of invariants under one lock: every method below leans on the same rules, stated here.
+
 Layout: ``root/<namespace>/<first 2 hex chars of the key>/<key hex>.kvt``, one file per object.
 The namespace is the model fingerprint, so objects of different models never mix; ``kvtier cache
 gc`` calls ``drop_namespaces`` to reclaim the space of old models.
@@ -62,7 +65,7 @@ import torch
 
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
 from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
+from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
 
 SUFFIX = ".kvt"
@@ -84,7 +87,7 @@ _READ = 2
 _OTHER_SIZE = 3
 
 
-class DiskTier(Tier):
+class DiskTier(LiveStats, Tier):
     """Tier in a local folder; see the module docstring for layout, crash safety and sharing."""
 
     name = "disk"
@@ -291,14 +294,6 @@ class DiskTier(Tier):
 
     def __len__(self) -> int:
         return len(self._index)
-
-    def stats(self) -> TierStats:
-        """The live counters (not a copy); callers only read them."""
-        return self._stats
-
-    def record_corrupt(self, count: int = 1) -> None:
-        with self._lock:
-            self._stats.corrupt += count
 
     def clear(self) -> None:
         """Remove every object of this namespace, including ones this process has not indexed."""

@@ -40,14 +40,14 @@ from kvtier.cache.codec import (
 )
 from kvtier.cache.keys import BlockKey, KVLayout, check_key, check_namespace, tokens_to_bytes
 from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import StoredObject, Tier, TierStats
+from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierStats
 from kvtier.cache.tiers.loading import BlockIO
 
 _Entry = tuple[str, BlockKey]
 CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
 
 
-class HostTier(Tier):
+class HostTier(LiveStats, Tier):
     """Tier of raw KV blocks in host memory; ``pin_memory`` page-locks the slab (on CUDA)."""
 
     name = "host"
@@ -293,14 +293,6 @@ class HostTier(Tier):
         with self._lock:
             ns = self._namespace
             return sum(1 for (n, _) in self._slot_of if n == ns)
-
-    def stats(self) -> TierStats:
-        """The live counters (not a copy); callers only read them."""
-        return self._stats
-
-    def record_corrupt(self, count: int = 1) -> None:
-        with self._lock:
-            self._stats.corrupt += count
 
     def clear(self) -> None:
         """Remove every block of the current namespace."""

@@ -1,5 +1,8 @@
 """The Redis tier: KV blocks shared by every kvtier instance that can reach one Redis (or Redis Cluster).
 
+Kept in one file (over 450 lines) because the serving path and the maintenance operations share
+one client, its lazy connection and its error handling (``_run`` under the breaker, ``_maintain``).
+
 Objects live under ``kvtier:<namespace>:<key hex>`` as plain strings, optionally with a TTL. The
 namespace separates deployments (or model generations) sharing one server; ``clear`` touches only its
 own namespace, ``drop_namespaces`` removes the block objects of the others (or of all).
