@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_seconds, decode_weight_bytes, machine_info, run_one
 from kvtier import LLM, SamplingParams
+from kvtier.bench.engine_common import copy_seconds, decode_weight_bytes, run_one
+from kvtier.bench.report import machine_info
 from kvtier.engine.engine import Engine
 
 MODELS = ("synthetic:llama-3.2-1b", "synthetic:llama-3.1-8b")
