@@ -43,3 +43,13 @@ def test_decode_on_a_tiny_model_reports_against_the_copy_ceiling(tmp_path: Path)
 def test_help_lists_each_commands_options() -> None:
     assert "--prefix-len" in run(["prefix", "--help"])
     assert "--capacities" in run(["policies", "--help"])
+
+
+def test_codec_tables_become_json_when_the_bench_writes_none(tmp_path: Path) -> None:
+    args = ["codec", "--layers", "1", "--kv-heads", "1", "--head-dim", "8", "--budget", "0.01"]
+    run([*args, "--stream-mib", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "codec.json").read_text())
+    headers = [t["headers"][0] for t in doc["tables"]]
+    assert doc["bench"] == "codec" and "quant" in headers and len(doc["tables"]) == 3
+    quant_rows = doc["tables"][headers.index("quant")]["rows"]
+    assert {(r[0], r[1]) for r in quant_rows} >= {("none", "none"), ("fp8", "zstd"), ("int8", "lz4")}

@@ -180,6 +180,7 @@ for _name, _summary in (
     ("tiers", "each tier's bandwidth vs the ceiling of its medium, same run"),
     ("chat", "multi-round chat: the tiers vs the device pool alone vs no caching"),
     ("policies", "hit ratio of every eviction policy on a chat trace"),
+    ("codec", "size, speed and error of every stored-object codec, next to a memory copy"),
 ):
     _bench_command(_name, _summary)
 

@@ -1,4 +1,4 @@
-"""``kvtier bench decode | throughput | prefix | tiers | chat | policies``: the command line of the
+"""``kvtier bench decode | throughput | prefix | tiers | chat | policies | codec``: the command line of the
 benchmarks (``kvtier bench serve`` is a typer command of its own, in ``kvtier.cli``).
 
 Every run prints the machine, its settings, the ceilings measured in the same run and a markdown
@@ -13,8 +13,9 @@ import argparse
 
 import torch
 
-from kvtier.bench import chat, decode, policies, prefix, throughput, tiers
+from kvtier.bench import chat, codec, decode, policies, prefix, throughput, tiers
 from kvtier.bench.report import Report
+from kvtier.cache.codec import KV_DTYPES
 
 RUNS = {
     "decode": decode.bench_decode,
@@ -23,6 +24,7 @@ RUNS = {
     "tiers": tiers.bench_ceilings,
     "chat": chat.bench_chat,
     "policies": policies.bench_policies,
+    "codec": codec.bench_codec,
 }
 
 
@@ -138,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.02,0.04,0.08",
         help="pool sizes: fractions of the working set (<= 1) or blocks",
     )
+    k = sub.add_parser("codec", parents=[common], help="size, speed and error of every stored-object codec")
+    k.add_argument("--layers", type=int, default=16)
+    k.add_argument("--kv-heads", type=int, default=8)
+    k.add_argument("--head-dim", type=int, default=64)
+    k.add_argument("--dtype", default="bfloat16", choices=KV_DTYPES)
+    k.add_argument("--data", default="normal", choices=("normal", "outlier"))
+    k.add_argument("--budget", type=float, default=0.4, help="seconds spent timing each figure")
+    k.add_argument("--stream-mib", type=int, default=256, help="size of the many-blocks (DRAM) test")
     return parser
 
 

@@ -157,6 +157,9 @@ class Report:
         text = "".join(self._tee.parts)
         md = self.folder / f"{self.name}.md"
         md.write_text(text)
+        if self.json_path is not None and not self.json_path.exists():  # a bench without raw figures
+            tables = [{"headers": h, "rows": r} for h, r in markdown_tables(text)]
+            self.json_path.write_text(json.dumps({"bench": self.name, "tables": tables}, indent=2) + "\n")
         plots = plot_tables(text, self.folder, self.name)
         print(
             f"wrote {md}"
@@ -205,7 +208,7 @@ def plot_tables(text: str, folder: Path, name: str) -> list[Path]:
         columns = [
             j
             for j in range(1, len(headers))
-            if rows and all(_number(r[j]) is not None for r in rows if j < len(r))
+            if rows and all((_number(r[j]) is not None or r[j] in ("-", "")) for r in rows if j < len(r))
         ]
         if not columns:
             continue

@@ -28,7 +28,7 @@ HMAC_SIZE = 32
 # The checksum only has to catch accidental corruption (bit rot, torn or truncated writes, a sector
 # from another file): tampering is the HMAC's job. It must also run near memory bandwidth, because the
 # host tier should move blocks at > 80% of memory-copy speed and encode/decode already pay one copy.
-# Measured with bench/bench_codec.py on the 2-core dev box (AMD EPYC, one 512 KiB bf16 block in
+# Measured with `kvtier bench codec` on the 2-core dev box (AMD EPYC, one 512 KiB bf16 block in
 # cache, GB/s): memcpy 40, zlib.crc32 6.6, adler32 4.0, sha256 1.9, blake2b 1.3: every stdlib hash
 # would cap the host tier at a sixth of copy speed or less. We use a two-dimensional sum instead, which
 # numpy runs at ~21 GB/s (3.3x crc32; encode/decode none/none stream at ~52%/44% of a plain copy of
