@@ -150,7 +150,7 @@ def test_restart_loads_from_disk(
     prompts = make_prompts(3, 200, seed=1)
     ref = cold(prompts)
 
-    first = make_llm(tiers="disk", disk_path=str(tmp_path), disk_codec=codec)
+    first = make_llm(tiers="disk", disk_path=str(tmp_path), disk_codec=codec, write_policy="write-back")
     outs = first.generate(prompts, greedy())
     assert token_ids(outs) == ref
     assert cached(outs) == [0, 0, 0]
@@ -444,7 +444,8 @@ def test_corrupt_disk_objects_are_rejected_deleted_and_recomputed(
     for path in objects.values():
         flip_payload_byte(path)
 
-    reader = make_llm(tiers="disk", disk_path=str(tmp_path))
+    # write-back: the reader writes nothing before its close (write-through would heal at once)
+    reader = make_llm(tiers="disk", disk_path=str(tmp_path), write_policy="write-back")
     outs = reader.generate(prompts, greedy())
     assert token_ids(outs) == ref
     assert loaded(outs) == [0, 0, 0] and cached(outs) == [0, 0, 0]
@@ -521,7 +522,9 @@ def test_objects_of_another_secret_are_rejected(
         monkeypatch.delenv("KVTIER_CACHE_SECRET")
     else:
         monkeypatch.setenv("KVTIER_CACHE_SECRET", read_secret)
-    reader = make_llm(tiers="disk", disk_path=str(tmp_path))
+    # write-back: the readers write nothing before their close (write-through would store their
+    # own copies, in their own namespace, at once)
+    reader = make_llm(tiers="disk", disk_path=str(tmp_path), write_policy="write-back")
     # Another secret is another namespace: the writer's objects are neither used nor touched...
     assert reader.engine.namespace != writer_ns
     outs = reader.generate(prompts, greedy())
@@ -534,7 +537,7 @@ def test_objects_of_another_secret_are_rejected(
     theirs, ours = tmp_path / writer_ns, tmp_path / reader.engine.namespace
     shutil.rmtree(ours, ignore_errors=True)
     shutil.copytree(theirs, ours)
-    again = make_llm(tiers="disk", disk_path=str(tmp_path))
+    again = make_llm(tiers="disk", disk_path=str(tmp_path), write_policy="write-back")
     outs = again.generate(prompts, greedy())
     assert token_ids(outs) == ref
     assert loaded(outs) == [0, 0] and cached(outs) == [0, 0]

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from kvtier.cache_cli import cache_app
 from kvtier.config import ConfigError, EngineConfig, _resolve
-from kvtier.engine.request import InvalidRequestError
+from kvtier.engine.request import InvalidRequestError, RequestOutput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvtier: never compute the same KV twice.")
 console = Console()
@@ -57,18 +57,40 @@ def run(
     from kvtier.engine.llm import LLM
     from kvtier.engine.request import SamplingParams
 
-    llm = LLM(model, device=device, kv_cache_memory=kv_cache_memory)
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    with LLM(model, device=device, kv_cache_memory=kv_cache_memory) as llm:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
+        source = llm.engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        reason, last = None, None
+        for delta in llm.stream(source, params):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            reason, last = delta.finish_reason, delta.output
+        sys.stdout.write("\n")
+        console.print(f"[dim]finish reason: {reason}[/dim]")
+        if last is not None:
+            hierarchy = llm.engine.hierarchy
+            loaded = dict(hierarchy.stats.per_tier_loaded) if hierarchy is not None else {}
+            print(timings_line(last, loaded, llm.engine.layout.block_size), file=sys.stderr)
+
+
+def timings_line(out: RequestOutput, blocks_loaded: dict[str, int], block_size: int) -> str:
+    """One line of timings, as llama.cpp prints them: prompt tokens, how many were cached and
+    where from (device pool or each tier), time to first token, output tokens per second."""
+    tiers = {name: n * block_size for name, n in blocks_loaded.items() if n}
+    device = out.num_cached_tokens - sum(tiers.values())
+    where = ", ".join(f"{name} {n}" for name, n in {"device": device, **tiers}.items() if n)
+    ttft = out.metrics.get("ttft")
+    e2e = out.metrics.get("e2e")
+    n_out = len(out.outputs[0].token_ids)
+    rate = (n_out - 1) / (e2e - ttft) if n_out > 1 and ttft is not None and e2e and e2e > ttft else None
+    return (
+        f"prompt: {len(out.prompt_token_ids)} tokens, {out.num_cached_tokens} cached"
+        + (f" ({where})" if where else "")
+        + f" | TTFT: {'-' if ttft is None else f'{ttft * 1e3:.1f} ms'}"
+        + f" | output: {n_out} tokens, {'-' if rate is None else f'{rate:.1f} tokens/s'}"
     )
-    source = llm.engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    reason = None
-    for delta in llm.stream(source, params):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
-        reason = delta.finish_reason
-    sys.stdout.write("\n")
-    console.print(f"[dim]finish reason: {reason}[/dim]")
 
 
 def with_engine_settings(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -68,7 +68,7 @@ def default_cache_dir() -> str:
 
 
 LOAD_POLICIES = ("cost", "always")
-WRITE_POLICIES = ("write-back", "write-through", "selective")
+WRITE_POLICIES = ("auto", "write-back", "write-through", "selective")
 SHARED_TIERS = ("redis", "memcached")  # tiers on servers other instances share; each has a <name>_url
 TIER_NAMES = ("host", "disk", *SHARED_TIERS)
 MEMCACHED_MAX_TTL = 30 * 24 * 3600  # memcached reads a larger expiry as an absolute Unix time
@@ -82,7 +82,11 @@ class TierSettings:
         "auto"  # auto (host on CUDA, disk, redis/memcached when a URL is set), none, or "host,disk,redis"
     )
     tier_policy: str = "lru"  # eviction policy of the host and disk tiers
-    write_policy: str = "write-back"  # write-back, write-through, selective
+    # auto: write-through to disk, Redis and memcached (readable by others at once, survives a
+    # crash), write-back to the host tier; or write-back, write-through, selective for every tier
+    write_policy: str = "auto"
+    write_queue_bytes: int = 1 << 30  # blocks waiting to be written, at most; full: the oldest dropped
+    exit_flush_timeout: float = 5.0  # seconds the exit (atexit, SIGTERM) waits for queued writes
     load_policy: str = "cost"  # cost: load only what beats recomputing (measured); always: load all hits
     selective_hits: int = 2  # selective: device hits before a block is written down
     host_capacity: int = 4 << 30  # raw blocks in pinned memory: no codec (see HostTier)
@@ -156,6 +160,11 @@ class EngineConfig:
             raise ConfigError(f"unknown load_policy {t.load_policy!r}; use {' or '.join(LOAD_POLICIES)}")
         if t.write_policy not in WRITE_POLICIES:
             raise ConfigError(f"unknown write_policy {t.write_policy!r}; use {', '.join(WRITE_POLICIES)}")
+        if t.write_queue_bytes <= 0 or t.exit_flush_timeout < 0:
+            raise ConfigError(
+                f"write_queue_bytes must be > 0 (got {t.write_queue_bytes}) and exit_flush_timeout "
+                f">= 0 seconds (got {t.exit_flush_timeout})"
+            )
         if t.selective_hits < 0:
             raise ConfigError(f"selective_hits must be >= 0, got {t.selective_hits}")
         for name in ("host_capacity", "disk_capacity"):

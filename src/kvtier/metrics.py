@@ -36,7 +36,8 @@ Metric names (all prefixed ``kvtier:``, vLLM's style):
 - the hierarchy: ``hierarchy_decisions_total{decision="load"|"recompute"}``,
   ``hierarchy_blocks_loaded_total``, ``hierarchy_blocks_written_total``,
   ``hierarchy_predicted_load_seconds_total``, ``hierarchy_actual_load_seconds_total``,
-  ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``prefill_seconds_per_token`` and
+  ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``hierarchy_writes_dropped_total``,
+  ``hierarchy_write_queue_bytes``, ``prefill_seconds_per_token`` and
   ``step_fixed_seconds`` (the recompute side of the load-or-recompute decision: a step costs the
   fixed time plus the per-token time for each token).
 
@@ -147,6 +148,10 @@ SPECS: dict[str, _Spec] = {
     "hierarchy_actual_load_seconds": _Spec("counter", "Load time the loads took."),
     "hierarchy_corrupt": _Spec("counter", "Loaded objects that failed verification."),
     "hierarchy_write_errors": _Spec("counter", "Writes to a tier that failed."),
+    "hierarchy_writes_dropped": _Spec(
+        "counter", "Block writes dropped: the write queue was full (oldest first), or an exit timed out."
+    ),
+    "hierarchy_write_queue_bytes": _Spec("gauge", "Bytes of blocks queued or being written to the tiers."),
     "prefill_seconds_per_token": _Spec(
         "gauge", "Cost model: fitted model-step time per token (recompute side)."
     ),
@@ -305,6 +310,8 @@ class EngineMetrics(Collector):
             b.add("hierarchy_actual_load_seconds", hs.actual_load_s)
             b.add("hierarchy_corrupt", hs.corrupt)
             b.add("hierarchy_write_errors", hs.write_errors)
+            b.add("hierarchy_writes_dropped", hierarchy.writes.dropped)
+            b.add("hierarchy_write_queue_bytes", hierarchy.writes.pending_bytes)
             b.add("prefill_seconds_per_token", hierarchy.prefill_seconds_per_token)
             b.add("step_fixed_seconds", hierarchy.step_cost.fixed_s)
 

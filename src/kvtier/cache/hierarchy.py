@@ -5,11 +5,15 @@ keys after the device hit, ``plan`` asks the tiers (cheapest first) for the long
 tier by tier, then keeps the leading segments whose predicted load time beats recomputing them.
 ``load`` runs on the I/O thread: it fetches, verifies (codec: key, fingerprint, layout, tokens,
 checksum, HMAC) and returns the leading blocks that passed; anything that fails a check is a miss,
-counted and deleted. Writes (write-back on device eviction, write-through on commit, selective after
-N hits) are queued to the I/O thread too, so the engine loop never waits on a tier it did not choose
-to wait on. Below the device pool a written block goes to every tier (an inclusive hierarchy, as
-LMCache's storage manager does): tiers evict by their own policies, a later lookup takes the cheapest
-copy, and no demotion ever has to read a block back from a slower tier to pass it on.
+counted and deleted. Writes go through a bounded write queue with its own threads (``writes.py``),
+so the engine loop never waits on a tier it did not choose to wait on. Each tier has a write policy:
+write-through (stored as soon as the block is full: the default for the shared and persistent
+tiers, so another process sees it a moment later and a crash loses nothing written), write-back
+(stored when the device pool evicts it: the default for the host tier, which dies with the
+process) or selective (write-back after N device hits). Below the device pool a block goes to every
+tier that wants it (an inclusive hierarchy, as LMCache's storage manager does): tiers evict by
+their own policies, a later lookup takes the cheapest copy, and no demotion ever has to read a
+block back from a slower tier to pass it on.
 
 Loads land on the engine's device, through each tier's ``load_into`` (the protocol's road, with a
 plain default): the host tier copies raw blocks straight from its pinned slab to the device and
@@ -35,10 +39,22 @@ from kvtier.cache.codec import CodecConfig, CorruptObjectError
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.loading import BlockIO
+from kvtier.cache.writes import WriteQueue
 
 log = logging.getLogger(__name__)
 
-WRITE_POLICIES = ("write-back", "write-through", "selective")
+WRITE_POLICIES = ("auto", "write-back", "write-through", "selective")
+DEFAULT_WRITE_QUEUE_BYTES = 1 << 30
+
+
+def tier_write_policy(policy: str, tier: Tier) -> str:
+    """``auto``: blocks reach the tiers that outlive the process (disk, Redis, memcached) as soon as
+    they are full (write-through), so another process, or this one after a crash, finds them a
+    moment later; the host tier (``raw_blocks``: this process's memory) takes evicted blocks only
+    (write-back), since it dies with the process and only extends the device pool."""
+    if policy != "auto":
+        return policy
+    return "write-back" if tier.raw_blocks else "write-through"
 EMA_WEIGHT = 0.2  # weight of the newest measurement in the moving averages
 
 
@@ -161,7 +177,7 @@ class KVHierarchy:
         codecs: Sequence[CodecConfig | None],
         layout: KVLayout,
         fingerprint: str,
-        write_policy: str = "write-back",
+        write_policy: str = "auto",
         selective_hits: int = 2,
         secret: bytes | None = None,
         prefill_seconds_per_token: float = 1e-3,
@@ -169,14 +185,23 @@ class KVHierarchy:
         device: torch.device | str = "cpu",
         step_tokens: int = 2048,
         always_load: bool = False,
+        write_queue_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
     ) -> None:
         """``codecs``: one per tier, None for a tier of raw blocks (``raw_blocks``: the host tier).
         ``device``: where loads land (the engine's); on CUDA the staging buffer is page-locked, so
         the copy to the GPU is a real async DMA. ``step_tokens``: the scheduler's token budget per
         step. ``always_load``: load every hit, whatever the cost model predicts (deterministic;
-        what LMCache does)."""
+        what LMCache does). ``write_policy``: auto (write-through to the tiers that outlive the
+        process, write-back to the host tier), or one policy for every tier. ``write_queue_bytes``:
+        blocks waiting to be written, at most (staging memory; full: the oldest pending writes
+        are dropped)."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
+        if write_queue_bytes < layout.bytes_per_block:
+            raise ValueError(
+                f"write_queue_bytes={write_queue_bytes} holds no block: "
+                f"one takes {layout.bytes_per_block} bytes"
+            )
         if len(codecs) != len(tiers):
             raise ValueError("one codec per tier")
         for tier, codec in zip(tiers, codecs, strict=True):
@@ -187,6 +212,8 @@ class KVHierarchy:
         self.layout = layout
         self.fingerprint = fingerprint
         self.write_policy = write_policy
+        self.write_policies = [tier_write_policy(write_policy, t) for t in self.tiers]
+        self.commit_tiers = tuple(i for i, p in enumerate(self.write_policies) if p == "write-through")
         self.selective_hits = selective_hits
         self.secret = secret
         self.io = [BlockIO(layout, fingerprint, codec, secret, self._reject) for codec in self.codecs]
@@ -199,7 +226,9 @@ class KVHierarchy:
         self._hits: dict[BlockKey, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-io")
-        self._pending_writes: set[Future[None]] = set()
+        self.writes = WriteQueue(
+            layout, write_queue_bytes, self.device, self._write, threads=io_threads, with_sums=self.wants_sums
+        )
         self._thread_state = threading.local()
         self._free_buffers: list[torch.Tensor] = []  # CPU load outputs handed back by recycle()
 
@@ -334,20 +363,30 @@ class KVHierarchy:
     # -- writes ------------------------------------------------------------------------------------
     def note_hit(self, key: BlockKey) -> None:
         """A device-pool hit: selective writing stores a block once it has been reused enough."""
-        if self.write_policy == "selective":
+        if "selective" in self.write_policies:
             with self._lock:
                 self._hits[key] += 1
 
     def wants_write_on_commit(self) -> bool:
-        return self.write_policy == "write-through"
+        return bool(self.commit_tiers)
+
+    def evict_tiers(self, key: BlockKey, persistent_only: bool = False) -> tuple[int, ...]:
+        """The tiers an evicted block (or, at close, a cached one) goes to: the write-back ones, and
+        the selective ones once the block has had enough hits. ``persistent_only``: leave out the
+        host tier, which dies with the process (close writes only what outlives it)."""
+        selective = False
+        if "selective" in self.write_policies:
+            with self._lock:
+                selective = self._hits.pop(key, 0) >= self.selective_hits
+        return tuple(
+            i
+            for i, policy in enumerate(self.write_policies)
+            if (policy == "write-back" or (policy == "selective" and selective))
+            and not (persistent_only and self.tiers[i].raw_blocks)
+        )
 
     def wants_write_on_evict(self, key: BlockKey) -> bool:
-        if self.write_policy == "write-back":
-            return True
-        if self.write_policy == "selective":
-            with self._lock:
-                return self._hits.pop(key, 0) >= self.selective_hits
-        return False  # write-through already stored it
+        return bool(self.evict_tiers(key))
 
     @property
     def wants_sums(self) -> bool:
@@ -355,23 +394,29 @@ class KVHierarchy:
         computed where the blocks are, on the GPU, they cost the host tier's store nothing."""
         return any(t.raw_blocks for t in self.tiers)
 
-    def write_async(
-        self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor, sums: torch.Tensor | None = None
+    def stage_writes(
+        self,
+        kv_cache: torch.Tensor,
+        block_ids: Sequence[int],
+        entries: Sequence[tuple[BlockKey, tuple[int, ...], tuple[int, ...]]],
     ) -> None:
-        """Queue one block (a CPU copy the caller no longer touches) for every tier; ``sums``: its
-        ``integrity_sums`` (CPU), when the caller has them."""
-        future = self._io.submit(self._write, key, list(tokens), kv, sums)
-        with self._lock:
-            self._pending_writes.add(future)
-        future.add_done_callback(self._write_done)
+        """Queue pool blocks for writing: ``entries[i]`` = (key, tokens, tier indices) of block
+        ``block_ids[i]`` of ``kv_cache`` (``[L, 2, num_blocks, ...]``). Costs the caller a copy of
+        the blocks out of the pool, nothing more (see ``WriteQueue``)."""
+        self.writes.stage(kv_cache, block_ids, entries)
 
-    def _write_done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending_writes.discard(future)
-
-    def _write(self, key: BlockKey, tokens: list[int], kv: torch.Tensor, sums: torch.Tensor | None) -> None:
+    def _write(
+        self,
+        key: BlockKey,
+        tokens: list[int],
+        kv: torch.Tensor,
+        sums: torch.Tensor | None,
+        tiers: tuple[int, ...],
+    ) -> None:
+        """On a writer thread: one block to each of ``tiers``."""
         encoded: dict[CodecConfig | None, bytes] = {}  # one encoding per codec, shared by its tiers
-        for tier, io in zip(self.tiers, self.io, strict=True):
+        for i in tiers:
+            tier, io = self.tiers[i], self.io[i]
 
             def encode(io: BlockIO = io) -> bytes:
                 if io.codec not in encoded:
@@ -382,23 +427,20 @@ class KVHierarchy:
                 tier.put_block(key, tokens, kv, sums, encode)
             except Exception:  # a tier failure must never reach the engine
                 log.exception("%s tier: write failed", tier.name)
-                self.stats.write_errors += 1
-        self.stats.blocks_written += 1
+                with self._lock:
+                    self.stats.write_errors += 1
+        with self._lock:
+            self.stats.blocks_written += 1
 
-    def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait for queued writes (tests, shutdown)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                pending = list(self._pending_writes)
-            if not pending:
-                return
-            for f in pending:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                f.result(timeout=remaining)
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait for queued writes (tests, shutdown); False if ``timeout`` passed first."""
+        return self.writes.flush(timeout)
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Write what is queued (within ``timeout``: what is left is dropped and counted), then
+        close the tiers. Returns whether every queued write made it."""
+        done = self.writes.close(timeout)
         self._io.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
+        return done

@@ -22,6 +22,7 @@ from kvtier.cache.blocks import BlockPool
 from kvtier.cache.codec import secret_from_env
 from kvtier.cache.keys import BlockKey, KVLayout, root_key, tier_namespace
 from kvtier.config import EngineConfig
+from kvtier.engine import shutdown
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
 from kvtier.engine.output import EngineStats, check_stop, make_output
@@ -120,6 +121,8 @@ class Engine:
             if self.hierarchy is not None
             else None
         )
+        if self.kv is not None:  # queued writes are stored at exit or SIGTERM, even without close()
+            shutdown.register(self, config.tiers.exit_flush_timeout)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, DetokenizerState] = {}
         self._ids = itertools.count()
@@ -239,16 +242,25 @@ class Engine:
         while self.has_unfinished():
             yield from self.step()
 
-    def close(self) -> None:
-        """Write every block the device still caches down the hierarchy (so a restart or another
-        instance finds it), wait for the writes, and close the tiers."""
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Write what the device still caches to the write-back tiers that outlive the process,
+        wait for the queued writes (at most ``timeout`` seconds: the rest is dropped and
+        counted), and close the tiers. Returns whether every write made it. Called at exit too."""
         if self.kv is None:
-            return
-        self.kv.close()
+            return True
+        shutdown.forget(self)
+        done = self.kv.close(timeout)
         self.kv.install_loads(self.scheduler)  # loads the close waited for: their requests run
         self.kv = None
         self.hierarchy = None
         self.scheduler.hierarchy = None
+        return done
+
+    def flush_writes(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) until every queued block is stored: what SIGTERM
+        does. Thread-safe: it touches only the write queue."""
+        hierarchy = self.hierarchy
+        return True if hierarchy is None else hierarchy.flush(timeout)
 
     # -- the loop: install loads -> schedule -> write down -> run -> postprocess -----------------
     def step(self) -> list[RequestOutput]:

@@ -5,7 +5,8 @@ Three movements, all batched so a step pays at most one device synchronisation f
 - loads: a finished tier load is copied into its device blocks (``install_loads``), then the
   request runs;
 - writes: blocks evicted from the pool (write-back) or just committed (write-through) are queued
-  and copied out together, before anything can overwrite them (``flush``);
+  and handed to the hierarchy's write queue together, before anything can overwrite them
+  (``flush``): the step pays their copy out of the pool, the tiers are written on other threads;
 - close: every block the device still caches is written down, so a restart finds it.
 """
 
@@ -16,7 +17,6 @@ import logging
 import torch
 
 from kvtier.cache.blocks import BlockPool
-from kvtier.cache.codec import integrity_sums
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import BlockKey
 from kvtier.engine.scheduler import Scheduler
@@ -32,7 +32,8 @@ class KVTransfer:
         self.pool = pool
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, H, D]
         self.device = kv_cache.device
-        self._pending: list[tuple[int, BlockKey, tuple[int, ...]]] = []
+        # (block id, key, tokens, tier indices) waiting for this step's flush
+        self._pending: list[tuple[int, BlockKey, tuple[int, ...], tuple[int, ...]]] = []
         pool.on_evict = self.write_back
 
     def install_loads(self, scheduler: Scheduler) -> None:
@@ -58,43 +59,42 @@ class KVTransfer:
             scheduler.complete_load(req, n)
 
     def write_back(self, block_id: int, key: BlockKey, tokens: tuple[int, ...]) -> None:
-        """An evicted block: queued, and copied out with the step's others before the model runs
-        (nothing overwrites a block between its allocation in ``schedule`` and the forward pass)."""
-        if self.hierarchy.wants_write_on_evict(key):
-            self._pending.append((block_id, key, tokens))
+        """An evicted block: queued for its write-back tiers, and copied out with the step's others
+        before the model runs (nothing overwrites a block between its allocation in ``schedule``
+        and the forward pass)."""
+        tiers = self.hierarchy.evict_tiers(key)
+        if tiers:
+            self._pending.append((block_id, key, tokens, tiers))
 
     def write_through(self, blocks: list[int]) -> None:
-        """Blocks just committed: stored below at once (write-through)."""
-        if not self.hierarchy.wants_write_on_commit():
+        """Blocks just committed: queued at once for the write-through tiers (disk, Redis)."""
+        tiers = self.hierarchy.commit_tiers
+        if not tiers:
             return
         for b in blocks:
             cached = self.pool.cached(b)
             if cached is not None:
-                self._pending.append((b, cached.key, cached.tokens))
+                self._pending.append((b, cached.key, cached.tokens, tiers))
         self.flush()
 
     def flush(self) -> None:
-        """Copy the queued blocks to the host in one transfer (one device sync per step, not one
-        per block) and hand them to the hierarchy's I/O threads."""
+        """Hand the queued blocks to the hierarchy's write queue in one batch: the step pays their
+        copy out of the pool (on CUDA an ordering of streams, not a wait), the tiers get them on
+        the queue's threads."""
         if not self._pending:
             return
-        ids = torch.tensor([b for b, _, _ in self._pending], device=self.device)
-        # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec
-        blocks = self.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous()
-        sums = None
-        if self.device.type == "cuda" and self.hierarchy.wants_sums:  # ~free here, a CPU pass there
-            sums = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8)).to("cpu", non_blocking=True)
-        data = blocks.cpu()  # waits for the sums' copy too (same stream)
-        for i, (_, key, tokens) in enumerate(self._pending):
-            self.hierarchy.write_async(key, tokens, data[i], None if sums is None else sums[i])
+        ids = [b for b, _, _, _ in self._pending]
+        self.hierarchy.stage_writes(self.kv_cache, ids, [(k, t, tiers) for _, k, t, tiers in self._pending])
         self._pending.clear()
 
-    def close(self) -> None:
-        """Write every block the device still caches down the hierarchy (so a restart or another
-        instance finds it), wait for the writes, and close the tiers."""
-        if not self.hierarchy.wants_write_on_commit():
-            for block_id, cached in self.pool.cached_blocks():
-                self.write_back(block_id, cached.key, cached.tokens)
+    def close(self, timeout: float | None = None) -> bool:
+        """Write what the device still caches to the write-back tiers that outlive the process
+        (a restart or another instance finds it), wait for the queued writes (``timeout``: then
+        drop what is left), and close the tiers. Returns whether every write made it."""
+        for block_id, cached in self.pool.cached_blocks():
+            tiers = self.hierarchy.evict_tiers(cached.key, persistent_only=True)
+            if tiers:
+                self._pending.append((block_id, cached.key, cached.tokens, tiers))
         self.flush()
-        self.hierarchy.close()
         self.pool.on_evict = None
+        return self.hierarchy.close(timeout)

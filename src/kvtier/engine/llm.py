@@ -40,9 +40,10 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def close(self) -> None:
-        """Persist the device cache down the hierarchy and close the tiers."""
-        self.engine.close()
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Store what is queued and what the write-back tiers still lack, close the tiers (see
+        ``Engine.close``). Without it, the exit does the same within ``exit_flush_timeout``."""
+        return self.engine.close(timeout)
 
     def __enter__(self) -> LLM:
         return self

@@ -81,6 +81,7 @@ def build_hierarchy(
         device=device,
         step_tokens=config.scheduler.max_num_batched_tokens,
         always_load=settings.load_policy == "always",
+        write_queue_bytes=settings.write_queue_bytes,
     )
 
 
