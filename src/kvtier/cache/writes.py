@@ -22,7 +22,6 @@ first) and drops the rest.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import mmap
@@ -74,7 +73,7 @@ class WriteQueue:
         self.num_slots = max(1, capacity_bytes // layout.bytes_per_block)
         self._write = write
         self._with_sums = with_sums and device.type == "cuda"
-        self._slab = _staging_slab(layout, self.num_slots, pin=device.type == "cuda")
+        self._slab = StagingSlots(layout, self.num_slots, pin=device.type == "cuda")
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._queued: deque[WriteJob] = deque()
         self._running = 0
@@ -136,7 +135,9 @@ class WriteQueue:
         gathered_event = torch.cuda.Event()
         ready = torch.cuda.Event()
         with torch.cuda.stream(self._stream):
-            index = torch.tensor(ids, device=self.device)
+            # from page-locked memory: a pageable copy would make the host wait for this stream,
+            # which waits for the engine's
+            index = torch.tensor(ids, pin_memory=True).to(self.device, non_blocking=True)
             # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec. Made on
             # this stream, so the caching allocator reuses its memory only after the copies below.
             blocks = kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
@@ -220,15 +221,38 @@ class WriteQueue:
         return done
 
 
-def _staging_slab(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:
-    """``[num_slots, *block_shape]``: page-locked on CUDA (real async DMA); on the CPU an anonymous
-    mapping, whose pages cost nothing until a write first uses them and are reused after."""
+CHUNK_BYTES = 64 << 20  # staging memory is allocated in chunks of this size, when first needed
+
+
+class StagingSlots:
+    """``num_slots`` block-sized slots, ``slots[i]`` a ``block_shape`` tensor. Page-locked on CUDA
+    (a real async DMA); on the CPU anonymous mappings, whose pages cost nothing until first used.
+    Chunks are allocated when a slot in them is first asked for: a queue of 1 GiB that never holds
+    more than a prefill's blocks costs only those (the free list hands out low slots first)."""
+
+    def __init__(self, layout: KVLayout, num_slots: int, pin: bool) -> None:
+        self.layout = layout
+        self.pin = pin
+        self.per_chunk = max(1, min(num_slots, CHUNK_BYTES // layout.bytes_per_block))
+        self._chunks: list[torch.Tensor | None] = [None] * -(-num_slots // self.per_chunk)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, slot: int) -> torch.Tensor:
+        c, i = divmod(slot, self.per_chunk)
+        chunk = self._chunks[c]
+        if chunk is None:
+            with self._lock:
+                chunk = self._chunks[c]
+                if chunk is None:
+                    chunk = self._chunks[c] = _allocate(self.layout, self.per_chunk, self.pin)
+        return chunk[i]
+
+
+def _allocate(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:
     dtype = getattr(torch, layout.dtype)
     shape = (num_slots, *layout.block_shape)
     if pin:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     count = math.prod(shape)
     buffer = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # not every kernel has it: a hint only
-        buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
