@@ -55,6 +55,8 @@ def tier_write_policy(policy: str, tier: Tier) -> str:
     if policy != "auto":
         return policy
     return "write-back" if tier.raw_blocks else "write-through"
+
+
 EMA_WEIGHT = 0.2  # weight of the newest measurement in the moving averages
 
 
