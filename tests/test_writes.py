@@ -112,8 +112,8 @@ def test_an_engine_counts_the_writes_its_full_queue_dropped(tmp_path: Path) -> N
     metrics = EngineMetrics(registry)
     metrics.update(llm.engine)
     text = render(registry).decode()
-    assert "kvtier_hierarchy_writes_dropped_total 10.0" in text
-    assert "kvtier_hierarchy_write_queue_bytes 0.0" in text
+    assert "kvtier:hierarchy_writes_dropped_total 10.0" in text
+    assert "kvtier:hierarchy_write_queue_bytes 0.0" in text
     disk = llm.engine.hierarchy.tiers[0]
     keys = chain_keys(llm.engine.root_key(None), list(range(200)), llm.engine.layout.block_size)
     assert len(disk) == 2 and disk.lookup(keys) == 2  # a batch too big keeps its leading blocks
