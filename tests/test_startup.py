@@ -91,6 +91,10 @@ def test_byte_tokenizer_decodes_like_transformers(tokenizers: tuple) -> None:
         for skip in (True, False):
             want = theirs.decode(ids, skip_special_tokens=skip)
             assert ours.decode(ids, skip_special_tokens=skip) == want, ids
+    assert ours.get_vocab() == theirs.get_vocab()
+    names = ["<|end|>", "<s>", "a", "Ġ", "not-a-token"]
+    assert ours.convert_tokens_to_ids(names) == theirs.convert_tokens_to_ids(names)
+    assert ours.convert_tokens_to_ids("<|end|>") == theirs.convert_tokens_to_ids("<|end|>")
     assert ours.convert_ids_to_tokens(list(range(len(ours)))) == theirs.convert_ids_to_tokens(
         list(range(len(ours)))
     )
@@ -148,3 +152,15 @@ def test_cpu_pool_is_sized_by_what_the_engine_can_use() -> None:
     assert llm.engine.num_blocks == 2 * 256 // 16
     explicit = LLM("synthetic:tiny", tiers="none", device="cpu", kv_cache_memory=1 << 20, max_num_seqs=1)
     assert explicit.engine.num_blocks == (1 << 20) // explicit.engine.layout.bytes_per_block
+
+
+def test_the_demo_runs_with_the_byte_tokenizer() -> None:
+    """The demo's chat workload asks the tokenizer for its vocabulary (``<|end|>``)."""
+    import io
+
+    from rich.console import Console
+
+    from kvtier.demo import DemoSpec, run_demo
+
+    spec = DemoSpec("synthetic:tiny", 2, 2, 64, 4, "cpu")
+    assert run_demo(spec, Console(file=io.StringIO()))

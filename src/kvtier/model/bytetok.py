@@ -102,6 +102,17 @@ class ByteTokenizer:
         alphabet, id_to_byte = _byte_level_alphabet(), _tables()[1]
         return [alphabet[id_to_byte[i]] if i < 256 else SPECIAL_TOKENS[i - 256] for i in ids]
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id (the byte tokens as their ByteLevel characters), as transformers."""
+        return {t: i for i, t in enumerate(self.convert_ids_to_tokens(range(BYTE_VOCAB)))}
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> Any:
+        """One id for a string, a list for a list; an unknown token is ``<unk>``'s id."""
+        vocab = self.get_vocab()
+        if isinstance(tokens, str):
+            return vocab.get(tokens, self.unk_token_id)
+        return [vocab.get(t, self.unk_token_id) for t in tokens]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, **_: Any) -> str:
         """Bytes decoded as UTF-8 with U+FFFD for each invalid run (Rust's ``from_utf8_lossy``); ids
         past the tokenizer's vocabulary (synthetic models have more) decode to nothing."""
