@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from kvtier.cache.keys import BlockKey
+from kvtier.cache.keys import BlockKey, check_namespace
 from kvtier.cache.tiers.loading import BlockIO, load_objects
 
 
@@ -83,6 +83,24 @@ class LiveStats:
     def record_corrupt(self, count: int = 1) -> None:
         with self._lock:
             self._stats.corrupt += count
+
+
+def check_server_options(
+    namespace: str,
+    ttl_seconds: int | None,
+    max_ttl: int | None,
+    timeouts: tuple[float, ...],
+    capacity_bytes: int,
+) -> None:
+    """The arguments every tier on a server (Redis, memcached) takes, checked the same way."""
+    check_namespace(namespace)
+    if ttl_seconds is not None and not (ttl_seconds > 0 and (max_ttl is None or ttl_seconds <= max_ttl)):
+        limit = "positive" if max_ttl is None else f"1..{max_ttl} seconds ({max_ttl / 86400:g} days)"
+        raise ValueError(f"ttl_seconds must be {limit} or None, got {ttl_seconds}")
+    if any(t <= 0 for t in timeouts):
+        raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
+    if capacity_bytes < 0:
+        raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
 
 
 @runtime_checkable

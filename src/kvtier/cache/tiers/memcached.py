@@ -52,9 +52,9 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-from kvtier.cache.keys import BlockKey, check_key, check_namespace, valid_namespace
+from kvtier.cache.keys import BlockKey, check_key, valid_namespace
 from kvtier.cache.tiers import memcached_wire as wire
-from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
+from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
 from kvtier.cache.tiers.breaker import CircuitBreaker
 from kvtier.cache.tiers.memcached_wire import parse_url
 
@@ -96,13 +96,8 @@ class MemcachedTier(Tier):
         breaker_max_backoff_seconds: float = 30.0,
         capacity_bytes: int = 0,
     ) -> None:
-        check_namespace(namespace)
-        if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
-            raise ValueError(f"ttl_seconds must be 1..{MAX_TTL_SECONDS} (30 days) or None, got {ttl_seconds}")
-        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
-            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
-        if capacity_bytes < 0:
-            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        timeouts = (timeout_seconds, connect_timeout_seconds)
+        check_server_options(namespace, ttl_seconds, MAX_TTL_SECONDS, timeouts, capacity_bytes)
         self.url = url
         self.namespace = namespace
         self.ttl_seconds = ttl_seconds

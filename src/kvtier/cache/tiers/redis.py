@@ -49,8 +49,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
-from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats
+from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, valid_namespace
+from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
 from kvtier.cache.tiers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,9 @@ class RedisTier(Tier):
         breaker_max_backoff_seconds: float = 30.0,
         capacity_bytes: int = 0,
     ) -> None:
-        # no ':' (one namespace would be a prefix of another in SCAN MATCH), no glob characters
-        check_namespace(namespace)
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds}")
-        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
-            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
-        if capacity_bytes < 0:
-            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        # the namespace has no ':' (one would be a prefix of another in SCAN MATCH), no glob characters
+        timeouts = (timeout_seconds, connect_timeout_seconds)
+        check_server_options(namespace, ttl_seconds, None, timeouts, capacity_bytes)
         self.url = url
         self._plain_url, self.cluster = parse_url(url)
         self.namespace = namespace
