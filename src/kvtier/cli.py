@@ -200,6 +200,7 @@ for _name, _summary in (
     ("throughput", "offline throughput of many requests, next to the matmul ceiling"),
     ("prefix", "TTFT with a cached prefix vs cold, next to its floor"),
     ("tiers", "each tier's bandwidth vs the ceiling of its medium, same run"),
+    ("memcached", "the memcached tier's put and get + decode vs plain pymemcache, same server"),
     ("chat", "multi-round chat: the tiers vs the device pool alone vs no caching"),
     ("policies", "hit ratio of every eviction policy on a chat trace"),
     ("codec", "size, speed and error of every stored-object codec, next to a memory copy"),

@@ -1,5 +1,5 @@
-"""``kvtier bench decode | throughput | prefix | tiers | chat | policies | codec``: the command line of the
-benchmarks (``kvtier bench serve`` is a typer command of its own, in ``kvtier.cli``).
+"""``kvtier bench decode | throughput | prefix | tiers | memcached | chat | policies | codec``: the
+command line of the benchmarks (``kvtier bench serve`` is a typer command of its own, in ``kvtier.cli``).
 
 Every run prints the machine, its settings, the ceilings measured in the same run and a markdown
 table; ``--out DIR`` also writes ``DIR/<bench>.json`` (every raw figure), ``DIR/<bench>.md`` (what
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from kvtier.bench import chat, codec, decode, policies, prefix, throughput, tiers
+from kvtier.bench import chat, codec, decode, memcached, policies, prefix, throughput, tiers
 from kvtier.bench.report import Report
 from kvtier.cache.codec import KV_DTYPES
 
@@ -22,6 +22,7 @@ RUNS = {
     "throughput": throughput.bench_throughput,
     "prefix": prefix.bench_prefix_ttft,
     "tiers": tiers.bench_ceilings,
+    "memcached": memcached.bench_memcached,
     "chat": chat.bench_chat,
     "policies": policies.bench_policies,
     "codec": codec.bench_codec,
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--only", type=lambda v: v.split(","), default=["host", "disk", "redis"], help="tiers")
     c.add_argument("--disk-codec", help="default: the engine's (TierSettings.disk_codec)")
     c.add_argument("--redis-codec", help="default: the engine's (TierSettings.redis_codec)")
+    m = sub.add_parser("memcached", parents=[common], help="the memcached tier vs plain pymemcache")
+    m.add_argument("--total", default="128MiB", help="KV bytes per layout")
+    m.add_argument("--batch-blocks", type=int, default=16, help="blocks per get / put call")
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--item-size", default="1MiB", help="memcached -I of the server started here")
+    m.add_argument("--memory-mb", type=int, default=2048, help="memcached -m of the server started here")
+    m.add_argument("--memcached-url", help="use this memcached instead of starting one")
     h = sub.add_parser(
         "chat", parents=[common, red], help="multi-round chat: tiers vs pool only vs no caching"
     )

@@ -1,20 +1,24 @@
-"""Real redis-server processes on loopback, for the tests and the benchmarks alike: a single node
-(stoppable, killable, restartable on the same port) and a 3-primary cluster.
+"""Real redis-server and memcached processes on loopback, for the tests and the benchmarks alike: a
+Redis single node (stoppable, killable, restartable on the same port), a 3-primary cluster, and a
+memcached (likewise, with its item size ``-I`` as a parameter).
 
 Every server binds 127.0.0.1 on a free port (found by binding a socket to port 0), runs in its own
 directory with no persistence (``--save "" --appendonly no``), is ready when PING answers, and is
 stopped by ``stop()`` (terminate, wait, kill): only the process this object started.
-``tests/redis_servers.py`` wraps these in pytest fixtures; ``kvtier bench tiers`` / ``chat`` start one.
+``tests/redis_servers.py`` and ``tests/memcached_servers.py`` wrap these in pytest fixtures;
+``kvtier bench tiers`` / ``chat`` / ``memcached`` start one.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -231,3 +235,138 @@ class RedisClusterServers:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------- memcached
+
+MEMCACHED_INSTALL_HINT = "memcached not found on PATH: run scripts/test.sh, which installs the Debian package"
+
+
+def memcached_binary() -> str:
+    """The path of ``memcached``; FileNotFoundError with an install hint if missing."""
+    path = shutil.which("memcached")
+    if path is None:
+        raise FileNotFoundError(MEMCACHED_INSTALL_HINT)
+    return path
+
+
+def _memcached_answers(port: int, timeout: float = 0.2) -> bool:
+    from pymemcache.client.base import Client
+
+    client = Client(("127.0.0.1", port), connect_timeout=timeout, timeout=timeout)
+    try:
+        return bool(client.version())
+    except Exception:  # refused, reset, timed out, or a half-started server's garbage
+        return False
+    finally:
+        client.close()
+
+
+class MemcachedServer:
+    """One memcached on 127.0.0.1 (no UDP). ``stop()``/``kill()`` then ``start()`` reuses the port (the
+    data is gone); ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT), as a hung host would be."""
+
+    def __init__(self, port: int | None = None, item_size: int = 1 << 20, memory_mb: int = 64) -> None:
+        self.binary = memcached_binary()
+        self.port = port if port is not None else free_port()
+        self.item_size = item_size
+        self.memory_mb = memory_mb
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"memcached://{self.address}"
+
+    def _argv(self) -> list[str]:
+        argv = [
+            self.binary,
+            "-l", "127.0.0.1",
+            "-p", str(self.port),
+            "-U", "0",
+            "-m", str(self.memory_mb),
+            "-I", str(self.item_size),
+            "-t", "2",
+        ]  # fmt: skip
+        if self.item_size < 1 << 20:  # memcached's slab chunk (512 KiB) must not exceed -I
+            argv += ["-o", f"slab_chunk_max={self.item_size // 2}"]
+        if os.geteuid() == 0:  # memcached refuses to run as root without naming a user
+            argv += ["-u", "root"]
+        return argv
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> MemcachedServer:
+        """Start the process and wait until ``version`` answers; RuntimeError with its stderr if not."""
+        if self.running:
+            return self
+        self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if _memcached_answers(self.port):
+                return self
+            time.sleep(0.02)
+        err = b""
+        if self.proc.poll() is not None and self.proc.stderr is not None:
+            err = self.proc.stderr.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"memcached on port {self.port} did not start: {err.decode(errors='replace')}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Terminate (SIGTERM; SIGCONT first, a paused server cannot act on it), wait, then kill."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): clients see their connections reset."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def client(self) -> Any:
+        """A plain pymemcache client of this server (replies awaited), for checks from outside kvtier."""
+        from pymemcache.client.base import Client
+
+        return Client(("127.0.0.1", self.port), default_noreply=False, timeout=2.0)
+
+    def __enter__(self) -> MemcachedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_memcached(item_size: int = 1 << 20, memory_mb: int = 64, attempts: int = 3) -> MemcachedServer:
+    """Start one, retrying with a new port if the one picked was taken meanwhile."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        server = MemcachedServer(item_size=item_size, memory_mb=memory_mb)
+        try:
+            return server.start()
+        except RuntimeError as e:
+            last = e
+    raise RuntimeError(f"could not start memcached after {attempts} attempts") from last
