@@ -4,6 +4,12 @@ import os
 
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter. The switch must be set before
+# anything imports triton (transformers does, while test modules are collected): triton's own
+# @jit helpers made without it cannot be called from an interpreted kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 pytest_plugins = ["tests.redis_servers", "tests.memcached_servers"]
 
 # Tests that want tiers ask for them; others must not read or write the user's cache folder.
