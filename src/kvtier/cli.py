@@ -229,6 +229,7 @@ def bench_serve(
     ignore_eos: bool = True,
     json_out: Annotated[str | None, typer.Option("--json", help="write summaries and samples here")] = None,
     plot: Annotated[str | None, typer.Option(help="write latency CDFs here (SVG)")] = None,
+    repeat: Annotated[int, typer.Option(help="runs of each kind (alternated); medians are reported")] = 1,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -243,15 +244,16 @@ def bench_serve(
         conversations, turns, system_prompts, system_words, user_words, max_tokens, concurrency,
         request_rate, ignore_eos,
     )  # fmt: skip
-    runs = {}
-    if offline:
-        runs["offline"] = bs.offline(w, engine_config)
-    if launch:
-        runs["server"] = bs.served(w, engine_config)
-    if url:
-        model = served_model or _first_model(url, api_key)
-        asyncio.run(bs.run_http(bs.warmup_workload(w), url.rstrip("/"), model, api_key))  # untimed
-        runs["url"] = asyncio.run(bs.run_http(w, url.rstrip("/"), model, api_key))
+    runs: dict[str, list[Any]] = {}
+    for _ in range(repeat):  # alternated, so that each pair of runs sees the same machine load
+        if offline:
+            runs.setdefault("offline", []).append(bs.offline(w, engine_config))
+        if launch:
+            runs.setdefault("server", []).append(bs.served(w, engine_config))
+        if url:
+            model = served_model or _first_model(url, api_key)
+            asyncio.run(bs.run_http(bs.warmup_workload(w), url.rstrip("/"), model, api_key))  # untimed
+            runs.setdefault("url", []).append(asyncio.run(bs.run_http(w, url.rstrip("/"), model, api_key)))
     if not runs:
         raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
     body = bs.report(runs, w)

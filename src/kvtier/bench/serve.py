@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -298,16 +299,28 @@ def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
     return summary
 
 
-def report(runs: dict[str, tuple[list[Sample], float]], w: Workload) -> dict[str, Any]:
-    """JSON-ready: the workload, each run's summary and samples, and server/offline ratios."""
+def report(runs: dict[str, list[tuple[list[Sample], float]]], w: Workload) -> dict[str, Any]:
+    """JSON-ready: the workload, each run's summary (the median of its repeats, metric by metric), the
+    repeats' summaries, the last repeat's samples, and the server/offline ratios: the median of the
+    ratios of repeats run back to back, so that a machine whose load drifts compares like with like."""
     body: dict[str, Any] = {"workload": asdict(w), "runs": {}}
-    for name, (samples, seconds) in runs.items():
-        body["runs"][name] = {"summary": summarize(samples, seconds), "samples": [asdict(s) for s in samples]}
+    for name, repeats in runs.items():
+        summaries = [summarize(samples, seconds) for samples, seconds in repeats]
+        median = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+        body["runs"][name] = {
+            "summary": median,
+            "repeats": summaries,
+            "samples": [asdict(s) for s in repeats[-1][0]],
+        }
     if "server" in runs and "offline" in runs:
-        srv, off = body["runs"]["server"]["summary"], body["runs"]["offline"]["summary"]
+        pairs = list(zip(body["runs"]["server"]["repeats"], body["runs"]["offline"]["repeats"], strict=False))
         body["ratios"] = {
-            "throughput_server_over_offline": srv["output_token_throughput"] / off["output_token_throughput"],
-            "ttft_cached_p50_server_over_offline": srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"],
+            "throughput_server_over_offline": statistics.median(
+                srv["output_token_throughput"] / off["output_token_throughput"] for srv, off in pairs
+            ),
+            "ttft_cached_p50_server_over_offline": statistics.median(
+                srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"] for srv, off in pairs
+            ),
         }
     return body
 
@@ -421,7 +434,8 @@ def offline(w: Workload, config: Any) -> tuple[list[Sample], float]:
 
 
 def served(w: Workload, config: Any, startup_timeout: float = 300.0) -> tuple[list[Sample], float]:
-    """The workload on a ``kvtier serve`` subprocess with ``config`` (written to a YAML file for it)."""
+    """The workload on a fresh ``kvtier serve`` subprocess with ``config`` (written to a YAML file
+    for it): a cold cache, like a fresh offline engine."""
     import dataclasses
     import os
     import socket
