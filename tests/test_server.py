@@ -199,6 +199,7 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", f"context of {MAX_MODEL_LEN} tokens"),
         ({"prompt": "x" * MAX_MODEL_LEN}, "prompt", f"context is {MAX_MODEL_LEN} tokens"),
         ({"prompt": [5, 999]}, "prompt", "outside the vocabulary"),
+        ({"echo": True}, "echo", "not supported"),
     ]
     for change, param, text in cases:
         err = error_of(post(server, "/v1/completions", {**ok, **change}), 400)

@@ -264,7 +264,9 @@ def bench_serve(
         with open(json_out, "w") as f:
             json.dump(body, f, indent=1)
     if plot:
-        bs.plot_svg(body, plot)
+        from kvtier.bench.svg import plot_svg
+
+        plot_svg(body, plot)
 
 
 def _first_model(url: str, api_key: str | None) -> str:

@@ -104,6 +104,8 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
     def logprobs_count(self) -> int | None:
+        if self.echo:
+            raise BadParam("echo is not supported", "echo")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise BadParam(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
         return self.logprobs
