@@ -245,15 +245,16 @@ def bench_serve(
         request_rate, ignore_eos,
     )  # fmt: skip
     runs: dict[str, list[Any]] = {}
-    for _ in range(repeat):  # alternated, so that each pair of runs sees the same machine load
+    for r in range(repeat):  # alternated, so that each pair of runs sees the same machine load
+        wr = dataclasses.replace(w, seed=w.seed + r)  # new system prompts: each repeat starts cold
         if offline:
-            runs.setdefault("offline", []).append(bs.offline(w, engine_config))
+            runs.setdefault("offline", []).append(bs.offline(wr, engine_config))
         if launch:
-            runs.setdefault("server", []).append(bs.served(w, engine_config))
+            runs.setdefault("server", []).append(bs.served(wr, engine_config))
         if url:
             model = served_model or _first_model(url, api_key)
-            asyncio.run(bs.run_http(bs.warmup_workload(w), url.rstrip("/"), model, api_key))  # untimed
-            runs.setdefault("url", []).append(asyncio.run(bs.run_http(w, url.rstrip("/"), model, api_key)))
+            asyncio.run(bs.run_http(bs.warmup_workload(wr), url.rstrip("/"), model, api_key))  # untimed
+            runs.setdefault("url", []).append(asyncio.run(bs.run_http(wr, url.rstrip("/"), model, api_key)))
     if not runs:
         raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
     body = bs.report(runs, w)

@@ -323,21 +323,19 @@ def report(runs: dict[str, list[tuple[list[Sample], float]]], w: Workload) -> di
             "repeats": summaries,
             "samples": [asdict(s) for s in repeats[-1][0]],
         }
-    if "server" in runs and "offline" in runs:
-        pairs = list(zip(body["runs"]["server"]["repeats"], body["runs"]["offline"]["repeats"], strict=False))
-        body["ratios"] = {
-            "throughput_server_over_offline": statistics.median(
-                srv["output_token_throughput"] / off["output_token_throughput"] for srv, off in pairs
-            ),
-            "ttft_cached_p50_server_over_offline": statistics.median(
-                srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"] for srv, off in pairs
-            ),
-        }
+    for name in [n for n in runs if n != "offline"] if "offline" in runs else []:
+        pairs = list(zip(body["runs"][name]["repeats"], body["runs"]["offline"]["repeats"], strict=False))
+        body.setdefault("ratios", {})[f"throughput_{name}_over_offline"] = statistics.median(
+            srv["output_token_throughput"] / off["output_token_throughput"] for srv, off in pairs
+        )
+        body["ratios"][f"ttft_cached_p50_{name}_over_offline"] = statistics.median(
+            srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"] for srv, off in pairs
+        )
     return body
 
 
 TABLE_ROWS = (
-    ("requests (failed)", lambda s: f"{s['requests']} ({s['failed']})"),
+    ("requests (failed)", lambda s: f"{int(s['requests'])} ({int(s['failed'])})"),
     ("request throughput /s", lambda s: f"{s['request_throughput']:.2f}"),
     ("output tokens /s", lambda s: f"{s['output_token_throughput']:.1f}"),
     ("total tokens /s", lambda s: f"{s['total_token_throughput']:.1f}"),
