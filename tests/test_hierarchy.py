@@ -679,17 +679,22 @@ def wait_for_breaker(engine: Engine) -> None:
         time.sleep(extra["breaker_backoff_seconds"] + 0.05)
 
 
-@pytest.mark.redis
-def test_redis_killed_mid_workload(restartable_redis: RedisServer, make_llm: MakeLLM, cold: Cold) -> None:
-    server = restartable_redis
-    prompts = make_prompts(6, 100, seed=10)
-    ref = cold(prompts)
-    settings = {
+def redis_write_through(server: RedisServer) -> dict[str, object]:
+    """Engine settings for the Redis crash tests: every block stored at once, on this server."""
+    return {
         "tiers": "redis",
         "redis_url": server.url,
         "write_policy": "write-through",
         "redis_timeout": 1.0,  # a dead server refuses at once; a busy CI box may be slow
     }
+
+
+@pytest.mark.redis
+def test_redis_killed_mid_workload(restartable_redis: RedisServer, make_llm: MakeLLM, cold: Cold) -> None:
+    server = restartable_redis
+    prompts = make_prompts(6, 100, seed=10)
+    ref = cold(prompts)
+    settings = redis_write_through(server)
     client = server.client()
 
     # killed during a batch: 64-token steps, so prefill and write-through go on after the kill
@@ -738,12 +743,7 @@ def test_redis_killed_while_a_load_is_in_flight(
     server = restartable_redis
     prompts = make_prompts(1, 100, seed=11)
     ref = cold(prompts)
-    settings = {
-        "tiers": "redis",
-        "redis_url": server.url,
-        "write_policy": "write-through",
-        "redis_timeout": 1.0,  # a dead server refuses at once; a busy CI box may be slow
-    }
+    settings = redis_write_through(server)
     writer = make_llm(**settings)
     writer.generate(prompts, greedy())
     writer.close()

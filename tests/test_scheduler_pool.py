@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -235,6 +236,24 @@ def check_ref_counts(sched: Scheduler) -> None:
     sched.pool.check_invariants()
 
 
+def advance(
+    sched: Scheduler, chunks: list[ScheduledChunk], token: Callable[[Request], int] = lambda r: 1
+) -> list[Request]:
+    """What Engine._postprocess does, without a model: count the computed tokens, commit full
+    blocks, append ``token(r)`` where a chunk samples, finish at max_tokens. Returns the finished."""
+    finished = []
+    for c in chunks:
+        r, samples = c.request, c.samples  # before the count moves: samples reads it
+        r.num_computed_tokens += c.num_new_tokens
+        sched.commit_computed_blocks(r)
+        if samples:
+            r.output_token_ids.append(token(r))
+            if len(r.output_token_ids) >= r.params.max_tokens:
+                sched.finish(r, FinishReason.LENGTH)
+                finished.append(r)
+    return finished
+
+
 def drive(sched: Scheduler, requests: list[Request], max_steps: int = 5000) -> Trace:
     """Engine.step without a model: the sampled token is a function of the position."""
     for r in requests:
@@ -255,15 +274,8 @@ def drive(sched: Scheduler, requests: list[Request], max_steps: int = 5000) -> T
             sizes.append((r.request_id, c.num_new_tokens, c.num_new_tokens == 1 and c.samples, c.samples))
         trace.steps.append(out.chunks)
         trace.sizes.append(sizes)
-        for c in out.chunks:
-            r, samples = c.request, c.samples
-            r.num_computed_tokens += c.num_new_tokens
-            sched.commit_computed_blocks(r)
-            if samples:
-                r.output_token_ids.append((r.num_tokens * 7) % 300)
-                if len(r.output_token_ids) >= r.params.max_tokens:
-                    sched.finish(r, FinishReason.LENGTH)
-                    trace.finished[r.request_id] = r
+        for r in advance(sched, out.chunks, lambda r: (r.num_tokens * 7) % 300):
+            trace.finished[r.request_id] = r
         check_ref_counts(sched)
     assert not sched.has_work(), "the scheduler did not drain"
     sched.pool.assert_idle()
@@ -320,14 +332,7 @@ def test_running_decodes_are_scheduled_every_step() -> None:
         assert not out.preempted
         scheduled = {c.request.request_id for c in out.chunks}
         assert decoding <= scheduled
-        for c in out.chunks:
-            r, samples = c.request, c.samples
-            r.num_computed_tokens += c.num_new_tokens
-            sched.commit_computed_blocks(r)
-            if samples:
-                r.output_token_ids.append(1)
-                if len(r.output_token_ids) >= r.params.max_tokens:
-                    sched.finish(r, FinishReason.LENGTH)
+        advance(sched, out.chunks)
         steps += 1
         assert steps < 1000
     sched.pool.assert_idle()
@@ -368,14 +373,7 @@ def test_siblings_wait_for_the_first_prefill_then_share_its_blocks() -> None:
             assert sibling.block_table[:4] == first.block_table[:4]
             assert all(sched.pool.ref_counts[b] == 2 for b in first.block_table[:4])
             shared_seen = True
-        for c in out.chunks:
-            r, samples = c.request, c.samples
-            r.num_computed_tokens += c.num_new_tokens
-            sched.commit_computed_blocks(r)
-            if samples:
-                r.output_token_ids.append(1)
-                if len(r.output_token_ids) >= r.params.max_tokens:
-                    sched.finish(r, FinishReason.LENGTH)
+        advance(sched, out.chunks)
         check_ref_counts(sched)
     assert shared_seen
     assert not sched.has_work()
