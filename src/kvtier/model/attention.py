@@ -218,12 +218,17 @@ def prefill_attention(
 
 
 class TritonPagedAttention:
-    """CUDA: the KV write and decode rows in Triton kernels reading the pool through the block table
-    (``kernels/paged_decode.py``); prefill rows still gather + SDPA (the reference's code).
+    """CUDA: the KV write, decode rows and prefill / extend rows in Triton kernels reading the pool
+    through the block table (``kernels/paged_decode.py``, ``kernels/paged_prefill.py``: one launch
+    for all prefill rows, no gather). ``paged_prefill=False`` keeps the reference's per-row gather +
+    SDPA for prefill rows.
 
     Needs no host data for decode rows when ``meta.decode_splits`` is set, so it can be captured in a
     CUDA graph.
     """
+
+    def __init__(self, paged_prefill: bool = True) -> None:
+        self.paged_prefill = paged_prefill
 
     def forward(
         self,
@@ -274,7 +279,25 @@ class TritonPagedAttention:
                 out=out[:nd],
                 kv_scales=kv_scales,
             )
-        prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scales, out)
+        if meta.num_rows > nd and self.paged_prefill:
+            from kvtier.model.kernels.paged_prefill import paged_prefill
+
+            paged_prefill(
+                q,
+                kv_layer,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                nd,
+                meta.num_rows - nd,
+                max(meta.query_lens_host[nd:]),
+                scale,
+                sliding_window,
+                out,
+                kv_scales,
+            )
+        elif meta.num_rows > nd:
+            prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scales, out)
         return out
 
 

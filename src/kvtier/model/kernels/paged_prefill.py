@@ -1,0 +1,178 @@
+"""Paged prefill / extend attention in Triton: the new tokens of many sequences, in one flat batch,
+attend causally to their cached prefix in the pool and to themselves, without gathering the prefix.
+
+The new tokens' K/V must already be in the pool (the backend writes them first), so one loop over
+the row's keys covers prefix and chunk alike. One program handles ``BLOCK_M`` query tokens of one
+row and one KV head, with all the query heads of its GQA group: the tile's rows are (token, head)
+pairs, ``BLOCK_M * GROUP_PAD`` of them, so every K/V tile read serves the whole group. Keys run
+from the row's window start to the tile's last query position; the causal and window masks are
+applied per element, so tiles need no alignment with the pool's pages.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache,
+    v_cache,
+    block_tables,
+    query_start,
+    context_lens,
+    out_ptr,
+    k_scale,
+    v_scale,
+    sm_scale,
+    window,
+    row_offset,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0) + row_offset
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_lo = tl.load(query_start + row)
+    qlen = tl.load(query_start + row + 1) - q_lo
+    if tile * BLOCK_M < qlen:
+        ctx = tl.load(context_lens + row)
+        first_pos = ctx - qlen  # position of the row's first new token
+        r = tl.arange(0, BLOCK_M * GROUP_PAD)
+        tok = tile * BLOCK_M + r // GROUP_PAD  # index of the query token within the row
+        g = r % GROUP_PAD
+        rmask = (tok < qlen) & (g < GROUP)
+        d = tl.arange(0, D_PAD)
+        dmask = d < HEAD_DIM
+        qpos = first_pos + tok
+        q_off = (q_lo + tok).to(tl.int64) * stride_qt + (kvh * GROUP + g) * stride_qh
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if FP8:
+            ks = tl.load(k_scale + kvh)
+            vs = tl.load(v_scale + kvh)
+        last = tl.minimum(first_pos + tile * BLOCK_M + BLOCK_M, ctx)  # keys [lo, last)
+        lo = tl.where(window > 0, tl.maximum(first_pos + tile * BLOCK_M - window + 1, 0), 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD], tl.float32)
+        bt_row = block_tables + row.to(tl.int64) * stride_bt
+        for start in range(lo, last, BLOCK_N):
+            kpos = start + tl.arange(0, BLOCK_N)
+            kmask = kpos < last
+            blk = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+            off = blk * stride_kb + (kpos % PAGE) * stride_ks + kvh * stride_kh
+            kv_mask = kmask[:, None] & dmask[None, :]
+            k = tl.load(k_cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if FP8:
+                k = (k.to(tl.float32) * ks).to(q.dtype)
+                v = (v.to(tl.float32) * vs).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            visible = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
+            visible = visible & ((window <= 0) | (kpos[None, :] > qpos[:, None] - window))
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        o = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        o_off = (q_lo + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
+        tl.store(
+            out_ptr + o_off[:, None] + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None] & dmask[None, :],
+        )
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    first_row: int,
+    num_rows: int,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows ``first_row .. first_row + num_rows`` of the batch: their queries ``q[query_start_loc[r]
+    : query_start_loc[r + 1]]`` (q: [T, heads, D]) sit at the last positions of their contexts and
+    see every key up to their own position (the window's last ones when set). Writes ``out`` rows.
+    """
+    _, heads, dim = q.shape
+    _, _, page, kv_heads, _ = kv_layer.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if num_rows == 0 or max_query_len == 0:
+        return out
+    fp8 = kv_layer.dtype == torch.float8_e4m3fn
+    if fp8 and kv_scales is None:
+        raise ValueError("an fp8 KV pool needs kv_scales")
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(1, 64 // group_pad)  # 64 (token, head) rows per tile
+    d_pad = max(16, triton.next_power_of_2(dim))
+    block_n = 64 if d_pad <= 128 else 32
+    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (q, q)
+    k_cache, v_cache = kv_layer[0], kv_layer[1]
+    grid = (num_rows, triton.cdiv(max_query_len, block_m), kv_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        k_scale,
+        v_scale,
+        scale * LOG2E,
+        sliding_window or 0,
+        first_row,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=dim,
+        D_PAD=d_pad,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        FP8=fp8,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return out
