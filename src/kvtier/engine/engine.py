@@ -135,7 +135,7 @@ class Engine:
         scales must never be mixed in."""
         if self.kv_scales is None:
             return self.loaded.fingerprint
-        return f"{self.loaded.fingerprint}/kv-fp8-{scales_digest(self.kv_scales)}"
+        return f"{self.loaded.fingerprint}+kvfp8-{scales_digest(self.kv_scales)}"
 
     @property
     def namespace(self) -> str:

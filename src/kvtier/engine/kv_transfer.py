@@ -31,6 +31,8 @@ class KVTransfer:
         self.hierarchy = hierarchy
         self.pool = pool
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, H, D]
+        # index_copy_ has no fp8 kernels: an fp8 pool is moved as its bytes (same shape)
+        self._bytes = kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
         self.device = kv_cache.device
         # (block id, key, tokens, tier indices) waiting for this step's flush
         self._pending: list[tuple[int, BlockKey, tuple[int, ...], tuple[int, ...]]] = []
@@ -54,7 +56,7 @@ class KVTransfer:
                 if blocks.is_cuda:  # made on the I/O thread's stream: keep it alive for ours
                     blocks.record_stream(torch.cuda.current_stream(self.device))
                 # already on our device (the hierarchy loads onto it): [n, L, 2, ...] -> [L, 2, n, ...]
-                self.kv_cache.index_copy_(2, ids, blocks.permute(1, 2, 0, 3, 4, 5))
+                self._bytes.index_copy_(2, ids, blocks.view(self._bytes.dtype).permute(1, 2, 0, 3, 4, 5))
             self.hierarchy.recycle(blocks)  # on the CPU the copy above is done: reuse its memory
             scheduler.complete_load(req, n)
 

@@ -343,16 +343,6 @@ def write_kv(
 
 
 @triton.jit
-def _rotate(x1, x2, c, s, dtype: tl.constexpr):
-    """The reference's x * cos + rotate_half(x) * sin, each product and the sum rounded to dtype."""
-    a1 = x1.to(tl.float32)
-    a2 = x2.to(tl.float32)
-    o1 = ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype)
-    o2 = ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype)
-    return o1, o2
-
-
-@triton.jit
 def _rotary_write_kernel(
     q_ptr,
     k_ptr,
@@ -389,9 +379,14 @@ def _rotary_write_kernel(
     hq = tl.arange(0, QH_PAD)
     qmask = (hq < Q_HEADS)[:, None] & dmask[None, :]
     qp = q_ptr + t * stride_t + hq[:, None] * (2 * HALF) + d[None, :]
+    # the reference's x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype
+    # (written out twice, for q and k: a nested @triton.jit helper broke Triton's interpreter)
     q1 = tl.load(qp, mask=qmask, other=0.0)
     q2 = tl.load(qp + HALF, mask=qmask, other=0.0)
-    o1, o2 = _rotate(q1, q2, c, s, q1.dtype)
+    dt = q1.dtype
+    a1, a2 = q1.to(tl.float32), q2.to(tl.float32)
+    o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)
     tl.store(qp, o1, mask=qmask)
     tl.store(qp + HALF, o2, mask=qmask)
     slot = tl.load(slots + t)
@@ -400,9 +395,10 @@ def _rotary_write_kernel(
         kmask = (hk < KV_HEADS)[:, None] & dmask[None, :]
         kp = k_ptr + t * stride_t + hk[:, None] * (2 * HALF) + d[None, :]
         vp = v_ptr + t * stride_t + hk[:, None] * (2 * HALF) + d[None, :]
-        k1, k2 = _rotate(
-            tl.load(kp, mask=kmask, other=0.0), tl.load(kp + HALF, mask=kmask, other=0.0), c, s, q1.dtype
-        )
+        b1 = tl.load(kp, mask=kmask, other=0.0).to(tl.float32)
+        b2 = tl.load(kp + HALF, mask=kmask, other=0.0).to(tl.float32)
+        k1 = ((b1 * c).to(dt).to(tl.float32) + (-b2 * s).to(dt).to(tl.float32)).to(dt)
+        k2 = ((b2 * c).to(dt).to(tl.float32) + (b1 * s).to(dt).to(tl.float32)).to(dt)
         v1 = tl.load(vp, mask=kmask, other=0.0)
         v2 = tl.load(vp + HALF, mask=kmask, other=0.0)
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + hk[:, None] * stride_ch + d[None, :]
