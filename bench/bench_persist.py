@@ -4,13 +4,13 @@
     python3 bench/bench_persist.py demo    [--model synthetic:small]
 
 ``prefill``: cold prefills (random prompts, nothing cached anywhere) of ``--prompt-len`` tokens, one
-engine per tier configuration, all in one process on one device: no tiers; host write-back (the
-host tier's default: nothing is written unless evicted); host write-through (every block copied
-out at commit); host + disk with the default policies (host write-back, disk write-through);
-disk write-through alone. For each: the median prefill time (TTFT of a 1-token answer), its
-ratio to no tiers, and the write lag: from the answer to the moment the write queue is empty,
-i.e. the time after which another process reads the whole prefix (an upper bound: each block is
-readable as soon as its own write ends). CPU configurations leave out the host tier (CUDA only).
+engine per tier configuration (all alive, the runs interleaved), in one process on one device: no
+tiers; host write-back (the host tier's default: nothing is written unless evicted); host
+write-through (every block copied out at commit); host + disk with the default policies (host
+write-back, disk write-through); disk write-through alone. For each: the median prefill time (TTFT
+of a 1-token answer), its ratio to no tiers, and the write lag: from the answer to the moment the
+write queue is empty, i.e. the time after which another process reads the whole prefix (an upper
+bound: each block is readable as soon as its own write ends). CPU runs leave out the host tier.
 
 ``demo``: the multi-turn chat of ``kvtier demo`` (prefix caching on), with tiers none and with the
 disk tier written through (a fresh folder), in one process: wall time, TTFT p50 and their ratios.
@@ -106,21 +106,26 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     print(f"model {args.model}, cold prefill of {args.prompt_len} tokens, {args.repeats} runs each (median)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-") as tmp:
-        for i, name in enumerate(names):
-            engine = _engine(args, loaded, PREFILL_CONFIGS[name], os.path.join(tmp, str(i)))
+        # Every engine alive at once and the runs interleaved (none, host, ..., none, host, ...):
+        # on a shared machine the load drifts, and each configuration then sees the same drift.
+        engines = {
+            n: _engine(args, loaded, PREFILL_CONFIGS[n], os.path.join(tmp, str(i)))
+            for i, n in enumerate(names)
+        }
+        for engine in engines.values():
             _prefill(engine, [rng.randrange(vocab) for _ in range(args.prompt_len)])  # warm-up
-            times, lags = [], []
-            for _ in range(args.repeats):
+        times: dict[str, list[float]] = {n: [] for n in names}
+        lags: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
                 t, lag, cached = _prefill(engine, [rng.randrange(vocab) for _ in range(args.prompt_len)])
                 assert cached == 0, "a cold prompt hit the cache"
-                times.append(t)
-                lags.append(lag)
+                times[name].append(t)
+                lags[name].append(lag)
+        for name, engine in engines.items():
             dropped = engine.hierarchy.writes.dropped if engine.hierarchy is not None else 0
             engine.close()
-            del engine  # its KV pool goes before the next engine takes one
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append((name, statistics.median(times), statistics.median(lags), dropped))
+            rows.append((name, statistics.median(times[name]), statistics.median(lags[name]), dropped))
     base = rows[0][1]
     print(f"{'tiers':<22}{'prefill ms':>12}{'x none':>9}{'write lag ms':>14}{'dropped':>9}")
     for name, t, lag, dropped in rows:
@@ -197,7 +202,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kv_cache_memory is None:  # fixed, so that every configuration gets the same pool
-        args.kv_cache_memory = (16 << 30) if resolve_device(args.device).type == "cuda" else (1 << 30)
+        args.kv_cache_memory = (8 << 30) if resolve_device(args.device).type == "cuda" else (1 << 30)
     {"prefill": cmd_prefill, "demo": cmd_demo}[args.command](args)
 
 

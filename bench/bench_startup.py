@@ -6,14 +6,16 @@ For each source tree (``--src``, default this checkout's ``src``; give an older 
 compare, e.g. a ``git worktree`` of an earlier commit), in fresh interpreters: the seconds to
 ``import kvtier``, to ``LLM(model)`` ready (import included), and the wall time of
 ``kvtier run --prompt ... --max-tokens 8`` (a fresh disk cache folder each run, so every run is
-cold). Medians of ``--runs`` runs, and the machine's load average, since on a shared 2-core machine
-it moves every figure. This script never asserts on time.
+cold) with its CPU time (user + system, all threads: it moves less than wall time when the machine
+is shared). Medians of ``--runs`` runs, and the machine's load average, since on a shared 2-core
+machine it moves every wall figure. This script never asserts on time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,8 +55,15 @@ def _ready(src: Path, model: str) -> tuple[float, float]:
     return imp, ready
 
 
-def _run(src: Path, model: str) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(src: Path, model: str) -> tuple[float, float]:
+    """(wall, CPU seconds) of one ``kvtier run``: on a shared machine the CPU time moves less."""
     with tempfile.TemporaryDirectory() as cache:
+        cpu = _children_cpu()
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "kvtier.cli", "run", "--model", model, "--max-tokens", "8", *PROMPT],
@@ -62,7 +71,7 @@ def _run(src: Path, model: str) -> float:
             capture_output=True,
             check=True,
         )
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _children_cpu() - cpu
 
 
 def main() -> None:
@@ -72,7 +81,7 @@ def main() -> None:
     p.add_argument("--src", type=Path, action="append", help="a source tree (default: this checkout's)")
     args = p.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs")
-    print(f"{'source':<40}{'import s':>10}{'LLM ready s':>13}{'kvtier run s':>14}")
+    print(f"{'source':<40}{'import s':>10}{'LLM ready s':>13}{'kvtier run s':>14}{'run CPU s':>11}")
     for src in args.src or [SRC]:
         ready = [_ready(src, args.model) for _ in range(args.runs)]
         runs = [_run(src, args.model) for _ in range(args.runs)]
