@@ -140,7 +140,9 @@ class WriteQueue:
             index = torch.tensor(ids, pin_memory=True).to(self.device, non_blocking=True)
             # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec. Made on
             # this stream, so the caching allocator reuses its memory only after the copies below.
-            blocks = kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
+            # an fp8 pool is gathered as its bytes: index_select has no fp8 kernels
+            raw = kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
+            blocks = raw.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
             gathered_event.record(self._stream)
             sums_host: torch.Tensor | None = None
             if self._with_sums:
@@ -148,7 +150,7 @@ class WriteQueue:
                 sums_host = torch.empty(sums_dev.shape, dtype=sums_dev.dtype, pin_memory=True)
                 sums_host.copy_(sums_dev, non_blocking=True)
             for i, slot in enumerate(slots):
-                self._slab[slot].copy_(blocks[i], non_blocking=True)
+                self._slab[slot].view(blocks.dtype).copy_(blocks[i], non_blocking=True)
             ready.record(self._stream)
         engine_stream.wait_event(gathered_event)  # the pool may be overwritten after the gather only
         sums = [None if sums_host is None else sums_host[i] for i in range(len(ids))]
