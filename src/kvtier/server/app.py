@@ -146,6 +146,10 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     async def queue_full(_: Request, e: QueueFull) -> JSONResponse:
         return _error(503, "server_overloaded", str(e), **retry)
 
+    @app.exception_handler(cmpl.EngineFailure)
+    async def engine_failure(_: Request, e: cmpl.EngineFailure) -> JSONResponse:
+        return _error(500, "internal_error", str(e))
+
     @app.exception_handler(ShuttingDown)
     async def stopping(_: Request, e: ShuttingDown) -> JSONResponse:
         return _error(503, "server_unavailable", str(e), **retry)

@@ -19,10 +19,14 @@ from starlette.requests import Request
 
 from kvtier.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from kvtier.server.loop import RequestStream
-from kvtier.server.protocol import BadParam, envelope, new_id, usage
+from kvtier.server.protocol import BadParam, envelope, error_body, new_id, usage
 
 if TYPE_CHECKING:
     from kvtier.server.app import ServerState
+
+
+class EngineFailure(RuntimeError):
+    """The engine finished a request with an error (its own failure; others keep running): HTTP 500."""
 
 
 @dataclass
@@ -96,6 +100,7 @@ async def collect(job: Job, request: Request) -> dict[str, Any]:
         for stream in job.streams:
             outs = []
             while (out := await stream.queue.get()) is not None:
+                _raise_if_failed(stream, out)
                 outs.append(out)
             _raise_if_failed(stream)
             finals.append(sorted(outs, key=lambda o: o.outputs[0].index))
@@ -123,6 +128,10 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
             sent_tokens: dict[int, int] = {}
             outs: list[RequestOutput] = []
             while (out := await stream.queue.get()) is not None:
+                if out.error:  # headers are sent: the error goes in the stream, as vLLM does
+                    yield _sse(error_body(f"the request failed: {out.error}", "internal_error", 500))
+                    yield "data: [DONE]\n\n"
+                    return
                 c = out.outputs[0]
                 index = p * job.n + c.index
                 first = c.index not in sent_text
@@ -231,9 +240,11 @@ def _usage(finals: list[list[RequestOutput]]) -> dict[str, Any]:
     return body
 
 
-def _raise_if_failed(stream: RequestStream) -> None:
+def _raise_if_failed(stream: RequestStream, out: RequestOutput | None = None) -> None:
+    if out is not None and out.error:
+        raise EngineFailure(f"the request failed: {out.error}")
     if stream.error is not None:
-        raise RuntimeError(f"the engine failed: {stream.error}")
+        raise EngineFailure(f"the engine failed: {stream.error}")
 
 
 async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
