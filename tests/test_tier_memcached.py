@@ -400,12 +400,12 @@ def test_a_hung_server_costs_a_timeout_per_call_until_the_breaker_opens(
         for _ in range(2):  # each waits for its timeout, then the breaker opens
             start = time.monotonic()
             assert t.get(keys) == [None] * 4
-            assert time.monotonic() - start < 4 * timeout + 1.0
+            assert time.monotonic() - start < 10 * timeout + 3.0  # a few timeouts, not a hang
         start = time.monotonic()
         for _ in range(20):  # open: no I/O at all
             assert t.get(keys) == [None] * 4 and t.lookup(keys) == 0
             t.put(list(zip(keys, data, strict=True)))
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 3.0  # 60 calls without I/O (generous for a busy machine)
         assert t.stats().extra["breaker_open"] == 1
     finally:
         memcached_server.resume()

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +56,82 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
         client.close()
 
 
-class RedisServer:
-    """One redis-server process on 127.0.0.1. ``stop()`` then ``start()`` reuses the same port."""
+class _ServerProcess:
+    """A server process this object started on 127.0.0.1:``port``: wait until it answers, stop
+    (SIGCONT first: a paused process cannot act on SIGTERM; then terminate, wait, kill), crash
+    (SIGKILL), freeze (SIGSTOP) and thaw. Only ever the process it started."""
 
-    def __init__(self, directory: Path, port: int | None = None, cluster: bool = False) -> None:
-        self.server_bin, self.cli_bin = redis_binaries()
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, port: int | None) -> None:
         self.port = port if port is not None else free_port()
-        self.cluster = cluster
-        self.cluster_bus_port = free_port() if cluster else 0
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _spawn(self, argv: list[str], answers: Callable[[int], bool], timeout: float, **popen: Any) -> bool:
+        """Start ``argv`` and wait until ``answers(port)``; False (the process stopped) if it never does."""
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, **popen)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if answers(self.port):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        """Terminate (SIGTERM), wait, then kill if it is still there."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): no clean shutdown, clients see their connections reset."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open and nothing answers, as on a hung host."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisServer(_ServerProcess):
+    """One redis-server process on 127.0.0.1. ``stop()`` then ``start()`` reuses the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None, cluster: bool = False) -> None:
+        self.server_bin, self.cli_bin = redis_binaries()
+        super().__init__(port)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.cluster = cluster
+        self.cluster_bus_port = free_port() if cluster else 0
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
 
     @property
     def url(self) -> str:
@@ -107,43 +165,11 @@ class RedisServer:
         """Start the process and wait until PING answers; raises RuntimeError with the log if it can't."""
         if self.running:
             return self
-        self.proc = subprocess.Popen(
-            self._argv(), cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if _ping(self.port):
-                return self
-            time.sleep(0.02)
+        if self._spawn(self._argv(), _ping, timeout, cwd=self.directory, stderr=subprocess.DEVNULL):
+            return self
         self.stop()
         log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
         raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        """Terminate (SIGTERM), wait, then kill if it is still there."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def kill(self) -> None:
-        """Crash the server (SIGKILL): no clean shutdown, clients see their connections reset."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
 
     def restart(self, timeout: float = START_TIMEOUT_S) -> RedisServer:
         """Stop (if running) and start again on the same port (the data is gone: no persistence)."""
@@ -155,9 +181,6 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_server(directory: Path, attempts: int = 3) -> RedisServer:
@@ -262,20 +285,15 @@ def _memcached_answers(port: int, timeout: float = 0.2) -> bool:
         client.close()
 
 
-class MemcachedServer:
+class MemcachedServer(_ServerProcess):
     """One memcached on 127.0.0.1 (no UDP). ``stop()``/``kill()`` then ``start()`` reuses the port (the
     data is gone); ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT), as a hung host would be."""
 
     def __init__(self, port: int | None = None, item_size: int = 1 << 20, memory_mb: int = 64) -> None:
         self.binary = memcached_binary()
-        self.port = port if port is not None else free_port()
+        super().__init__(port)
         self.item_size = item_size
         self.memory_mb = memory_mb
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -301,51 +319,13 @@ class MemcachedServer:
         """Start the process and wait until ``version`` answers; RuntimeError with its stderr if not."""
         if self.running:
             return self
-        self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if _memcached_answers(self.port):
-                return self
-            time.sleep(0.02)
+        if self._spawn(self._argv(), _memcached_answers, timeout, stderr=subprocess.PIPE):
+            return self
         err = b""
-        if self.proc.poll() is not None and self.proc.stderr is not None:
+        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr is not None:
             err = self.proc.stderr.read()[-2000:]
         self.stop()
         raise RuntimeError(f"memcached on port {self.port} did not start: {err.decode(errors='replace')}")
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        """Terminate (SIGTERM; SIGCONT first, a paused server cannot act on it), wait, then kill."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def kill(self) -> None:
-        """Crash the server (SIGKILL): clients see their connections reset."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
 
     def client(self) -> Any:
         """A plain pymemcache client of this server (replies awaited), for checks from outside kvtier."""
@@ -355,9 +335,6 @@ class MemcachedServer:
 
     def __enter__(self) -> MemcachedServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_memcached(item_size: int = 1 << 20, memory_mb: int = 64, attempts: int = 3) -> MemcachedServer:
