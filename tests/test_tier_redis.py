@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.breaker import CircuitBreaker
+from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 from kvtier.cache.tiers.redis import RedisTier, parse_url, ping
 
 if TYPE_CHECKING:  # imported at run time by pytest_plugins (so that pytest can rewrite it first)
@@ -454,3 +454,61 @@ def test_circuit_breaker_states() -> None:
     assert b.allow()
     b.release_probe()  # the probe died of a programming error: another caller may probe
     assert b.allow()
+
+
+def test_a_key_of_another_redis_type_is_a_miss_and_removed(backend: Backend, tiers: list[RedisTier]) -> None:
+    tier = new_tier(tiers, backend.url)
+    keys = make_keys(4, "wrongtype")
+    tier.put(make_items(keys[:1]) + make_items(keys[2:]))
+    plain, is_cluster = parse_url(backend.url)
+    raw = redis.RedisCluster.from_url(plain) if is_cluster else redis.Redis.from_url(plain)
+    try:
+        wrong = tier._name(keys[1])
+        raw.rpush(wrong, b"not", b"a", b"string")  # EXISTS says yes; GET can never read it
+        assert tier.lookup(keys) == 1  # the run of held blocks stops at the wrong-type key
+        assert raw.exists(wrong) == 0  # and it is gone: the next lookup sees the truth
+        assert tier.stats().corrupt == 1 and tier.stats().extra["wrong_type_removed"] == 1
+        assert tier.lookup(keys) == 1
+        assert tier.get(keys[:1]) != [None]
+        tier.put(make_items(keys[1:2]))
+        assert tier.lookup(keys) == 4
+    finally:
+        raw.close()
+
+
+def test_breaker_waits_at_most_a_few_seconds() -> None:
+    now = [0.0]
+    b = CircuitBreaker(failures=1, backoff=0.5, clock=lambda: now[0])
+    assert b.max_backoff == MAX_BACKOFF_S <= 2.0
+    b.allow()
+    b.record_failure()
+    for _ in range(20):  # a long outage: every probe fails
+        now[0] += b.backoff
+        assert b.allow() and b.probing
+        b.record_failure()
+        assert b.backoff <= MAX_BACKOFF_S
+    assert b.backoff == MAX_BACKOFF_S
+    assert RedisTier.__init__.__defaults__ is not None
+    assert MAX_BACKOFF_S in RedisTier.__init__.__defaults__
+
+
+def test_the_probe_after_an_outage_is_a_ping(restartable_redis: RedisServer, tiers: list[RedisTier]) -> None:
+    server = restartable_redis
+    tier = new_tier(tiers, server.url, breaker_failures=1, breaker_backoff_seconds=0.2)
+    keys = make_keys(8, "probe")
+    server.kill()
+    assert tier.lookup(keys) == 0 and tier.stats().extra["breaker_open"] == 1
+    server.start()
+    for _ in range(200):  # bounded: the backoff is 0.2 s
+        time.sleep(0.01)
+        tier.lookup(keys)
+        if tier.stats().extra["breaker_state"] == 0:
+            break
+    assert tier.stats().extra["breaker_state"] == 0
+    client = server.client()
+    try:
+        stats = client.info("commandstats")
+        assert stats["cmdstat_ping"]["calls"] >= 1  # the probe
+        assert stats["cmdstat_type"]["calls"] == len(keys)  # then the one real lookup
+    finally:
+        client.close()

@@ -15,6 +15,12 @@ import time
 from collections.abc import Callable
 
 
+# The longest a tier stays skipped after it failed: a server back from an outage serves again within
+# this (plus one PING). 30 s here made loads resume 6 s after Redis came back; a probe costs one
+# round trip (or one timeout while the server is still down) per period, so a few seconds is cheap.
+MAX_BACKOFF_S = 2.0
+
+
 class CircuitBreaker:
     """Closed -> (``failures`` in a row) -> open -> (backoff elapsed) -> half-open: one probe.
 
@@ -30,7 +36,7 @@ class CircuitBreaker:
         self,
         failures: int,
         backoff: float,
-        max_backoff: float,
+        max_backoff: float = MAX_BACKOFF_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if failures < 1:
@@ -62,6 +68,13 @@ class CircuitBreaker:
                 return True
             self.short_circuits += 1
             return False
+
+    @property
+    def probing(self) -> bool:
+        """True while the one half-open probe is out: its caller should check the backend cheaply
+        (a PING) before spending the real operation's time on it."""
+        with self._lock:
+            return self.state == self.HALF_OPEN and self._probe_in_flight
 
     def record_success(self) -> bool:
         """Returns True if this closed an open or half-open breaker."""

@@ -11,7 +11,8 @@ URLs: ``redis://`` and ``rediss://`` (TLS) go to redis-py's ``Redis.from_url``; 
 ``rediss+cluster://`` go to ``RedisCluster.from_url`` with the plain scheme (one startup node is enough,
 the client discovers the rest).
 
-Every batch is one round trip per node: ``lookup`` pipelines EXISTS, ``get`` is one MGET on a single
+Every batch is one round trip per node: ``lookup`` pipelines TYPE (a key of another Redis type is a
+miss and is unlinked), ``get`` is one MGET on a single
 node (a pipeline of GETs on a cluster, where MGET cannot span slots), ``put`` pipelines SET (with EX when
 a TTL is set), ``delete`` is one UNLINK (a pipeline of UNLINKs on a cluster).
 
@@ -51,7 +52,7 @@ from redis.retry import Retry
 
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, valid_namespace
 from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
-from kvtier.cache.tiers.breaker import CircuitBreaker
+from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class RedisTier(Tier):
         connect_timeout_seconds: float = 0.5,
         breaker_failures: int = 3,
         breaker_backoff_seconds: float = 0.5,
-        breaker_max_backoff_seconds: float = 30.0,
+        breaker_max_backoff_seconds: float = MAX_BACKOFF_S,
         capacity_bytes: int = 0,
     ) -> None:
         # the namespace has no ':' (one would be a prefix of another in SCAN MATCH), no glob characters
@@ -141,7 +142,7 @@ class RedisTier(Tier):
         self._breaker = CircuitBreaker(breaker_failures, breaker_backoff_seconds, breaker_max_backoff_seconds)
         self._stats = TierStats()
         self._stats_lock = threading.Lock()
-        self._extra = {"response_errors": 0.0, "dropped_too_large": 0.0}
+        self._extra = {"response_errors": 0.0, "dropped_too_large": 0.0, "wrong_type_removed": 0.0}
         self._client_lock = threading.Lock()
         self._client: Client | None = None
         self._connect_failed_at = -1.0
@@ -178,14 +179,27 @@ class RedisTier(Tier):
             return 0
 
         def op(client: Client) -> int:
+            # TYPE, not EXISTS: a key of another Redis type (a list someone LPUSHed under our name)
+            # exists, but GET can never read it. It is a miss, and it is removed so that it is not
+            # reported held forever.
             pipe = client.pipeline(transaction=False)
             for name in names:
-                pipe.exists(name)
-            held = 0
-            for found in pipe.execute():
-                if not found:
+                pipe.type(name)
+            held, wrong = 0, []
+            for name, kind in zip(names, pipe.execute(), strict=True):
+                if kind in (b"string", "string"):
+                    if not wrong:
+                        held += 1
+                    continue
+                if kind in (b"none", "none"):
                     break
-                held += 1
+                wrong.append(name)
+            if wrong:
+                with self._stats_lock:
+                    self._stats.corrupt += len(wrong)
+                    self._extra["wrong_type_removed"] += len(wrong)
+                self._unlink(client, wrong)
+                log.warning("redis tier %s: removed %d key(s) of another Redis type", self._where(), len(wrong))
             return held
 
         return self._run(op, 0)
@@ -363,7 +377,12 @@ class RedisTier(Tier):
         if not self._breaker.allow():
             return default
         try:
-            result = op(self._get_client())
+            client = self._get_client()
+            if self._breaker.probing:  # back from an outage? a PING says so cheaply, before the real op
+                client.ping()
+                if self._breaker.record_success():
+                    log.info("redis tier %s: reachable again, breaker closed", self._where())
+            result = op(client)
         except ResponseError as e:
             if isinstance(e, ClusterError):  # cluster down / master down: the backend is unusable
                 self._failed(e)
