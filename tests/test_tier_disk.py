@@ -79,24 +79,54 @@ def test_oversize_object_dropped(tmp_path: Path) -> None:
     assert tier.stats().extra["dropped"] == 1 and tier.stats().evictions == 0
 
 
+def block_object(i: int, namespace: str) -> bytes:
+    """A real kvtier object for key(i): drop_namespaces removes only files whose header proves it."""
+    import torch
+
+    from kvtier.cache.codec import encode_block
+    from kvtier.cache.keys import KVLayout
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=2, dtype="float32")
+    kv = torch.full(layout.block_shape, float(i))
+    return encode_block(key(i), namespace, layout, [i, i + 1], kv)
+
+
 def test_namespaces_and_drop_other_namespaces(tmp_path: Path) -> None:
-    old = DiskTier(tmp_path, "old-model", 1000)
-    new = DiskTier(tmp_path, "new-model", 1000)
-    old.put([(key(1), b"old1"), (key(2), b"old2")])
-    new.put([(key(1), b"new1"), (key(3), b"new3")])
-    assert new.get([key(1), key(2)]) == [b"new1", None]
-    assert old.get([key(1), key(3)]) == [b"old1", None]
+    old = DiskTier(tmp_path, "old-model", 10000)
+    new = DiskTier(tmp_path, "new-model", 10000)
+    old1, old2, new1, new3 = (
+        block_object(1, "o"),
+        block_object(2, "o"),
+        block_object(1, "n"),
+        block_object(3, "n"),
+    )
+    old.put([(key(1), old1), (key(2), old2)])
+    new.put([(key(1), new1), (key(3), new3)])
+    assert new.get([key(1), key(2)]) == [new1, None]
+    assert old.get([key(1), key(3)]) == [old1, None]
     new.clear()  # only its own namespace
     assert new.get([key(1)]) == [None] and len(new) == 0 and new.used_bytes == 0
-    assert old.get([key(1)]) == [b"old1"]
-    new.put([(key(3), b"new3")])
+    assert old.get([key(1)]) == [old1]
+    new.put([(key(3), new3)])
     (tmp_path / "unrelated.txt").write_text("keep me")
     (tmp_path / "old-model" / "notes.txt").write_text("keep me too")
+    # named exactly like an object, but its content is no kvtier object: gc must keep it
+    look_alike = Path(old.path_of(key(7)))
+    look_alike.parent.mkdir(parents=True, exist_ok=True)
+    look_alike.write_bytes(b"my thesis, final version")
+    forged = Path(old.path_of(key(8)))  # a real object stored under another key's name
+    forged.parent.mkdir(parents=True, exist_ok=True)
+    forged.write_bytes(block_object(9, "o"))
     assert new.drop_namespaces(keep=new.namespace) == 2
+    assert look_alike.read_bytes() == b"my thesis, final version" and forged.exists()
     assert old.get([key(1), key(2)]) == [None, None]
-    assert new.get([key(3)]) == [b"new3"]
+    assert new.get([key(3)]) == [new3]
     assert (tmp_path / "unrelated.txt").exists() and (tmp_path / "old-model" / "notes.txt").exists()
-    assert not any((tmp_path / "old-model").glob("??"))  # the emptied key folders are gone
+    # the emptied key folders are gone; those holding the kept files stay
+    assert {p.name for p in (tmp_path / "old-model").glob("??")} == {
+        look_alike.parent.name,
+        forged.parent.name,
+    }
 
 
 def test_restart_rebuilds_index(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ from typing import cast
 
 import torch
 
+from kvtier.cache.codec import CorruptObjectError, read_header
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
@@ -365,7 +366,7 @@ class DiskTier(LiveStats, Tier):
                 self._index.clear()
                 self._used = 0
                 self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
-        return sum(self._purge_dir(path, remove_dirs=True) for path in doomed)
+        return sum(self._purge_dir(path, remove_dirs=True, proven_only=True) for path in doomed)
 
     def _namespace_dirs(self) -> list[os.DirEntry[str]]:
         """The namespace folders under the root; none when the root does not exist."""
@@ -556,8 +557,12 @@ class DiskTier(LiveStats, Tier):
             self._count_error()
         return False
 
-    def _purge_dir(self, ns_dir: str, remove_dirs: bool) -> int:
-        """Unlink the objects (and old temp files) of one namespace folder; returns objects removed."""
+    def _purge_dir(self, ns_dir: str, remove_dirs: bool, proven_only: bool = False) -> int:
+        """Unlink the objects (and old temp files) of one namespace folder; returns objects removed.
+
+        ``proven_only`` (``kvtier cache gc`` and ``clear``, which may point at the wrong folder):
+        a file goes only if its header proves it a kvtier object, its own key matching its name; a
+        file that merely looks like an object name is kept."""
         removed = 0
         cutoff_ns = time.time_ns() - int(self._temp_max_age_s * 1e9)
         try:
@@ -579,7 +584,8 @@ class DiskTier(LiveStats, Tier):
                 self._count_error()
                 continue
             for name, path in entries:
-                if name.endswith(SUFFIX) and _parse_key(name, prefix) is not None:
+                key = _parse_key(name, prefix) if name.endswith(SUFFIX) else None
+                if key is not None and (not proven_only or _is_object(path, key)):
                     removed += self._unlink(path)
                 elif name.startswith(".") and name.endswith(TEMP_SUFFIX):
                     self._remove_temp_if_old(path, cutoff_ns)
@@ -635,6 +641,19 @@ class DiskTier(LiveStats, Tier):
                 self._used -= old
                 self._stats.evictions += 1
                 self._unlink(self.path_of(key))
+
+
+_PROOF_BYTES = 1 << 16  # a header is ~100 bytes + 4 per token: 64 KiB covers 16k-token blocks
+
+
+def _is_object(path: str, key: BlockKey) -> bool:
+    """Whether the file at ``path`` is a kvtier block object stored under ``key``: its header parses
+    (magic, version, bounds) and names that key."""
+    try:
+        with open(path, "rb") as f:
+            return read_header(f.read(_PROOF_BYTES)).key == key
+    except (OSError, CorruptObjectError):
+        return False
 
 
 def _read_file(path: str, into: Sequence[memoryview] | None = None) -> bytes | int:
