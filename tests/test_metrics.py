@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,3 +210,30 @@ def test_registries_are_independent_and_names_unique() -> None:
         EngineMetrics(a)
     with pytest.raises(ValueError, match="increasing"):
         EngineMetrics(CollectorRegistry(), ttft_buckets=(1.0, 0.5))
+
+
+def test_latency_logs_stay_bounded_and_the_histograms_still_count_everything() -> None:
+    from kvtier.engine.output import LatencyLog
+
+    log = LatencyLog(keep=50)
+    seen = 0
+    for i in range(1, 301):
+        log.append(float(i))
+        if i % 7 == 0:  # a reader that keeps up sees every value once
+            assert log.since(seen) == [float(v) for v in range(seen + 1, i + 1)]
+            seen = log.count
+    assert len(log) == 50 and log.count == 300 and list(log) == [float(v) for v in range(251, 301)]
+    assert log.since(0) == list(log)  # a reader that fell behind gets what is still kept
+
+    llm = LLM("synthetic:tiny", kv_cache_memory=1 << 20, tiers="none")
+    stats = llm.engine.stats
+    for log_ in (stats.ttft, stats.e2e, stats.tpot):
+        log_._values = deque(maxlen=20)  # a small window, to see it bound
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    for i in range(6):
+        llm.generate([[1 + i, 2, 3]] * 10, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        metrics.update(llm.engine)
+    assert len(stats.ttft) == 20 and stats.ttft.count == 60
+    samples = {s.name: s.value for f in registry.collect() for s in f.samples if not s.labels}
+    assert samples["kvtier:time_to_first_token_seconds_count"] == 60

@@ -65,6 +65,7 @@ from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from kvtier.engine.engine import Engine
+    from kvtier.engine.output import LatencyLog
 
 __all__ = ["CONTENT_TYPE_LATEST", "E2E_BUCKETS", "TPOT_BUCKETS", "TTFT_BUCKETS", "EngineMetrics", "render"]
 
@@ -204,7 +205,7 @@ class _Builder:
 
 
 class _ListHistogram:
-    """Cumulative buckets fed by the new entries of an append-only list of ``EngineStats``."""
+    """Cumulative buckets fed by the new entries of one of ``EngineStats``'s latency logs."""
 
     def __init__(self, name: str, bounds: Sequence[float]) -> None:
         if list(bounds) != sorted(set(bounds)) or not bounds:
@@ -213,19 +214,19 @@ class _ListHistogram:
         self.bounds = tuple(bounds)
         self.reset(None)
 
-    def reset(self, source: list[float] | None) -> None:
+    def reset(self, source: LatencyLog | None) -> None:
         self.source = source  # the list itself, held so that its identity stays meaningful
         self.seen = 0
         self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one is +Inf
         self.total = 0.0
 
-    def feed(self, values: list[float]) -> None:
-        if values is not self.source or len(values) < self.seen:  # another engine, or stats reset
+    def feed(self, values: LatencyLog) -> None:
+        if values is not self.source or values.count < self.seen:  # another engine, or stats reset
             self.reset(values)
-        for v in values[self.seen :]:
+        for v in values.since(self.seen):
             self.counts[bisect.bisect_left(self.bounds, v)] += 1
             self.total += v
-        self.seen = len(values)
+        self.seen = values.count
 
     def family(self) -> Metric:
         buckets: list[tuple[str, float]] = []

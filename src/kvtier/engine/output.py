@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +12,39 @@ import torch
 
 from kvtier.engine.detokenizer import DetokenizerState, decode_delta, find_stop
 from kvtier.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
+
+LATENCY_WINDOW = 10_000  # latencies kept per kind: the newest ones; the histograms see every one
+
+
+class LatencyLog:
+    """The newest ``keep`` latencies, in order, and how many were ever recorded.
+
+    A list here grew by three floats per request forever (3.9 MiB over 3,000 requests with its
+    neighbours). Readers that want every value (the metrics histograms) ask for ``since(n)``, the
+    values recorded after the first ``n``, often enough not to miss any (each scrape or update).
+    """
+
+    def __init__(self, keep: int = LATENCY_WINDOW) -> None:
+        self._values: deque[float] = deque(maxlen=keep)
+        self.count = 0  # ever recorded
+
+    def append(self, value: float) -> None:
+        self._values.append(value)
+        self.count += 1
+
+    def since(self, seen: int) -> list[float]:
+        """The values recorded after the first ``seen`` (those still kept: at most ``keep``)."""
+        new = min(self.count - seen, len(self._values))
+        return list(itertools.islice(self._values, len(self._values) - new, None)) if new > 0 else []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._values)
+
+    def __getitem__(self, index: int) -> float:
+        return self._values[index]
 
 
 @dataclass
@@ -20,9 +56,9 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     finished: int = 0
-    ttft: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)  # arrival to finish, finished requests
-    tpot: list[float] = field(default_factory=list)  # (finish - first token) / (tokens - 1), when > 1 token
+    ttft: LatencyLog = field(default_factory=LatencyLog)
+    e2e: LatencyLog = field(default_factory=LatencyLog)  # arrival to finish, finished requests
+    tpot: LatencyLog = field(default_factory=LatencyLog)  # (finish - first token) / (tokens - 1), > 1 token
 
     @property
     def hit_rate(self) -> float:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 
-
 # The longest a tier stays skipped after it failed: a server back from an outage serves again within
 # this (plus one PING). 30 s here made loads resume 6 s after Redis came back; a probe costs one
 # round trip (or one timeout while the server is still down) per period, so a few seconds is cheap.

@@ -185,7 +185,7 @@ class RedisTier(Tier):
             pipe = client.pipeline(transaction=False)
             for name in names:
                 pipe.type(name)
-            held, wrong = 0, []
+            held, wrong = 0, list[bytes]()
             for name, kind in zip(names, pipe.execute(), strict=True):
                 if kind in (b"string", "string"):
                     if not wrong:
@@ -199,7 +199,7 @@ class RedisTier(Tier):
                     self._stats.corrupt += len(wrong)
                     self._extra["wrong_type_removed"] += len(wrong)
                 self._unlink(client, wrong)
-                log.warning("redis tier %s: removed %d key(s) of another Redis type", self._where(), len(wrong))
+                log.warning("redis tier %s: removed %d key(s) of another type", self._where(), len(wrong))
             return held
 
         return self._run(op, 0)
