@@ -67,6 +67,7 @@ from kvtier.cache.codec import CorruptObjectError, read_header
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
+from kvtier.cache.tiers.disk_ledger import LEDGER_NAME, UsageLedger
 from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
 
 SUFFIX = ".kvt"
@@ -74,6 +75,7 @@ TEMP_SUFFIX = ".tmp"
 _HEX_LEN = 2 * DIGEST_SIZE
 _HEX2_RE = re.compile(r"[0-9a-f]{2}")
 _SCAN_THREADS = 8
+_RESYNC_MIN_S = 1.0  # a full rescan at most this often, when the folder is full of others' objects
 _READ_THREADS = 8
 _OPEN_PER_THREAD = 4  # files a get holds open (queued or being read) per read thread, at most
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -137,10 +139,12 @@ class DiskTier(LiveStats, Tier):
         self._policy = make_policy(policy, expected_entries, seed)
         self._index: dict[BlockKey, int] = {}
         self._used = 0
+        self._ledger = UsageLedger(os.path.join(self._dir, LEDGER_NAME))  # the folder's bytes, all writers
+        self._resynced_at = -_RESYNC_MIN_S
         # Re-entrant: clear() and _make_room() unlink under the lock, and unlink counts errors under it.
         self._lock = threading.RLock()
         self._stats = TierStats()
-        for name in ("dropped", "adopted", "temp_cleaned", "scan_entries", "scan_seconds"):
+        for name in ("dropped", "adopted", "temp_cleaned", "scan_entries", "scan_seconds", "resyncs"):
             self._stats.extra[name] = 0.0
         if create:
             try:
@@ -273,8 +277,6 @@ class DiskTier(LiveStats, Tier):
                 self._stats.puts += 1
                 if not ok:
                     continue
-                self._forget(key)  # a replaced object: out of the index so it cannot be its own victim
-                self._make_room(size)
                 self._index[key] = size
                 self._used += size
                 self._policy.insert(key)
@@ -287,7 +289,14 @@ class DiskTier(LiveStats, Tier):
             path = self.path_of(key)
             with self._lock:  # unlink under the lock so that a concurrent put of the key stays ordered
                 self._forget(key)
-                self._unlink(path)
+                try:
+                    with self._ledger.locked() as entry:
+                        size = _size_or_zero(path)
+                        if self._unlink(path):
+                            entry.total -= size
+                except OSError:
+                    self._count_error()
+                    self._unlink(path)
 
     def keys(self) -> list[BlockKey]:
         with self._lock:
@@ -302,7 +311,13 @@ class DiskTier(LiveStats, Tier):
             self._index.clear()
             self._used = 0
             self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
-            self._purge_dir(self._dir, remove_dirs=False)
+            try:
+                with self._ledger.locked() as entry:  # no rename meanwhile: the total stays exact
+                    self._purge_dir(self._dir, remove_dirs=False)
+                    entry.total = _size_of_objects(self._dir)
+            except OSError:
+                self._count_error()
+                self._purge_dir(self._dir, remove_dirs=False)
 
     def close(self) -> None:
         """Stop the read threads (no file stays open between calls); a later ``get`` starts them again."""
@@ -365,6 +380,7 @@ class DiskTier(LiveStats, Tier):
             with self._lock:
                 self._index.clear()
                 self._used = 0
+                self._ledger.close()
                 self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
         return sum(self._purge_dir(path, remove_dirs=True, proven_only=True) for path in doomed)
 
@@ -451,7 +467,8 @@ class DiskTier(LiveStats, Tier):
             return self._pool
 
     def _write_file(self, path: str, key: BlockKey, data: bytes) -> bool:
-        """Write ``data`` to ``path`` atomically (temp file + ``os.replace``); False on any OSError."""
+        """Write ``data`` to ``path`` atomically (temp file + ``os.replace``, the rename done by
+        ``_commit`` under the folder's ledger lock); False on any OSError or when it cannot fit."""
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, f".{key.hex()}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -468,8 +485,10 @@ class DiskTier(LiveStats, Tier):
                 if self._fsync:
                     f.flush()
                     os.fsync(f.fileno())
-            os.replace(tmp, path)
-            return True
+            if self._commit(tmp, path, key, len(data)):
+                return True
+            os.unlink(tmp)
+            return False
         except OSError:
             self._count_error()
             if created:
@@ -478,6 +497,21 @@ class DiskTier(LiveStats, Tier):
             return False
 
     def _rebuild_index(self) -> None:
+        """The index, and the ledger set to the folder's true total: the scan runs under the ledger's
+        lock, so no object is renamed or removed meanwhile (the one time a writer waits on a scan)."""
+        if not os.path.isdir(self._dir):
+            self._scan_index()
+            return
+        try:
+            with self._ledger.locked() as entry:
+                entry.total = self._scan_index()
+        except OSError:
+            self._count_error()
+            self._scan_index()
+        with self._lock:
+            self._reserve(0)  # the capacity may have shrunk since the last run
+
+    def _scan_index(self) -> int:
         """Scan the namespace folder: index objects oldest-first by mtime, remove old temp files.
 
         One ``os.scandir`` per key folder plus one ``stat`` per object (its size and age): about
@@ -514,9 +548,9 @@ class DiskTier(LiveStats, Tier):
                 index[key] = size
                 insert(key)
             self._used = sum(index.values())
-            self._make_room(0)  # the capacity may have shrunk since the last run
             self._stats.extra["scan_entries"] = float(len(found))
             self._stats.extra["scan_seconds"] = time.perf_counter() - t0
+        return sum(size for _, _, size in found)
 
     def _scan_folder(self, folder: str, cutoff_ns: int) -> list[tuple[int, BlockKey, int]]:
         """The objects of one key folder as ``(mtime_ns, key, size)``; removes its old temp files."""
@@ -592,6 +626,8 @@ class DiskTier(LiveStats, Tier):
             if remove_dirs:
                 _rmdir_if_empty(sub)
         if remove_dirs:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(ns_dir, LEDGER_NAME))
             _rmdir_if_empty(ns_dir)
         return removed
 
@@ -622,25 +658,83 @@ class DiskTier(LiveStats, Tier):
         """Index a file another process wrote (if it still fits; else evict others for it)."""
         if key in self._index or size > self._capacity:
             return
-        self._make_room(size)
         self._index[key] = size
         self._used += size
         self._policy.insert(key)
         self._stats.extra["adopted"] += 1
 
-    def _make_room(self, size: int) -> None:
-        """Evict (unlink) in policy order until ``size`` more bytes fit."""
-        while self._used + size > self._capacity:
+    def _commit(self, tmp: str, path: str, key: BlockKey, size: int) -> bool:
+        """Rename a written temp file onto ``path`` once the folder has room for it. Every rename
+        and unlink of an object happens under the ledger's lock, so its total is exactly what the
+        folder's objects hold (a crash inside this section misses one object, until a restart)."""
+        with self._lock:
+            self._forget(key)  # a replaced object: out of the index so it cannot be its own victim
+            try:
+                with self._ledger.locked() as entry:
+                    old = _size_or_zero(path)
+                    entry.total = self._evict_until(entry.total, size - old)
+                    if entry.total + size - old > self._capacity:
+                        self._stats.extra["dropped"] += 1
+                        return False
+                    os.replace(tmp, path)
+                    entry.total += size - old
+                    return True
+            except OSError:  # no ledger (unwritable folder?): bound what this process indexed
+                self._count_error()
+                self._used = self._evict_until(self._used, size)
+                os.replace(tmp, path)
+                return True
+
+    def _reserve(self, size: int) -> bool:
+        """Make the folder's total (the ledger, all processes) hold ``size`` more bytes, evicting in
+        policy order (our own objects; when those run out, a rescan indexes the other processes'
+        too), and add them. False when it cannot (a rescan ran less than a second ago)."""
+        try:
+            with self._ledger.locked() as entry:
+                entry.total = self._evict_until(entry.total, size)
+                if entry.total + size > self._capacity:
+                    return False
+                entry.total += size
+                return True
+        except OSError:  # no ledger (unwritable folder): bound what this process indexed
+            self._count_error()
+            self._used = self._evict_until(self._used, size)
+            return self._used + size <= self._capacity
+
+    def _evict_until(self, total: int, size: int) -> int:
+        while total + size > self._capacity:
             victim = self._policy.evict()
             if victim is None:
-                self._used = sum(self._index.values())
-                break
+                if time.monotonic() - self._resynced_at < _RESYNC_MIN_S:
+                    break
+                total = self._resync()
+                if total + size <= self._capacity or not self._index:
+                    break
+                continue
             key = cast(BlockKey, victim)  # the policy only ever sees our keys
             old = self._index.pop(key, None)
             if old is not None:
                 self._used -= old
                 self._stats.evictions += 1
-                self._unlink(self.path_of(key))
+                if self._unlink(self.path_of(key)):  # gone already: whoever removed it gave it back
+                    total -= old
+        return total
+
+    def _resync(self) -> int:
+        """Index every object of the folder (those of other processes too) and return their bytes."""
+        self._resynced_at = time.monotonic()
+        self._stats.extra["resyncs"] += 1
+        found: list[tuple[int, BlockKey, int]] = []
+        with contextlib.suppress(OSError):
+            for sub in _subdirs(self._dir, _HEX2_RE.fullmatch):
+                found += self._scan_folder(sub.path, 0)
+        found.sort(key=itemgetter(0))
+        for _, key, size in found:
+            if key not in self._index:
+                self._index[key] = size
+                self._used += size
+                self._policy.insert(key)
+        return sum(size for _, _, size in found)
 
 
 _PROOF_BYTES = 1 << 16  # a header is ~100 bytes + 4 per token: 64 KiB covers 16k-token blocks
@@ -722,6 +816,25 @@ def _parse_key(name: str, prefix: str) -> BlockKey | None:
         return None
     # fromhex accepts upper case and spaces; only the exact form this tier writes is an object.
     return key if len(key) == DIGEST_SIZE and key.hex() == h else None
+
+
+def _size_of_objects(ns_dir: str) -> int:
+    """What a purge left (files it keeps: ones that are not provably kvtier objects)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for sub in _subdirs(ns_dir, _HEX2_RE.fullmatch):
+            for e in os.scandir(sub.path):
+                if e.name.endswith(SUFFIX):
+                    with contextlib.suppress(OSError):
+                        total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _subdirs(path: str, accept: Callable[[str], object]) -> list[os.DirEntry[str]]:
