@@ -124,12 +124,44 @@ class TierSettings:
         return self.disk_path or default_cache_dir()
 
 
+RESULT_TIERS = ("memory", "disk", "redis", "memcached")
+
+
+@dataclass
+class ResultSettings:
+    """The result cache (whole answers of deterministic requests) and the embedding cache.
+
+    Both store small objects through their own tiers (``result_tiers``, fastest first) with their
+    own capacity and policy; the disk and Redis tiers reuse ``disk_path``/``redis_url``, under a
+    namespace of their own, so they never mix with KV blocks.
+    """
+
+    result_cache: bool = True  # per engine; a request opts out with SamplingParams(result_cache=False)
+    embedding_cache: bool = True
+    result_tiers: str = "memory"  # comma list of memory, disk, redis, memcached
+    result_memory_capacity: int = 256 << 20
+    result_disk_capacity: int = 1 << 30
+    result_policy: str = "lru"
+    result_compression: str = "none"  # none, lz4, zstd
+    embedding_batch_size: int = 64
+
+    def tier_names(self) -> list[str]:
+        names = [n.strip() for n in self.result_tiers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in RESULT_TIERS]
+        if unknown:
+            raise ConfigError(
+                f"unknown result tier {unknown[0]!r}; result tiers are {', '.join(RESULT_TIERS)}"
+            )
+        return names
+
+
 @dataclass
 class EngineConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     tiers: TierSettings = field(default_factory=TierSettings)
+    results: ResultSettings = field(default_factory=ResultSettings)
 
     def parts(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -152,6 +184,7 @@ class EngineConfig:
             raise ConfigError(f"cuda_graph_max_batch must be >= 0, got {self.model.cuda_graph_max_batch}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self._validate_results()
         if s.max_model_len is not None and s.max_model_len < 2:
             raise ConfigError(
                 f"max_model_len must be >= 2 tokens (a prompt and one to generate), got {s.max_model_len}"
@@ -186,6 +219,17 @@ class EngineConfig:
             raise ConfigError(
                 f"disk_path is empty; leave it unset for the default folder ({default_cache_dir()})"
             )
+
+    def _validate_results(self) -> None:
+        r = self.results
+        r.tier_names()
+        if r.embedding_batch_size < 1:
+            raise ConfigError(f"embedding_batch_size must be >= 1, got {r.embedding_batch_size}")
+        for name in ("result_memory_capacity", "result_disk_capacity"):
+            if getattr(r, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 bytes, got {getattr(r, name)}")
+        if r.result_compression not in ("none", "lz4", "zstd"):
+            raise ConfigError(f"unknown result_compression {r.result_compression!r}; use none, lz4 or zstd")
 
     @classmethod
     def load(

@@ -51,6 +51,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     return_logits: bool = False  # keep each sampled step's logits (tests and debugging)
     logprobs: int | None = None  # per generated token: its logprob and this many top alternatives
+    result_cache: bool = True  # False: never served from (nor stored in) the result cache
 
     @property
     def greedy(self) -> bool:
@@ -305,3 +306,4 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens that came from the cache instead of prefill
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    served_from: str = "model"  # "model", or "result-cache" for an answer stored earlier (no model work)

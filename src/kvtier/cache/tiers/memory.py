@@ -1,0 +1,123 @@
+"""MemoryTier: encoded objects as ``bytes`` in this process's memory, bounded by bytes and a policy.
+
+The result and embedding caches keep small self-describing objects (a few hundred bytes to a few
+KiB); the host tier's fixed-size KV slots do not fit them. This tier is the plain version of the
+same contract: a dict of ``bytes`` under block-sized keys, eviction by any ``cache.policy`` policy
+to stay within ``capacity_bytes``. Thread-safe (one lock); it never raises on a miss.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import cast
+
+from kvtier.cache.keys import BlockKey
+from kvtier.cache.policy import make_policy
+from kvtier.cache.tiers.base import TierStats
+from kvtier.cache.tiers.host import check_key
+
+
+class MemoryTier:
+    name = "memory"
+
+    def __init__(self, capacity_bytes: int, policy: str = "lru", seed: int = 0) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self._capacity = int(capacity_bytes)
+        self._policy_name = policy
+        self._seed = seed
+        self._policy = make_policy(policy, None, seed)
+        self._data: dict[BlockKey, bytes] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._stats = TierStats()
+        self._stats.extra["dropped"] = 0.0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def lookup(self, keys: Sequence[BlockKey]) -> int:
+        with self._lock:
+            self._stats.lookups += len(keys)
+            n = 0
+            while n < len(keys) and check_key(keys[n]) in self._data:
+                n += 1
+            return n
+
+    def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+        t0 = time.perf_counter()
+        out: list[bytes | None] = []
+        with self._lock:
+            for key in keys:
+                data = self._data.get(check_key(key))
+                out.append(data)
+                if data is None:
+                    self._stats.misses += 1
+                    continue
+                self._stats.hits += 1
+                self._stats.bytes_read += len(data)
+                self._policy.access(key)
+            self._stats.lookups += len(keys)
+            self._stats.read_seconds += time.perf_counter() - t0
+        return out
+
+    def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
+        with self._lock:
+            for key, data in items:
+                data = bytes(data)
+                self._stats.puts += 1
+                self._remove(check_key(key))
+                if len(data) > self._capacity:
+                    self._stats.extra["dropped"] += 1
+                    continue
+                while self._used + len(data) > self._capacity:
+                    victim = self._policy.evict()
+                    if victim is None:
+                        break
+                    self._used -= len(self._data.pop(cast(BlockKey, victim)))
+                    self._stats.evictions += 1
+                self._data[key] = data
+                self._used += len(data)
+                self._policy.insert(key)
+                self._stats.bytes_written += len(data)
+
+    def delete(self, keys: Sequence[BlockKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._remove(check_key(key))
+
+    def keys(self) -> list[BlockKey]:
+        with self._lock:
+            return list(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def stats(self) -> TierStats:
+        return self._stats
+
+    def record_corrupt(self, count: int = 1) -> None:
+        with self._lock:
+            self._stats.corrupt += count
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._used = 0
+            self._policy = make_policy(self._policy_name, None, self._seed)
+
+    def close(self) -> None:
+        pass
+
+    def _remove(self, key: BlockKey) -> None:
+        data = self._data.pop(key, None)
+        if data is not None:
+            self._used -= len(data)
+            self._policy.remove(key)
