@@ -25,7 +25,12 @@ from kvtier.engine.request import InvalidRequestError
 from kvtier.engine.results import build_result_store
 from kvtier.model.bert import LoadedEncoder, load_encoder
 
-_DTYPES = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "auto": torch.float32,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass

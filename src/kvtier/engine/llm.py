@@ -6,9 +6,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from kvtier.config import EngineConfig
+from kvtier.engine.embedder import Embedder
 from kvtier.engine.engine import Engine, Prompt
 from kvtier.engine.request import InvalidRequestError, RequestOutput, SamplingParams, check_prompt_ids
+from kvtier.model.bert import is_encoder_folder
 
 
 @dataclass
@@ -34,15 +38,45 @@ class LLM:
         if model is not None:
             settings["model"] = model
         self.config = config or EngineConfig.load(settings)
-        self.engine = Engine(self.config)
+        self._engine: Engine | None = None
+        self._embedder: Embedder | None = None
+        if is_encoder_folder(self.config.model.model):
+            self._embedder = Embedder(self.config)
+        else:
+            self._engine = Engine(self.config)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise InvalidRequestError(
+                f"{self.config.model.model} is an embedding model: it has embed(), not generate()"
+            )
+        return self._engine
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            raise InvalidRequestError(
+                f"{self.config.model.model} is a generative model: embed() needs a BERT-family "
+                "encoder folder (as sentence-transformers publishes them)"
+            )
+        return self._embedder
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.engine.tokenizer if self._engine is not None else self.embedder.encoder.tokenizer
+
+    def embed(self, texts: str | Sequence[str], use_cache: bool = True) -> np.ndarray:
+        """``[len(texts), dim]`` float32 vectors, pooled and normalised as the model folder says;
+        each text is looked up in the embedding cache first (``use_cache=False``: skip it)."""
+        return self.embedder.embed(texts, use_cache=use_cache)
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Store what is queued and what the write-back tiers still lack, close the tiers (see
         ``Engine.close``). Without it, the exit does the same within ``exit_flush_timeout``."""
+        if self._embedder is not None:
+            self._embedder.close()
+            return True
         return self.engine.close(timeout)
 
     def __enter__(self) -> LLM:

@@ -49,8 +49,9 @@ class BertConfig:
     def from_json(cls, raw: dict[str, Any]) -> BertConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_ENCODERS:
+            supported = ", ".join(SUPPORTED_ENCODERS)
             raise UnsupportedArchitectureError(
-                f"encoder model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ENCODERS)}"
+                f"encoder model_type {model_type!r} is not supported; supported: {supported}"
             )
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedArchitectureError(
@@ -309,7 +310,9 @@ def load_encoder(path: str, device: torch.device, dtype: torch.dtype = torch.flo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
-    max_len = int(st_cfg.get("max_seq_length") or min(tokenizer.model_max_length, cfg.max_position_embeddings))
+    max_len = int(
+        st_cfg.get("max_seq_length") or min(tokenizer.model_max_length, cfg.max_position_embeddings)
+    )
     max_len = min(max_len, cfg.max_position_embeddings)
     state, weights_id = _weights(transformer_dir)
     with torch.device("meta"):
@@ -333,4 +336,3 @@ def load_encoder(path: str, device: torch.device, dtype: torch.dtype = torch.flo
         h.update(struct.pack("<Q", len(part)) + part)
     dim = cfg.hidden_size * len(pooling.modes)
     return LoadedEncoder(model.eval(), tokenizer, pooling, max_len, do_lower, h.hexdigest(), dim)
-
