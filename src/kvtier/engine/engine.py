@@ -38,6 +38,7 @@ from kvtier.engine.request import (
     check_request_id,
     check_text,
 )
+from kvtier.engine.results import ResultCache
 from kvtier.engine.runner import ModelRunner, StepResult
 from kvtier.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.engine.tiers import build_hierarchy
@@ -123,6 +124,11 @@ class Engine:
         )
         if self.kv is not None:  # queued writes are stored at exit or SIGTERM, even without close()
             shutdown.register(self, config.tiers.exit_flush_timeout)
+        self.results = (
+            ResultCache(config, self.fingerprint, mc.eos_token_ids, max_len)
+            if config.results.result_cache
+            else None
+        )
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, DetokenizerState] = {}
         self._ids = itertools.count()
@@ -206,6 +212,10 @@ class Engine:
         base = request_id or f"req-{next(self._ids)}"
         if base in self.requests or any(k.startswith(base + "#") for k in self.requests):
             raise InvalidRequestError(f"request id {base!r} is already in use")
+        result_key = self.results.key(token_ids, params, cache_salt) if self.results else None
+        text = prompt if isinstance(prompt, str) else None
+        if result_key is not None and self.results and self.results.serve(result_key, base, text, token_ids):
+            return [base]  # answered: no model work; the next step returns it
         ids: list[str] = []
         first: Request | None = None
         for i in range(params.n):
@@ -219,8 +229,9 @@ class Engine:
                 child,
                 self.loaded.config.eos_token_ids,
                 cache_salt,
-                prompt=prompt if isinstance(prompt, str) else None,
+                prompt=text,
                 wait_for=first,
+                result_key=result_key,
             )
             first = first or req
             self.requests[rid] = req
@@ -230,13 +241,15 @@ class Engine:
         return ids
 
     def abort(self, request_id: str) -> None:
+        if self.results is not None:
+            self.results.drop(request_id)
         for rid in [k for k in self.requests if k == request_id or k.startswith(request_id + "#")]:
             req = self.requests.pop(rid)
             self._detok.pop(rid, None)
             self.scheduler.finish(req, FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.results and self.results.ready)
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
@@ -246,6 +259,8 @@ class Engine:
         """Write what the device still caches to the write-back tiers that outlive the process,
         wait for the queued writes (at most ``timeout`` seconds: the rest is dropped and
         counted), and close the tiers. Returns whether every write made it. Called at exit too."""
+        if self.results is not None:
+            self.results.close()
         if self.kv is None:
             return True
         shutdown.forget(self)
@@ -264,7 +279,11 @@ class Engine:
 
     # -- the loop: install loads -> schedule -> write down -> run -> postprocess -----------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of requests that produced a token or finished."""
+        """Run one batch; return the outputs of requests that produced a token or finished
+        (answers from the result cache first: they finished without a batch)."""
+        served = self.results.take_ready() if self.results is not None else []
+        if served and not self.scheduler.has_work():
+            return served
         if self.kv is not None:
             self.kv.install_loads(self.scheduler)
         sched = self.scheduler.schedule()
@@ -276,13 +295,13 @@ class Engine:
         if not sched.chunks:
             if self.scheduler.loading:
                 time.sleep(0.0005)  # only loads are in flight: let the I/O thread run
-            return failed
+            return served + failed
         try:
             result = self._run(sched)
         except Exception as e:  # not KeyboardInterrupt: an interrupted generate() aborts its own
             result, broken = self._run_alone(sched, e)
             failed += broken
-        return failed + self._postprocess(sched, result)
+        return served + failed + self._postprocess(sched, result)
 
     def _run(self, sched: SchedulerOutput) -> StepResult:
         start = time.perf_counter()
@@ -372,6 +391,8 @@ class Engine:
         self.requests.pop(req.request_id, None)
         self._detok.pop(req.request_id, None)
         self.stats.record_finish(req)
+        if self.results is not None:
+            self.results.remember(req, reason)
 
 
 def _available_ram() -> int:

@@ -263,6 +263,7 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     first_token_time: float | None = None
     finish_time: float | None = None
+    result_key: BlockKey | None = None  # set when the answer goes to the result cache at finish
 
     @property
     def all_token_ids(self) -> list[int]:

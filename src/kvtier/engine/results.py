@@ -11,15 +11,23 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from kvtier.cache.codec import secret_from_env
+from kvtier.cache.codec import CorruptObjectError, secret_from_env
 from kvtier.cache.keys import BlockKey
-from kvtier.cache.results import ResultStore, result_key
+from kvtier.cache.results import KIND_RESULT, CachedResult, ResultStore, result_key
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.memory import MemoryTier
 from kvtier.cache.tiers.redis import RedisTier
 from kvtier.config import ConfigError, EngineConfig
-from kvtier.engine.request import SamplingParams
+from kvtier.engine.request import (
+    CompletionOutput,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+
+SERVED_FROM_CACHE = "result-cache"
 
 # SamplingParams fields that do not change what is generated (only what is kept or how it is served).
 _NOT_OUTPUT = {"result_cache", "return_logits", "n"}
@@ -94,3 +102,64 @@ def build_result_store(config: EngineConfig, fingerprint: str, kind: int, folder
     return ResultStore(
         tiers, fingerprint, kind, compression=config.results.result_compression, secret=secret_from_env()
     )
+
+
+class ResultCache:
+    """The engine's result cache: looked up in ``add_request`` (a hit is queued for the next
+    ``step`` and never reaches the scheduler), filled in ``_finish`` from a finished request."""
+
+    def __init__(
+        self, config: EngineConfig, fingerprint: str, eos_token_ids: tuple[int, ...], max_model_len: int
+    ) -> None:
+        self.store = build_result_store(config, fingerprint, KIND_RESULT, "results")
+        self.fingerprint = fingerprint
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.ready: list[RequestOutput] = []  # answers served from the cache, for the next step
+
+    def key(self, token_ids: list[int], params: SamplingParams, salt: str | None) -> BlockKey | None:
+        if not cacheable(params):
+            return None
+        return request_result_key(
+            self.fingerprint, salt, token_ids, params, self.eos_token_ids, self.max_model_len
+        )
+
+    def serve(self, key: BlockKey, request_id: str, prompt: str | None, token_ids: list[int]) -> bool:
+        """Queue the stored answer for ``key`` as ``request_id``'s output; False on a miss."""
+        found = self.store.get(key)
+        if found is None:
+            return False
+        payload, tier = found
+        try:
+            hit = CachedResult.from_bytes(payload)
+        except CorruptObjectError:
+            self.store.reject(key, tier)
+            return False
+        completion = CompletionOutput(0, list(hit.token_ids), hit.text, hit.finish_reason)
+        metrics: dict[str, Any] = {"num_preemptions": 0, "num_loaded_tokens": 0, "ttft": 0.0, "e2e": 0.0}
+        metrics["result_cache_tier"] = tier
+        out = RequestOutput(
+            request_id, prompt, token_ids, [completion], True, len(token_ids), metrics,
+            served_from=SERVED_FROM_CACHE,
+        )  # fmt: skip
+        self.ready.append(out)
+        return True
+
+    def remember(self, req: Request, reason: FinishReason) -> None:
+        """Store a request's answer if it ended on its own (not aborted, failed or empty)."""
+        if req.result_key is None or reason not in (FinishReason.STOP, FinishReason.LENGTH):
+            return
+        if req.error is not None or not req.output_token_ids:
+            return
+        value = CachedResult(list(req.output_token_ids), req.output_text, reason.value, req.stop_reason)
+        self.store.put(req.result_key, value.to_bytes())
+
+    def take_ready(self) -> list[RequestOutput]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def drop(self, request_id: str) -> None:
+        self.ready = [o for o in self.ready if o.request_id != request_id]
+
+    def close(self) -> None:
+        self.store.close()
