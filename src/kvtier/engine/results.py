@@ -36,6 +36,7 @@ _NOT_OUTPUT = {"result_cache", "return_logits", "n"}
 def cacheable(params: SamplingParams) -> bool:
     return (
         params.result_cache
+        and getattr(params, "logprobs", None) is None  # until stored results carry them
         and params.n == 1
         and not params.return_logits
         and (params.greedy or params.seed is not None)
