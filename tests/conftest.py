@@ -14,6 +14,9 @@ pytest_plugins = ["tests.redis_servers", "tests.memcached_servers"]
 
 # Tests that want tiers ask for them; others must not read or write the user's cache folder.
 os.environ.setdefault("KVTIER_TIERS", "none")
+# The result cache (on by default) would answer a test's repeated request without running the
+# model that test is about; tests of the result cache turn it on.
+os.environ.setdefault("KVTIER_RESULT_CACHE", "false")
 os.environ.pop("KVTIER_CACHE_SECRET", None)
 
 # Two threads match the CI machine; tests stay comparable whatever the host has.

@@ -19,6 +19,7 @@ SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore
 
 
 def _llm(**settings: Any) -> LLM:
+    settings.setdefault("result_cache", True)  # tests/conftest.py turns it off for other tests
     return LLM("synthetic:tiny", device="cpu", kv_cache_memory=8 << 20, **settings)
 
 
