@@ -17,7 +17,6 @@ from kvtier.cache.results import KIND_RESULT, CachedResult, ResultStore, result_
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.memory import MemoryTier
-from kvtier.cache.tiers.redis import RedisTier
 from kvtier.config import ConfigError, EngineConfig
 from kvtier.engine.request import (
     CompletionOutput,
@@ -84,6 +83,8 @@ def _tier(name: str, config: EngineConfig, namespace: str, folder: str) -> Tier:
     if name == "redis":
         if not ts.redis_url:
             raise ConfigError("the redis result tier needs redis_url (KVTIER_REDIS_URL)")
+        from kvtier.cache.tiers.redis import RedisTier  # redis-py only when a Redis tier is built
+
         return RedisTier(
             ts.redis_url, f"{namespace}.{folder}", ttl_seconds=ts.redis_ttl, timeout_seconds=ts.redis_timeout
         )
