@@ -89,10 +89,11 @@ def _tier(name: str, config: EngineConfig, namespace: str, folder: str) -> Tier:
             ts.redis_url, f"{namespace}.{folder}", ttl_seconds=ts.redis_ttl, timeout_seconds=ts.redis_timeout
         )
     if name == "memcached":
-        try:
-            from kvtier.engine.tiers import make_tier  # the memcached tier lands there
-        except ImportError:  # pragma: no cover
-            raise ConfigError("the memcached result tier needs the memcached tier") from None
+        if not ts.memcached_url:
+            raise ConfigError("the memcached result tier needs memcached_url (KVTIER_MEMCACHED_URL)")
+        from kvtier.engine.tiers import make_tier
+
+        # the layout only sizes KV-block tiers; memcached stores any object
         return make_tier("memcached", ts, f"{namespace}.{folder}", None)  # type: ignore[arg-type]
     raise ConfigError(f"unknown result tier {name!r}")
 

@@ -15,11 +15,11 @@ from typing import cast
 
 from kvtier.cache.keys import BlockKey
 from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import TierStats
+from kvtier.cache.tiers.base import StoredObject, Tier, TierStats
 from kvtier.cache.tiers.host import check_key
 
 
-class MemoryTier:
+class MemoryTier(Tier):
     name = "memory"
 
     def __init__(self, capacity_bytes: int, policy: str = "lru", seed: int = 0) -> None:
@@ -34,6 +34,10 @@ class MemoryTier:
         self._lock = threading.Lock()
         self._stats = TierStats()
         self._stats.extra["dropped"] = 0.0
+
+    @property
+    def where(self) -> str:
+        return "process memory"
 
     @property
     def capacity_bytes(self) -> int:
@@ -115,6 +119,22 @@ class MemoryTier:
 
     def close(self) -> None:
         pass
+
+    # one process's memory holds one namespace: the store that owns the tier
+    def scan(self, namespace: str | None = None) -> list[StoredObject]:
+        with self._lock:
+            return [StoredObject(namespace or "", k, len(v)) for k, v in self._data.items()]
+
+    def read_prefixes(self, objects: Sequence[StoredObject], nbytes: int) -> list[bytes | None]:
+        with self._lock:
+            return [None if (d := self._data.get(o.key)) is None else d[:nbytes] for o in objects]
+
+    def drop_namespaces(self, keep: str | None) -> int:
+        if keep is not None:
+            return 0
+        n = len(self._data)
+        self.clear()
+        return n
 
     def _remove(self, key: BlockKey) -> None:
         data = self._data.pop(key, None)
