@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from kvtier.cache.codec import CorruptObjectError, secret_from_env
-from kvtier.cache.keys import BlockKey
+from kvtier.cache.keys import BlockKey, tier_namespace
 from kvtier.cache.results import KIND_RESULT, CachedResult, ResultStore, result_key
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
@@ -101,10 +101,10 @@ def _tier(name: str, config: EngineConfig, namespace: str, folder: str) -> Tier:
 def build_result_store(config: EngineConfig, fingerprint: str, kind: int, folder: str) -> ResultStore:
     """A store of one kind (results or embeddings) on the configured result tiers; ``folder``
     separates the kinds on shared tiers (a subfolder of the disk path, a Redis namespace suffix)."""
-    tiers = [_tier(n, config, fingerprint, folder) for n in config.results.tier_names()]
-    return ResultStore(
-        tiers, fingerprint, kind, compression=config.results.result_compression, secret=secret_from_env()
-    )
+    secret = secret_from_env()
+    namespace = tier_namespace(fingerprint, secret)  # another secret's objects: never seen, never deleted
+    tiers = [_tier(n, config, namespace, folder) for n in config.results.tier_names()]
+    return ResultStore(tiers, fingerprint, kind, compression=config.results.result_compression, secret=secret)
 
 
 class ResultCache:

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from kvtier.cache.codec import CodecConfig, CorruptObjectError, decode_block, encode_block, secret_from_env
-from kvtier.cache.keys import BlockKey, KVLayout, chain_keys, root_key
+from kvtier.cache.keys import BlockKey, KVLayout, chain_keys, root_key, tier_namespace
 from kvtier.cache.tiers.base import Tier
 from kvtier.config import EngineConfig
 from kvtier.engine.tiers import make_tier, parse_codec
-from kvtier.model.loader import checkpoint_fingerprint, safetensors_files
+from kvtier.model.fingerprint import checkpoint_fingerprint
+from kvtier.model.loader import safetensors_files
 from kvtier.model.registry import UnsupportedArchitectureError, model_config_from_hf
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ class KVTierStore:
         names = ts.enabled(cuda=False) if ts.tiers != "auto" else ["disk"]
         if not names:
             raise ValueError("KVTierStore needs at least one tier (tiers=disk, host, redis...)")
-        self.tiers: list[Tier] = [make_tier(n, ts, self.fingerprint, self.layout) for n in names]
-        codec_text = {"disk": ts.disk_codec, "redis": ts.redis_codec}
-        self.codecs = [parse_codec(codec_text.get(n, "none")) for n in names]
         self.secret = secret_from_env()
+        namespace = tier_namespace(self.fingerprint, self.secret)  # the engine's, secret included
+        self.tiers: list[Tier] = [make_tier(n, ts, namespace, self.layout) for n in names]
+        codec_text = {"disk": ts.disk_codec, "redis": ts.redis_codec, "memcached": ts.memcached_codec}
+        self.codecs = [parse_codec(codec_text.get(n, "none")) for n in names]
         self.root = root_key(self.fingerprint, self.layout, cache_salt)
         self.stats = StoreStats()
 

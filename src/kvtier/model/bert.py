@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.model.loader import weight_identity
+from kvtier.model.fingerprint import weight_identity
 from kvtier.model.registry import UnsupportedArchitectureError
 
 SUPPORTED_ENCODERS = ("bert",)

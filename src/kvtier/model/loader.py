@@ -321,13 +321,8 @@ def load_checkpoint(
     return LoadedModel(model.eval(), cfg, hf_config, _load_tokenizer(folder, cfg), fingerprint, str(folder))
 
 
-def checkpoint_fingerprint(cfg: ModelConfig, hf_config: Any, files: list[Path]) -> str:
-    """The fingerprint of a checkpoint folder's model at ``cfg.dtype``: what every cache key of it
-    starts from (``kvtier.integrations.hf`` computes it for a transformers model of the same folder)."""
-    return _digest(b"checkpoint", _config_bytes(cfg, hf_config), weight_identity(files))
-
-
 def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (``kvtier.integrations.hf`` fingerprints them)."""
     return _safetensors_files(folder)
 
 
