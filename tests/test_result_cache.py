@@ -51,6 +51,15 @@ def test_a_hit_is_exactly_the_fresh_answer_and_costs_no_model_work(llm: LLM, par
     llm.engine.pool.assert_idle()
 
 
+def test_logprobs_are_stored_and_served_exactly(llm: LLM) -> None:
+    params = dataclasses.replace(GREEDY, logprobs=3)
+    first, again = llm.generate(PROMPT, params)[0], llm.generate(PROMPT, params)[0]
+    assert again.served_from == "result-cache"
+    assert first.outputs[0].logprobs and again.outputs[0].logprobs == first.outputs[0].logprobs
+    assert len(again.outputs[0].logprobs[0].top) == 3
+    assert llm.generate(PROMPT, dataclasses.replace(GREEDY, logprobs=2))[0].served_from == "model"
+
+
 def test_a_hit_streams_like_a_normal_answer(llm: LLM) -> None:
     computed = list(llm.stream(PROMPT, GREEDY))
     served = list(llm.stream(PROMPT, GREEDY))

@@ -24,6 +24,7 @@ from kvtier.engine.request import (
     Request,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
 )
 
 SERVED_FROM_CACHE = "result-cache"
@@ -35,7 +36,6 @@ _NOT_OUTPUT = {"result_cache", "return_logits", "n"}
 def cacheable(params: SamplingParams) -> bool:
     return (
         params.result_cache
-        and getattr(params, "logprobs", None) is None  # until stored results carry them
         and params.n == 1
         and not params.return_logits
         and (params.greedy or params.seed is not None)
@@ -107,6 +107,13 @@ def build_result_store(config: EngineConfig, fingerprint: str, kind: int, folder
     return ResultStore(tiers, fingerprint, kind, compression=config.results.result_compression, secret=secret)
 
 
+def _logprob_from_json(raw: Any) -> TokenLogprob:
+    """``[token_id, logprob, [[id, logprob], ...]]`` back into the engine's type (floats round-trip
+    exactly through JSON: Python writes the shortest repr that reads back the same double)."""
+    token_id, logprob, top = raw
+    return TokenLogprob(int(token_id), float(logprob), [(int(i), float(p)) for i, p in top])
+
+
 class ResultCache:
     """The engine's result cache: looked up in ``add_request`` (a hit is queued for the next
     ``step`` and never reaches the scheduler), filled in ``_finish`` from a finished request."""
@@ -139,6 +146,12 @@ class ResultCache:
             self.store.reject(key, tier)
             return False
         completion = CompletionOutput(0, list(hit.token_ids), hit.text, hit.finish_reason)
+        if hit.logprobs is not None:
+            try:
+                completion.logprobs = [_logprob_from_json(x) for x in hit.logprobs]
+            except (TypeError, ValueError):
+                self.store.reject(key, tier)
+                return False
         metrics: dict[str, Any] = {"num_preemptions": 0, "num_loaded_tokens": 0, "ttft": 0.0, "e2e": 0.0}
         metrics["result_cache_tier"] = tier
         out = RequestOutput(
@@ -155,7 +168,15 @@ class ResultCache:
         if req.error is not None or not req.output_token_ids:
             return
         value = CachedResult(list(req.output_token_ids), req.output_text, reason.value, req.stop_reason)
-        self.store.put(req.result_key, value.to_bytes())
+        if req.params.logprobs is not None:
+            value.logprobs = [
+                [lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in req.output_logprobs
+            ]
+        try:
+            payload = value.to_bytes()
+        except ValueError:  # a non-finite logprob has no JSON form: this answer is not stored
+            return
+        self.store.put(req.result_key, payload)
 
     def take_ready(self) -> list[RequestOutput]:
         ready, self.ready = self.ready, []
