@@ -3,6 +3,7 @@ official openai client against a real server process on loopback."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -69,3 +70,26 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         c.embeddings.create(model="other-model", input="x")
     with pytest.raises(openai.BadRequestError, match="empty"):
         c.embeddings.create(model=MODEL, input=[])
+
+
+def test_the_completions_server_says_when_the_result_cache_answered() -> None:
+    srv = KvtierServer(
+        "--model", "synthetic:tiny", "--kv-cache-memory", str(8 << 20), env={"KVTIER_RESULT_CACHE": "true"}
+    )  # fmt: skip
+    try:
+        body = {"model": "synthetic:tiny", "prompt": "same question", "max_tokens": 8, "temperature": 0}
+        body["ignore_eos"] = True
+        first = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        again = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert first.status_code == again.status_code == 200
+        assert first.json()["usage"]["kvtier_served_from"] == "model"
+        assert again.json()["usage"]["kvtier_served_from"] == "result-cache"
+        assert again.headers["x-kvtier-served-from"] == "result-cache"
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        streamed = httpx.post(srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60)
+        chunks = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert chunks[-1] == "[DONE]"
+        text = "".join(c["choices"][0]["text"] for c in map(json.loads, chunks[:-1]) if c["choices"])
+        assert text == first.json()["choices"][0]["text"]
+    finally:
+        assert srv.stop() == 0, srv.output()

@@ -202,7 +202,12 @@ def apply_chat_template(state: ServerState, messages: list[dict[str, str]]) -> l
 async def _respond(job: cmpl.Job, request: Request) -> Any:
     if job.streaming:
         return StreamingResponse(cmpl.stream_events(job, request), media_type="text/event-stream")
-    return await cmpl.collect(job, request)
+    body = await cmpl.collect(job, request)
+    served = body.get("usage", {}).get("kvtier_served_from")
+    if served is None:
+        return body
+    # the result cache's answer says so in a header too (a stream's headers leave before any answer)
+    return JSONResponse(body, headers={"X-Kvtier-Served-From": str(served)})
 
 
 def _completions(state: ServerState) -> Any:
