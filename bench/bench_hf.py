@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import load_average, machine_info, print_table
+from kvtier.bench.report import load_average, machine_info, print_table
 from kvtier.integrations.hf import KVTierStore
 
 
