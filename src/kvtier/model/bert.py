@@ -147,12 +147,18 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_layers))
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialised (the checkpoint fills it): nn.Embedding's own random init
+    on the meta device imports triton, which must not happen before a test sets TRITON_INTERPRET."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class _Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = _embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
