@@ -55,7 +55,7 @@ from pymemcache.exceptions import (
 from kvtier.cache.keys import BlockKey, check_key, valid_namespace
 from kvtier.cache.tiers import memcached_wire as wire
 from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
-from kvtier.cache.tiers.breaker import CircuitBreaker
+from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 from kvtier.cache.tiers.memcached_wire import parse_url
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class MemcachedTier(Tier):
         connect_timeout_seconds: float = 0.5,
         breaker_failures: int = 3,
         breaker_backoff_seconds: float = 0.5,
-        breaker_max_backoff_seconds: float = 30.0,
+        breaker_max_backoff_seconds: float = MAX_BACKOFF_S,
         capacity_bytes: int = 0,
     ) -> None:
         timeouts = (timeout_seconds, connect_timeout_seconds)
@@ -394,6 +394,8 @@ class MemcachedTier(Tier):
         if not server.breaker.allow():
             return default
         try:
+            if server.breaker.probing:  # back from an outage? a version call says so cheaply, first
+                server.client.version()
             result = op(server.client)
         except MemcacheIllegalInputError:  # our bug, not the server's
             server.breaker.release_probe()

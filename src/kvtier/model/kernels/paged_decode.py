@@ -1,5 +1,8 @@
 """Paged decode attention and the paged KV write, in Triton.
 
+Kept in one file (over 450 lines) because the decode, split-combine, KV-write and rotary-write
+kernels share the pool's paged layout, its padding-slot rule and its fp8 scale rule: read together.
+
 Decode: one query token per row, keys and values read straight from the pool through the block
 table (no gather). One program handles one (row, KV head, split): all the query heads of a GQA group
 at once, so each K/V tile is read from memory once for the whole group. The keys of a row are cut
