@@ -163,7 +163,8 @@ def test_a_request_that_fails_inside_a_step_is_finished_and_the_others_go_on(
     engine = llm.engine
     good = engine.add_request(PROMPT, greedy(), request_id="good")[0]
     bad = engine.add_request(PROMPT, greedy(), request_id="bad")[0]
-    engine.requests[bad].params.seed = "abc"  # SamplingBatch.build raises on it
+    engine.requests[bad].params.temperature = 0.5  # sampled, not the argmax fast path...
+    engine.requests[bad].params.seed = "abc"  # ...and SamplingBatch.build raises on it
     final = {o.request_id: o for o in engine.run_until_done() if o.finished}
     assert sorted(final) == ["bad", "good"]
     assert final[good].error is None and final[good].outputs[0].token_ids == expected
@@ -174,22 +175,22 @@ def test_a_request_that_fails_inside_a_step_is_finished_and_the_others_go_on(
 
 def test_an_interrupted_generate_leaves_nothing_queued(llm: LLM, expected: list[int]) -> None:
     engine = llm.engine
-    execute = engine.runner.execute
+    launch = engine.runner.launch
     calls = 0
 
-    def interrupted(chunks: Any) -> Any:  # Ctrl-C arriving in the middle of the second step
+    def interrupted(*args: Any) -> Any:  # Ctrl-C arriving in the middle of the second step
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt
-        return execute(chunks)
+        return launch(*args)
 
-    engine.runner.execute = interrupted  # type: ignore[method-assign]
+    engine.runner.launch = interrupted  # type: ignore[method-assign]
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate([PROMPT, random_prompt(30, seed=4)], greedy())
     finally:
-        engine.runner.execute = execute  # type: ignore[method-assign]
+        engine.runner.launch = launch  # type: ignore[method-assign]
     assert calls == 2
     assert not engine.requests
     assert_serves(llm, expected)  # and the next call runs only its own request

@@ -698,7 +698,8 @@ def test_redis_killed_mid_workload(restartable_redis: RedisServer, make_llm: Mak
     client = server.client()
 
     # killed during a batch: 64-token steps, so prefill and write-through go on after the kill
-    llm = make_llm(max_num_batched_tokens=64, **settings)
+    # (steps not overlapped: each step's blocks are committed by the step itself, as counted below)
+    llm = make_llm(max_num_batched_tokens=64, overlap_steps=False, **settings)
     engine = llm.engine
     ids = [engine.add_request(p, greedy())[0] for p in prompts[:3]]
     engine.step()

@@ -60,6 +60,8 @@ class SchedulerSettings:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    # schedule and launch step N+1 while the device runs step N (its sampled ids are read a step late)
+    overlap_steps: bool = True
 
 
 def default_cache_dir() -> str:

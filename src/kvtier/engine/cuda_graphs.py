@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -143,15 +144,19 @@ class DecodeGraphs:
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
         batch: int,
+        fill: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs are host tensors (pinned) already padded to ``bucket(batch)`` rows, except the
-        block tables ([batch, width]). Returns views of the [batch, vocab] float32 logits and of
-        their [batch] argmax (the greedy tokens)."""
+        block tables ([batch, width]). ``fill`` (rows, tokens on the device) overwrites the ids of
+        rows whose token the step before sampled. Returns views of the [batch, vocab] float32
+        logits and of their [batch] argmax (the greedy tokens)."""
         b = ids.shape[0]
         self.ids[:b].copy_(ids, non_blocking=True)
         self.positions[:b].copy_(positions, non_blocking=True)
         self.slots[:b].copy_(slots, non_blocking=True)
         self.context_lens[:b].copy_(context_lens, non_blocking=True)
         self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        if fill is not None:
+            self.ids.index_copy_(0, fill.rows, fill.tokens)
         self.graphs[b].replay()
         return self.logits[b][:batch], self.greedy[b][:batch]

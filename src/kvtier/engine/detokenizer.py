@@ -30,6 +30,15 @@ def decode_delta(tokenizer: Any, token_ids: list[int], state: DetokenizerState) 
     return full[len(prefix) :]
 
 
+def decode_rest(tokenizer: Any, token_ids: list[int], state: DetokenizerState) -> str:
+    """Text of every token after ``state.read_offset``, at once (the end of the output: a last
+    incomplete character is dropped, as the incremental decoding never emits one)."""
+    prefix = tokenizer.decode(token_ids[state.prefix_offset : state.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(token_ids[state.prefix_offset :], skip_special_tokens=True)
+    state.prefix_offset = state.read_offset = len(token_ids)
+    return full[len(prefix) :].rstrip(REPLACEMENT_CHAR) if len(full) > len(prefix) else ""
+
+
 def find_stop(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
     """First stop string that ends in the new part of ``text``: (start index, stop)."""
     best: tuple[int, str] | None = None

@@ -25,12 +25,13 @@ from kvtier.config import EngineConfig
 from kvtier.engine import shutdown
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
-from kvtier.engine.output import EngineStats, check_stop, make_output
+from kvtier.engine.output import EngineStats, check_stop, finish_text, make_output
 from kvtier.engine.request import (
     FinishReason,
     InvalidRequestError,
     Request,
     RequestOutput,
+    RequestState,
     SamplingParams,
     check_cache_salt,
     check_params,
@@ -39,7 +40,7 @@ from kvtier.engine.request import (
     check_text,
 )
 from kvtier.engine.results import ResultCache
-from kvtier.engine.runner import ModelRunner, StepResult
+from kvtier.engine.runner import InFlight, ModelRunner, StepResult
 from kvtier.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, SchedulerOutput
 from kvtier.engine.tiers import build_hierarchy
 from kvtier.model.attention import TritonPagedAttention, make_attention_backend
@@ -133,6 +134,8 @@ class Engine:
         self._detok: dict[str, DetokenizerState] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet
+        self._launched_at = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------
     @property
@@ -197,8 +200,12 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        stream: bool = True,
     ) -> list[str]:
-        """Queue a request (n > 1: one per completion). Returns the ids. Raises InvalidRequestError."""
+        """Queue a request (n > 1: one per completion). Returns the ids. Raises InvalidRequestError.
+
+        ``stream``: ``step()`` reports the request after every token (True), or only once it has
+        finished (False: no text is decoded on the way unless a stop string needs it)."""
         params = check_params(params)
         params.validate(self.loaded.config.vocab_size)
         cache_salt = check_cache_salt(cache_salt)
@@ -232,6 +239,7 @@ class Engine:
                 prompt=text,
                 wait_for=first,
                 result_key=result_key,
+                stream=stream,
             )
             first = first or req
             self.requests[rid] = req
@@ -246,10 +254,18 @@ class Engine:
         for rid in [k for k in self.requests if k == request_id or k.startswith(request_id + "#")]:
             req = self.requests.pop(rid)
             self._detok.pop(rid, None)
+            self.runner.tables.forget(rid)
             self.scheduler.finish(req, FinishReason.ABORT)
+        step = self._in_flight
+        if step is not None and not any(self._owns(c.request) for c in step.chunks):
+            self._collect()  # nobody waits for it: read it now, so nothing looks unfinished
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.results and self.results.ready)
+        return (
+            self.scheduler.has_work()
+            or self._in_flight is not None
+            or bool(self.results and self.results.ready)
+        )
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
@@ -259,6 +275,8 @@ class Engine:
         """Write what the device still caches to the write-back tiers that outlive the process,
         wait for the queued writes (at most ``timeout`` seconds: the rest is dropped and
         counted), and close the tiers. Returns whether every write made it. Called at exit too."""
+        if self._in_flight is not None:
+            self._collect()  # its blocks are committed, so they are written down below
         if self.results is not None:
             self.results.close()
         if self.kv is None:
@@ -277,61 +295,104 @@ class Engine:
         hierarchy = self.hierarchy
         return True if hierarchy is None else hierarchy.flush(timeout)
 
-    # -- the loop: install loads -> schedule -> write down -> run -> postprocess -----------------
+    # -- the loop: install loads -> schedule -> write down -> launch -> postprocess the step before --
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of requests that produced a token or finished
-        (answers from the result cache first: they finished without a batch)."""
+        """Launch one batch and return the outputs of the requests that moved: those of the batch
+        launched by the step before, read back while this one runs on the device (answers from
+        the result cache first: they finished without a batch).
+
+        With ``overlap_steps`` the device never waits for the host between two steps: scheduling
+        and input building for step N+1 run while it computes step N, whose sampled ids are read
+        only after N+1 is queued (a decode of N+1 takes its input token from N on the device). A
+        request that stops on an EOS or a stop string has then computed one token too many, which
+        is dropped. Requests whose sampling reads their own history (penalties) wait for it."""
         served = self.results.take_ready() if self.results is not None else []
-        if served and not self.scheduler.has_work():
+        if served and not self.scheduler.has_work() and self._in_flight is None:
             return served
         if self.kv is not None:
             self.kv.install_loads(self.scheduler)
+        outputs = served
+        if self._in_flight is not None and not self._can_overlap(self._in_flight):
+            outputs += self._collect()
         sched = self.scheduler.schedule()
         if self.kv is not None:
             # Before anything can overwrite a block evicted by this schedule: the forward pass, or
             # the next step's installation of a load into a block allocated here.
             self.kv.flush()
-        failed = self._fail(sched.failed)
+        outputs += self._fail(sched.failed)
         if not sched.chunks:
+            if self._in_flight is not None:
+                return outputs + self._collect()
             if self.scheduler.loading:
                 time.sleep(0.0005)  # only loads are in flight: let the I/O thread run
-            return served + failed
+            return outputs
         try:
-            result = self._run(sched)
+            launched = self._launch(sched)
         except Exception as e:  # not KeyboardInterrupt: an interrupted generate() aborts its own
-            result, broken = self._run_alone(sched, e)
-            failed += broken
-        return served + failed + self._postprocess(sched, result)
+            outputs += self._collect()
+            return outputs + self._run_alone(sched, e)
+        outputs += self._collect()
+        self._in_flight = launched
+        if not self.config.scheduler.overlap_steps:
+            outputs += self._collect()
+        return outputs
 
-    def _run(self, sched: SchedulerOutput) -> StepResult:
-        start = time.perf_counter()
-        result = self.runner.execute(sched.chunks)
-        if self.hierarchy is not None:  # the step's time is real: execute ended in a host sync
-            self.hierarchy.observe_step(sched.num_tokens, time.perf_counter() - start)
+    def _can_overlap(self, step: InFlight) -> bool:
+        """Whether the next step may be scheduled before ``step``'s tokens are known: not when
+        overlap is off, and not when a request's sampling reads its full history (penalties)."""
+        return self.config.scheduler.overlap_steps and not any(_reads_history(r) for r in step.sampling)
+
+    def _launch(self, sched: SchedulerOutput) -> InFlight:
+        """Start the batch on the device; the requests' counts move on as if it had run."""
+        launched = self.runner.launch(sched.chunks, self._in_flight)
+        for c in sched.chunks:
+            c.request.num_computed_tokens = c.end
+            if c.samples:
+                c.request.num_pending += 1
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
-        return result
+        self._launched_at = time.perf_counter()
+        return launched
 
-    def _run_alone(self, sched: SchedulerOutput, error: Exception) -> tuple[StepResult, list[RequestOutput]]:
-        """The batch failed: run each chunk by itself, so the request at fault fails with its error
-        and the others get their tokens. Re-running a chunk rewrites the same KV into the same slots
-        (its blocks are not committed yet), so nothing computed twice differs."""
+    def _collect(self) -> list[RequestOutput]:
+        """Wait for the step in flight (if any), then advance its requests."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return []
+        try:
+            result = self.runner.collect(step)
+        except Exception as e:  # the device failed the step: its requests fail, the engine goes on
+            failed: list[RequestOutput] = []
+            for c in step.chunks:
+                if self._owns(c.request):
+                    failed += self._fail_with(c.request, e)
+            return failed
+        if self.hierarchy is not None:  # the step's time is real: collect ended in a host sync
+            num_tokens = sum(c.num_new_tokens for c in step.chunks)
+            self.hierarchy.observe_step(num_tokens, time.perf_counter() - self._launched_at)
+        return self._postprocess(step.chunks, result)
+
+    def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """The batch failed to launch: run each chunk by itself, so the request at fault fails with
+        its error and the others get their tokens. Re-running a chunk rewrites the same KV into the
+        same slots (its blocks are not committed yet), so nothing computed twice differs."""
         log.warning("a step of %d requests failed (%s); running them one by one", len(sched.chunks), error)
-        result = StepResult({}, {})
-        broken: list[RequestOutput] = []
-        for chunk in list(sched.chunks):
+        outputs: list[RequestOutput] = []
+        for chunk in sched.chunks:
             try:
-                one = self.runner.execute([chunk]) if len(sched.chunks) > 1 else None
+                if len(sched.chunks) == 1:
+                    raise error
+                self._in_flight = self._launch(SchedulerOutput([chunk]))
+                outputs += self._collect()
             except Exception as e:
-                error = e
-                one = None
-            if one is None:
-                sched.chunks.remove(chunk)
-                broken += self._fail_with(chunk.request, error)
-                continue
-            result.sampled.update(one.sampled)
-            result.logits.update(one.logits)
-        return result, broken
+                if chunk.samples and chunk.request.num_computed_tokens == chunk.end:
+                    chunk.request.num_pending = 0  # it launched, then failed
+                outputs += self._fail_with(chunk.request, e)
+        return outputs
+
+    def _owns(self, req: Request) -> bool:
+        """Still one of ours (not finished or aborted while its step was in flight)."""
+        return self.requests.get(req.request_id) is req
 
     def _fail_with(self, req: Request, error: BaseException) -> list[RequestOutput]:
         """Finish ``req`` with its error (the caller sees finish_reason "error" and the message)."""
@@ -340,30 +401,36 @@ class Engine:
         self._finish(req, FinishReason.ERROR, time.monotonic())
         return [make_output(req)]
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        """Advance each scheduled request: commit its full blocks, append its token, check stops."""
+    def _postprocess(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
+        """Advance each request of a step that ran: commit its full blocks, append its token,
+        check stops."""
         outputs: list[RequestOutput] = []
         now = time.monotonic()
-        for chunk in sched.chunks:
+        for chunk in chunks:
+            req = chunk.request
+            if not self._owns(req):
+                continue  # finished (an EOS one step late) or aborted while the step ran: dropped
             try:
                 out = self._advance(chunk, result, now)
             except Exception as e:  # one request's bad text or stop check: it alone fails
-                outputs += self._fail_with(chunk.request, e)
+                outputs += self._fail_with(req, e)
                 continue
             if out is not None:
                 outputs.append(out)
         return outputs
 
     def _advance(self, chunk: ScheduledChunk, result: StepResult, now: float) -> RequestOutput | None:
-        """One request after the step: its output, or None for a prefill chunk that samples nothing."""
+        """One request after its step: its output, or None when there is nothing to report (a
+        prefill chunk that samples nothing, a token of a request that reports only at the end)."""
         req = chunk.request
-        req.num_computed_tokens += chunk.num_new_tokens
-        shared = self.scheduler.commit_computed_blocks(req)
-        if shared and self.kv is not None:
-            self.kv.write_through(shared)
-        token = result.sampled.get(req.request_id)
-        if token is None:
+        if req.state is RequestState.RUNNING:  # not preempted since the step was launched
+            shared = self.scheduler.commit_computed_blocks(req, chunk.end)
+            if shared and self.kv is not None:
+                self.kv.write_through(shared)
+        if not chunk.samples:
             return None  # a prefill chunk that did not reach the prompt's end
+        req.num_pending -= 1
+        token = result.sampled[req.request_id]
         req.output_token_ids.append(token)
         if req.request_id in result.logits:
             req.step_logits.append(result.logits[req.request_id])
@@ -376,6 +443,8 @@ class Engine:
         reason = check_stop(req, token, self.tokenizer, self._detok[req.request_id], max_len)
         if reason is not None:
             self._finish(req, reason, now)
+        elif not req.stream:
+            return None
         return make_output(req)
 
     def _fail(self, requests: list[Request]) -> list[RequestOutput]:
@@ -388,11 +457,21 @@ class Engine:
     def _finish(self, req: Request, reason: FinishReason, now: float) -> None:
         self.scheduler.finish(req, reason)
         req.finish_time = now
+        req.num_pending = 0
+        detok = self._detok.pop(req.request_id, None)
+        if detok is not None and self.tokenizer is not None:
+            finish_text(req, self.tokenizer, detok)
         self.requests.pop(req.request_id, None)
-        self._detok.pop(req.request_id, None)
+        self.runner.tables.forget(req.request_id)
         self.stats.record_finish(req)
         if self.results is not None:
             self.results.remember(req, reason)
+
+
+def _reads_history(req: Request) -> bool:
+    """Its sampling reads every token it has (penalties): the last one must be on the host."""
+    p = req.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def _available_ram() -> int:

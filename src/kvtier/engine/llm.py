@@ -102,7 +102,7 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         try:
             for p, sp in zip(prompt_list, param_list, strict=True):
-                groups.append(self.engine.add_request(p, sp, cache_salt=cache_salt))
+                groups.append(self.engine.add_request(p, sp, cache_salt=cache_salt, stream=False))
             for out in self.engine.run_until_done():
                 if out.finished:
                     final[out.request_id] = out

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvtier.engine.detokenizer import DetokenizerState, decode_delta, find_stop
+from kvtier.engine.detokenizer import DetokenizerState, decode_delta, decode_rest, find_stop
 from kvtier.engine.request import CompletionOutput, FinishReason, Request, RequestOutput
 
 LATENCY_WINDOW = 10_000  # latencies kept per kind: the newest ones; the histograms see every one
@@ -83,7 +83,7 @@ def check_stop(
     """Why ``req`` stops after ``token`` (a stop string, EOS, a stop id, a length), or None.
     Extends ``req.output_text`` by the token's text as a side effect, when there is a tokenizer."""
     p = req.params
-    if tokenizer is not None:
+    if tokenizer is not None and (p.stop or req.stream):  # else the text is decoded once, at the end
         before = len(req.output_text)
         req.output_text += decode_delta(tokenizer, req.output_token_ids, detok)
         found = find_stop(req.output_text, before, p.stop) if p.stop else None
@@ -98,6 +98,13 @@ def check_stop(
     if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= max_model_len:
         return FinishReason.LENGTH
     return None
+
+
+def finish_text(req: Request, tokenizer: Any, detok: DetokenizerState) -> None:
+    """A finished request's text: what the incremental decoding has not produced yet, at once
+    (a request that reports only at the end decodes its whole output here, once)."""
+    if not (req.params.stop or req.stream):  # the others were decoded token by token
+        req.output_text += decode_rest(tokenizer, req.output_token_ids, detok)
 
 
 def make_output(req: Request) -> RequestOutput:

@@ -244,7 +244,9 @@ class Request:
 
     state: RequestState = RequestState.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool (or being written by a launched step)
+    num_pending: int = 0  # sampled by a launched step, still on the device: not in output_token_ids yet
+    stream: bool = True  # step() reports its progress every step; False: its final output only
     block_table: list[int] = field(default_factory=list)
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full blocks, in order
     num_committed_blocks: int = 0  # leading blocks registered in the pool's key map
@@ -281,6 +283,18 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """The tokens the next step may compute up to: the known ones and those still on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """Its pending token will finish it by length: nothing more to schedule."""
+        return self.num_pending > 0 and (
+            len(self.output_token_ids) + self.num_pending >= self.params.max_tokens
+            or self.num_tokens_with_pending >= max_model_len
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -1,8 +1,11 @@
 """Batch -> tensors -> model -> sampled tokens. Owns the KV cache tensor and the device.
 
-One host synchronisation per step: reading the sampled token ids back. Inputs are built on the host
-in pinned memory (on CUDA) and copied without blocking. Decode-only batches up to the largest graph
-bucket replay a CUDA graph (``cuda_graphs.py``) when the model runs the Triton kernels.
+``launch`` starts a step and returns at once; ``collect`` waits for its sampled token ids (the
+step's one host synchronisation), so the engine can prepare and launch the next step while the
+device still runs this one. A decode whose input is a token the step before sampled reads it on the
+device. Inputs are built on the host in pinned memory (on CUDA) and copied without blocking.
+Decode-only batches up to the largest graph bucket replay a CUDA graph (``cuda_graphs.py``) when
+the model runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -11,15 +14,33 @@ import math
 import mmap
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtier.cache.keys import KVLayout
-from kvtier.engine.cuda_graphs import DecodeGraphs
+from kvtier.engine.cuda_graphs import DecodeGraphs, argmax_rows
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
 from kvtier.model.llama import CausalLM
 from kvtier.model.sampler import SamplingBatch, sample
+
+
+@dataclass
+class InFlight:
+    """A launched step: its chunks, and its sampled tokens on their way to the host."""
+
+    chunks: list[ScheduledChunk]
+    sampling: list[Request]  # the requests that sample, in the rows of ``tokens``
+    tokens: torch.Tensor | None  # [len(sampling)] on the device; None: nothing sampled
+    host_tokens: torch.Tensor | None  # their copy in (pinned) host memory, valid once ``ready``
+    ready: torch.cuda.Event | None  # recorded after the copy (CUDA); None: the copy is done
+    logprobs: _PendingLogprobs | None = None
+    kept_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # return_logits rows
+
+    def __post_init__(self) -> None:
+        if self.ready is not None:
+            self.ready.record()
 
 
 @dataclass
@@ -66,6 +87,7 @@ class ModelRunner:
         self.dtype = getattr(torch, layout.dtype)
         self.kv_cache = allocate_kv_cache(kv_cache_shape(layout, num_blocks), self.dtype, device)
         self._pin = device.type == "cuda"
+        self.tables = BlockTables()
         self.graphs: DecodeGraphs | None = None
         graphable = device.type == "cuda" and isinstance(model.attention_backend, TritonPagedAttention)
         if graph_max_batch > 0 and graphable:
@@ -73,13 +95,21 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, max_len, device)
             self.graphs.capture()
 
-    def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True)
+    def _to_device(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return self._host(data, dtype).to(self.device, non_blocking=True)
+
+    def _host(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(data, np.ndarray):
+            t = torch.from_numpy(data)
+            return t.pin_memory() if self._pin else t
+        return torch.tensor(data, dtype=dtype, pin_memory=self._pin)
 
     def build_inputs(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Token ids, positions, attention metadata and the rows whose logits are sampled. A
+        decode whose input token is still on the device (sampled by the step before, not read
+        back) gets a placeholder here; ``launch`` fills it in on the device."""
         bs = self.layout.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -88,96 +118,119 @@ class ModelRunner:
         context_lens: list[int] = []
         query_lens: list[int] = []
         logits_rows: list[int] = []
-        max_blocks = max(-(-(c.request.num_computed_tokens + c.num_new_tokens) // bs) for c in chunks)
-        tables: list[int] = []
         num_decodes = 0
         for c in chunks:
-            req, start, n = c.request, c.request.num_computed_tokens, c.num_new_tokens
-            ids.extend(req.token_ids(start, start + n))
-            positions.extend(range(start, start + n))
+            req, start, n = c.request, c.start, c.num_new_tokens
+            known = req.token_ids(start, start + n)
+            ids.extend(known + [0] * (n - len(known)))  # the pending token, filled on the device
             table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                pos = np.arange(start, start + n)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             query_lens.append(n)
             context_lens.append(start + n)
             query_start.append(query_start[-1] + n)
-            tables.extend(table[:max_blocks] + [0] * (max_blocks - min(len(table), max_blocks)))
             if c.samples:
                 logits_rows.append(len(ids) - 1)
-            if n == 1 and c.samples:
+            if c.is_decode:
                 num_decodes += 1
+        width = max(-(-c.end // bs) for c in chunks)
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.int64),
             query_start_loc=self._to_device(query_start, torch.int32),
             context_lens=self._to_device(context_lens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32).view(len(chunks), max_blocks),
+            block_tables=self._to_device(self.tables.batch(chunks, width), torch.int32),
             query_lens_host=query_lens,
             context_lens_host=context_lens,
             num_decodes=num_decodes,
         )
         return self._to_device(ids, torch.int64), self._to_device(positions, torch.int64), meta, logits_rows
 
-    def _graph_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _graph_logits(
+        self, chunks: list[ScheduledChunk], fill: _Fill | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Replay the decode graph of this batch's bucket: (logits, greedy tokens); None when the
         batch does not fit one."""
         g = self.graphs
-        if (
-            g is None
-            or len(chunks) > g.max_batch
-            or any(c.num_new_tokens != 1 or not c.samples for c in chunks)
-        ):
+        if g is None or len(chunks) > g.max_batch or not all(c.is_decode for c in chunks):
             return None
         n = len(chunks)
         b = g.bucket(n)
         assert b is not None
         bs = self.layout.block_size
-        pos = [c.request.num_computed_tokens for c in chunks]
-        tables = [c.request.block_table for c in chunks]
-        width = max(-(-(p + 1) // bs) for p in pos)
         pad = b - n
-
-        def pinned(data: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(data, dtype=dtype, pin_memory=True)
-
-        flat: list[int] = []
-        for t in tables:
-            flat.extend(t[:width] + [0] * (width - min(len(t), width)))
+        pos = [c.start for c in chunks]
+        tables = [c.request.block_table for c in chunks]
+        ids = [c.request.token_ids(p, p + 1) for c, p in zip(chunks, pos, strict=True)]
+        width = max(-(-(p + 1) // bs) for p in pos)
         return g.run(
-            pinned(
-                [c.request.token_ids(p, p + 1)[0] for c, p in zip(chunks, pos, strict=True)] + [0] * pad,
-                torch.int64,
-            ),
-            pinned(pos + [0] * pad, torch.int64),
-            pinned(
+            self._host([t[0] if t else 0 for t in ids] + [0] * pad, torch.int64),
+            self._host(pos + [0] * pad, torch.int64),
+            self._host(
                 [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)] + [-1] * pad, torch.int64
             ),
-            pinned([p + 1 for p in pos] + [0] * pad, torch.int32),
-            pinned(flat, torch.int32).view(n, width),
+            self._host([p + 1 for p in pos] + [0] * pad, torch.int32),
+            self._host(self.tables.batch(chunks, width), torch.int32),
             n,
+            fill=fill,
         )
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
+    def launch(self, chunks: list[ScheduledChunk], previous: InFlight | None = None) -> InFlight:
+        """Start one step on the device and return without waiting for it. A decode whose input is
+        the token ``previous`` sampled (still on the device) reads it there."""
+        fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
-        replayed = self._graph_logits(chunks)
+        replayed = self._graph_logits(chunks, fill)
         if replayed is not None:
             logits, greedy = replayed
         else:
             input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
+            if fill is not None:
+                input_ids.index_copy_(0, fill.rows, fill.tokens)
             if not sampling:
                 self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
-                return StepResult({}, {})
+                return InFlight(chunks, [], None, None, None)
             logits = self.model(
                 input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
             )
-        if greedy is not None and all(_plain_greedy(r) for r in sampling):
-            tokens = greedy  # computed in the graph
+        if all(_plain_greedy(r) for r in sampling):
+            # computed in the graph; its buffer is overwritten by the next replay: a copy
+            tokens = greedy.clone() if greedy is not None else argmax_rows(logits)
         else:
             tokens = sample(logits, self._sampling_batch(sampling))
-        token_ids = tokens.tolist()  # the step's one host synchronisation (a second when logprobs asked)
-        logprobs = _logprobs(logits, tokens, token_ids, sampling)
-        kept = {r.request_id: logits[i].cpu() for i, r in enumerate(sampling) if r.params.return_logits}
-        return StepResult({r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}, kept, logprobs)
+        return InFlight(
+            chunks,
+            sampling,
+            tokens,
+            _copy_to_host(tokens, self._pin),
+            torch.cuda.Event() if self.device.type == "cuda" else None,
+            _PendingLogprobs.of(logits, tokens, sampling),
+            {r.request_id: logits[i].clone() for i, r in enumerate(sampling) if r.params.return_logits},
+        )
+
+    @staticmethod
+    def collect(step: InFlight) -> StepResult:
+        """Wait for a launched step's sampled tokens (the step's one host synchronisation)."""
+        if step.tokens is None:
+            return StepResult({}, {})
+        if step.ready is not None:
+            step.ready.synchronize()
+        assert step.host_tokens is not None
+        token_ids = step.host_tokens.tolist()
+        logprobs = step.logprobs.read(token_ids) if step.logprobs is not None else {}
+        kept = {rid: t.cpu() for rid, t in step.kept_logits.items()}
+        ids = {r.request_id: t for r, t in zip(step.sampling, token_ids, strict=True)}
+        return StepResult(ids, kept, logprobs)
+
+    def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
+        """One step, start to end (no token of it may still be pending)."""
+        return self.collect(self.launch(chunks))
 
     def _sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
         ps = [r.params for r in reqs]
@@ -201,26 +254,102 @@ class ModelRunner:
         return batch
 
 
-def _logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], reqs: list[Request]
-) -> dict[str, TokenLogprob]:
-    """Log-probabilities of the sampled tokens and the top alternatives, for the rows that ask only
-    (a log_softmax over the vocabulary is not free), copied to the host in one transfer."""
-    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-    if not rows:
-        return {}
-    index = torch.tensor(rows, device=logits.device)
-    lp = logits.index_select(0, index).float().log_softmax(dim=-1)
-    chosen = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
-    k = max(int(reqs[i].params.logprobs or 0) for i in rows)
-    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    chosen_h, values_h, ids_h = chosen.tolist(), top.values.tolist(), top.indices.tolist()
-    out: dict[str, TokenLogprob] = {}
-    for j, i in enumerate(rows):
-        req, want = reqs[i], int(reqs[i].params.logprobs or 0)
-        pairs = list(zip(ids_h[j][:want], values_h[j][:want], strict=True))
-        out[req.request_id] = TokenLogprob(token_ids[i], chosen_h[j], pairs)
-    return out
+@dataclass
+class _Fill:
+    """Rows of this step's token ids that are the tokens the step before sampled, on the device."""
+
+    rows: torch.Tensor  # [k] int64: rows of this step's ids
+    tokens: torch.Tensor  # [k] int64: their tokens
+
+
+def _pending_fill(
+    chunks: list[ScheduledChunk], previous: InFlight | None, device: torch.device
+) -> _Fill | None:
+    """Where this step's decodes need a token the previous step sampled and nobody has read yet."""
+    waiting = [(row, c.request.request_id) for row, c in enumerate(chunks) if c.start >= c.request.num_tokens]
+    if not waiting:
+        return None
+    if previous is None or previous.tokens is None:
+        raise RuntimeError("a decode needs a token no launched step sampled")
+    where = {r.request_id: i for i, r in enumerate(previous.sampling)}
+    for row, rid in waiting:  # only a decode (one token, the last) can wait for a token
+        if chunks[row].num_new_tokens != 1 or rid not in where:
+            raise RuntimeError(f"request {rid}: its pending token is not in the previous step")
+    rows = torch.tensor([row for row, _ in waiting], dtype=torch.int64).to(device, non_blocking=True)
+    src = torch.tensor([where[rid] for _, rid in waiting], dtype=torch.int64).to(device, non_blocking=True)
+    return _Fill(rows, previous.tokens.index_select(0, src))
+
+
+def _copy_to_host(tokens: torch.Tensor, pin: bool) -> torch.Tensor:
+    if tokens.device.type == "cpu":
+        return tokens
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
+    return host.copy_(tokens, non_blocking=True)
+
+
+@dataclass
+class _PendingLogprobs:
+    """Log-probabilities of the sampled tokens and the top alternatives, computed on the device at
+    launch for the rows that ask only (a log_softmax over the vocabulary is not free), read back
+    with the tokens."""
+
+    rows: list[int]
+    reqs: list[Request]
+    chosen: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> _PendingLogprobs | None:
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if not rows:
+            return None
+        index = torch.tensor(rows, device=logits.device)
+        lp = logits.index_select(0, index).float().log_softmax(dim=-1)
+        chosen = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
+        k = max(int(reqs[i].params.logprobs or 0) for i in rows)
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        return cls(rows, reqs, chosen, top.values, top.indices)
+
+    def read(self, token_ids: list[int]) -> dict[str, TokenLogprob]:
+        chosen, values, ids = self.chosen.tolist(), self.values.tolist(), self.indices.tolist()
+        out: dict[str, TokenLogprob] = {}
+        for j, i in enumerate(self.rows):
+            req, want = self.reqs[i], int(self.reqs[i].params.logprobs or 0)
+            pairs = list(zip(ids[j][:want], values[j][:want], strict=True))
+            out[req.request_id] = TokenLogprob(token_ids[i], chosen[j], pairs)
+        return out
+
+
+class BlockTables:
+    """Each running request's block table as a numpy row, grown as its list grows, so a step's
+    [batch, width] table is a few row copies instead of a Python list of every entry."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[list[int], np.ndarray, int]] = {}  # id -> (list, row, length)
+
+    def row(self, req: Request) -> np.ndarray:
+        table, n = req.block_table, len(req.block_table)
+        have = self._rows.get(req.request_id)
+        if have is None or have[0] is not table or have[2] > n:
+            arr = np.array(table, dtype=np.int32)  # new, or a list replaced (preempted, loaded)
+        else:  # the same list, grown at its end only (the scheduler only extends it)
+            arr, known = have[1], have[2]
+            if arr.shape[0] < n:
+                arr = np.concatenate([arr[:known], np.zeros(max(n, 2 * known) - known, np.int32)])
+            arr[known:n] = table[known:]
+        self._rows[req.request_id] = (table, arr, n)
+        return arr[:n]
+
+    def batch(self, chunks: list[ScheduledChunk], width: int) -> np.ndarray:
+        out = np.zeros((len(chunks), width), dtype=np.int32)
+        for i, c in enumerate(chunks):
+            row = self.row(c.request)[:width]
+            out[i, : row.shape[0]] = row
+        return out
+
+    def forget(self, request_id: str) -> None:
+        self._rows.pop(request_id, None)
 
 
 def _plain_greedy(req: Request) -> bool:

@@ -23,13 +23,25 @@ from kvtier.engine.request import FinishReason, InvalidRequestError, Request, Re
 
 @dataclass
 class ScheduledChunk:
+    """Tokens ``start .. start + num_new_tokens`` of one request, computed in one step. ``start``
+    and ``samples`` are fixed when the chunk is made: the request's counts move on at launch."""
+
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_new_tokens: int
+    start: int = field(init=False)
+    samples: bool = field(init=False)  # it reaches the end of the tokens: a token is sampled
+
+    def __post_init__(self) -> None:
+        self.start = self.request.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens_with_pending
 
     @property
-    def samples(self) -> bool:
-        """A token is sampled when this chunk reaches the end of the known tokens."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.samples
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
 
 
 @dataclass
@@ -100,8 +112,8 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted:  # after a preemption the pool is tight: let running requests drain
             self._admit_waiting(out, budget)
-        decodes = [c for c in out.chunks if c.num_new_tokens == 1 and c.samples]
-        prefills = [c for c in out.chunks if not (c.num_new_tokens == 1 and c.samples)]
+        decodes = [c for c in out.chunks if c.is_decode]
+        prefills = [c for c in out.chunks if not c.is_decode]
         out.chunks = decodes + prefills
         return out
 
@@ -109,10 +121,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.limits.enable_chunked_prefill and num_new < req.num_tokens - req.num_computed_tokens:
+            remaining = req.num_tokens_with_pending - req.num_computed_tokens
+            if remaining <= 0 or req.ends_with_pending(self.limits.max_model_len):
+                i += 1  # its last token is still on the device (a step launched, not read back)
+                continue
+            num_new = min(remaining, budget)
+            if not self.limits.enable_chunked_prefill and num_new < remaining:
                 break
             total = self._blocks_for(req.num_computed_tokens + num_new)
+            if total > self.pool.num_blocks and req.num_pending:
+                i += 1  # it outgrew the pool: it stops once its last token is read back
+                continue
             if total > self.pool.num_blocks:  # it outgrew the whole pool: stop it, never livelock
                 self.finish(req, FinishReason.LENGTH)
                 req.error = f"the KV pool ({self.pool.num_blocks} blocks) is full at {req.num_tokens} tokens"
@@ -272,10 +291,12 @@ class Scheduler:
                 chain_keys(root, req.all_token_ids, self.block_size, start=have, parent=parent)
             )
 
-    def commit_computed_blocks(self, req: Request) -> list[int]:
-        """Full blocks whose KV is now computed get their key and become shareable. Returns the
-        ids of blocks that became shareable now (write-through stores them down the hierarchy)."""
-        full_computed = min(req.num_computed_tokens // self.block_size, len(req.block_table))
+    def commit_computed_blocks(self, req: Request, computed: int | None = None) -> list[int]:
+        """Full blocks whose KV is now computed (up to token ``computed``, default all the request
+        counts) get their key and become shareable. Returns the ids of blocks that became shareable
+        now (write-through stores them down the hierarchy)."""
+        upto = req.num_computed_tokens if computed is None else computed
+        full_computed = min(upto // self.block_size, len(req.block_table), req.num_tokens // self.block_size)
         if full_computed <= req.num_committed_blocks:
             return []
         self.extend_keys(req)
@@ -307,6 +328,6 @@ class Scheduler:
 
 
 def _prefilled(req: Request) -> bool:
-    return req.is_finished or (
-        req.state is RequestState.RUNNING and req.num_computed_tokens >= len(req.prompt_token_ids)
-    )
+    """Its prompt's blocks are committed: its first token has been read back (a launched prefill
+    counts its tokens computed before they are, and commits them only when its step is read)."""
+    return req.is_finished or (req.state is RequestState.RUNNING and bool(req.output_token_ids))
