@@ -6,9 +6,11 @@ import argparse
 import random
 import statistics
 import time
+from typing import Any
 
 from kvtier.bench.engine_common import FlopModel, finish, make_engine, random_tokens, start
 from kvtier.bench.report import fraction, print_table, sync
+from kvtier.engine.engine import Engine
 from kvtier.engine.request import SamplingParams
 
 
@@ -36,11 +38,12 @@ def bench_throughput(args: argparse.Namespace) -> None:
         pass
     engine.pool.reset_cache()
     steps0, preempt0 = engine.stats.steps, engine.scheduler.num_preemptions
+    loop0 = _loop_times(engine)
 
     sync(engine.device)
     t0 = time.perf_counter()
     for p, sp in zip(prompts, params, strict=True):
-        engine.add_request(p, sp)
+        engine.add_request(p, sp, stream=False)  # as LLM.generate: outputs at the end only
     final = [out for out in engine.run_until_done() if out.finished]
     sync(engine.device)
     elapsed = time.perf_counter() - t0
@@ -68,6 +71,8 @@ def bench_throughput(args: argparse.Namespace) -> None:
         "useful_flops_per_s": useful / elapsed,
         "ttft_median_s": statistics.median(ttfts) if ttfts else None,
         "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
+        "overlap_steps": engine.config.scheduler.overlap_steps,
+        **{k: v - loop0[k] for k, v in _loop_times(engine).items()},
     }
     headers = [
         "requests", "in tokens", "out tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
@@ -89,9 +94,35 @@ def bench_throughput(args: argparse.Namespace) -> None:
     print_table(headers, [row])
     if errors:
         print(f"\n{len(errors)} requests failed, e.g.: {errors[0]}")
+    print(loop_summary(results))
     if ttfts:
         print(
             f"\nTTFT median {results['ttft_median_s']:.2f} s, p90 {results['ttft_p90_s']:.2f} s "
             "(every request queued at the start)"
         )
     finish(args, ctx, title, results)
+
+
+def _loop_times(engine: Engine) -> dict[str, float]:
+    st = engine.stats
+    return {
+        "step_s": st.step_seconds,
+        "wait_s": st.wait_seconds,
+        "device_busy_s": st.device_busy_seconds,
+        "device_idle_s": st.device_idle_seconds,
+    }
+
+
+def loop_summary(results: dict[str, Any]) -> str:
+    """The step loop's costs per step: host work (step() less its waits for the device), and on
+    CUDA the device's time per step and the share of it the device sat idle waiting for the host."""
+    steps = max(1, int(results["steps"]))
+    host = (results["step_s"] - results["wait_s"]) / steps
+    line = f"\nstep loop (overlap_steps={results['overlap_steps']}): host {host * 1e3:.2f} ms/step"
+    busy, idle = results["device_busy_s"], results["device_idle_s"]
+    if busy > 0:
+        line += (
+            f", device {busy / steps * 1e3:.2f} ms/step, device idle between steps "
+            f"{idle / steps * 1e3:.2f} ms/step = {idle / (busy + idle):.1%} of device time"
+        )
+    return line

@@ -136,6 +136,7 @@ class Engine:
         self.stats = EngineStats()
         self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet
         self._launched_at = 0.0
+        self._last_ready: torch.cuda.Event | None = None  # the end of the last step read back
 
     # -- set-up ---------------------------------------------------------------------------------
     @property
@@ -306,6 +307,13 @@ class Engine:
         only after N+1 is queued (a decode of N+1 takes its input token from N on the device). A
         request that stops on an EOS or a stop string has then computed one token too many, which
         is dropped. Requests whose sampling reads their own history (penalties) wait for it."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.stats.step_seconds += time.perf_counter() - start
+
+    def _step(self) -> list[RequestOutput]:
         served = self.results.take_ready() if self.results is not None else []
         if served and not self.scheduler.has_work() and self._in_flight is None:
             return served
@@ -322,7 +330,9 @@ class Engine:
         outputs += self._fail(sched.failed)
         if not sched.chunks:
             if self._in_flight is not None:
-                return outputs + self._collect()
+                outputs += self._collect()
+                self._last_ready = None  # the device goes idle because there is no work: not counted
+                return outputs
             if self.scheduler.loading:
                 time.sleep(0.0005)  # only loads are in flight: let the I/O thread run
             return outputs
@@ -360,7 +370,10 @@ class Engine:
         if step is None:
             return []
         try:
+            waited = time.perf_counter()
             result = self.runner.collect(step)
+            self.stats.wait_seconds += time.perf_counter() - waited
+            self._time_device(step)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
             failed: list[RequestOutput] = []
             for c in step.chunks:
@@ -371,6 +384,15 @@ class Engine:
             num_tokens = sum(c.num_new_tokens for c in step.chunks)
             self.hierarchy.observe_step(num_tokens, time.perf_counter() - self._launched_at)
         return self._postprocess(step.chunks, result)
+
+    def _time_device(self, step: InFlight) -> None:
+        """Add the step's device time, and the device's idle time since the step before ended."""
+        if step.begin is None or step.ready is None:
+            return
+        self.stats.device_busy_seconds += step.begin.elapsed_time(step.ready) / 1e3
+        if self._last_ready is not None:
+            self.stats.device_idle_seconds += max(0.0, self._last_ready.elapsed_time(step.begin) / 1e3)
+        self._last_ready = step.ready
 
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """The batch failed to launch: run each chunk by itself, so the request at fault fails with

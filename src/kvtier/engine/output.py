@@ -56,6 +56,12 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     finished: int = 0
+    # the step loop's own costs: wall time in step(), of it waiting for the device, and (CUDA) the
+    # device's time in steps and idle between them (the host was late: what overlap must hide)
+    step_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    device_busy_seconds: float = 0.0
+    device_idle_seconds: float = 0.0
     ttft: LatencyLog = field(default_factory=LatencyLog)
     e2e: LatencyLog = field(default_factory=LatencyLog)  # arrival to finish, finished requests
     tpot: LatencyLog = field(default_factory=LatencyLog)  # (finish - first token) / (tokens - 1), > 1 token

@@ -37,6 +37,7 @@ class InFlight:
     ready: torch.cuda.Event | None  # recorded after the copy (CUDA); None: the copy is done
     logprobs: _PendingLogprobs | None = None
     kept_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # return_logits rows
+    begin: torch.cuda.Event | None = None  # recorded before the step's first work (CUDA)
 
     def __post_init__(self) -> None:
         if self.ready is not None:
@@ -183,6 +184,7 @@ class ModelRunner:
     def launch(self, chunks: list[ScheduledChunk], previous: InFlight | None = None) -> InFlight:
         """Start one step on the device and return without waiting for it. A decode whose input is
         the token ``previous`` sampled (still on the device) reads it there."""
+        begin = _timing_event(self.device)
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
@@ -195,7 +197,7 @@ class ModelRunner:
                 input_ids.index_copy_(0, fill.rows, fill.tokens)
             if not sampling:
                 self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
-                return InFlight(chunks, [], None, None, None)
+                return InFlight(chunks, [], None, None, _timing_event(self.device, record=False), begin=begin)
             logits = self.model(
                 input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
             )
@@ -209,18 +211,19 @@ class ModelRunner:
             sampling,
             tokens,
             _copy_to_host(tokens, self._pin),
-            torch.cuda.Event() if self.device.type == "cuda" else None,
+            _timing_event(self.device, record=False),
             _PendingLogprobs.of(logits, tokens, sampling),
             {r.request_id: logits[i].clone() for i, r in enumerate(sampling) if r.params.return_logits},
+            begin,
         )
 
     @staticmethod
     def collect(step: InFlight) -> StepResult:
         """Wait for a launched step's sampled tokens (the step's one host synchronisation)."""
-        if step.tokens is None:
-            return StepResult({}, {})
         if step.ready is not None:
             step.ready.synchronize()
+        if step.tokens is None:
+            return StepResult({}, {})
         assert step.host_tokens is not None
         token_ids = step.host_tokens.tolist()
         logprobs = step.logprobs.read(token_ids) if step.logprobs is not None else {}
@@ -278,6 +281,16 @@ def _pending_fill(
     rows = torch.tensor([row for row, _ in waiting], dtype=torch.int64).to(device, non_blocking=True)
     src = torch.tensor([where[rid] for _, rid in waiting], dtype=torch.int64).to(device, non_blocking=True)
     return _Fill(rows, previous.tokens.index_select(0, src))
+
+
+def _timing_event(device: torch.device, record: bool = True) -> torch.cuda.Event | None:
+    """A CUDA event that can time the device's work (recorded now unless ``record`` is False)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    if record:
+        event.record()
+    return event
 
 
 def _copy_to_host(tokens: torch.Tensor, pin: bool) -> torch.Tensor:
