@@ -32,11 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import lz4.frame
 import numpy as np
-import zstandard
 
 from kvtier.cache.codec import CorruptObjectError
+from kvtier.cache.codec.compression import compress, decompress
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, tokens_to_bytes
 from kvtier.cache.tiers.base import Tier
 
@@ -234,29 +233,14 @@ def _mac(secret: bytes, fields: bytes | memoryview, body: bytes | memoryview) ->
 
 
 def _compress(payload: bytes, compression: str) -> bytes:
-    if compression == "lz4":
-        return bytes(lz4.frame.compress(payload))
-    if compression == "zstd":
-        return bytes(zstandard.ZstdCompressor().compress(payload))
-    return payload
+    # the KV codec's compressors at their default levels: one bounded decompressor for both formats
+    return bytes(compress(memoryview(payload), compression, None))
 
 
 def _decompress(body: memoryview, compression: str, raw_len: int) -> bytes:
-    if compression == "none":
-        if len(body) != raw_len:
-            raise CorruptObjectError(f"length: payload of {len(body)} bytes, header says {raw_len}")
-        return bytes(body)
-    try:
-        if compression == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len)
-        else:
-            d = lz4.frame.LZ4FrameDecompressor()
-            out = d.decompress(body, max_length=raw_len)
-    except (zstandard.ZstdError, RuntimeError, ValueError) as e:
-        raise CorruptObjectError(f"decompress: {compression}: {e}") from None
-    if len(out) != raw_len:
-        raise CorruptObjectError(f"decompress: {len(out)} bytes, expected {raw_len}")
-    return bytes(out)
+    if compression == "none" and len(body) != raw_len:
+        raise CorruptObjectError(f"length: payload of {len(body)} bytes, header says {raw_len}")
+    return bytes(decompress(body, compression, raw_len))
 
 
 # -- the store -----------------------------------------------------------------------------------------
