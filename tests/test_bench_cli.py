@@ -5,6 +5,8 @@ figure is judged here (benchmarks print numbers, they never fail on time)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -53,3 +55,43 @@ def test_codec_tables_become_json_when_the_bench_writes_none(tmp_path: Path) -> 
     assert doc["bench"] == "codec" and "quant" in headers and len(doc["tables"]) == 3
     quant_rows = doc["tables"][headers.index("quant")]["rows"]
     assert {(r[0], r[1]) for r in quant_rows} >= {("none", "none"), ("fp8", "zstd"), ("int8", "lz4")}
+
+
+def test_gpu_decode_runs_its_cpu_parts_and_skips_the_cuda_ones(tmp_path: Path) -> None:
+    args = ["gpu-decode", "--device", "cpu", "--models", "synthetic:tiny", "--dtype", "float32"]
+    out = run(
+        [*args, "--kv-cache-memory", "16MiB", "--parts", "batch1,agree,attention", "--out", str(tmp_path)]
+    )
+    doc = json.loads((tmp_path / "gpu-decode.json").read_text())
+    paths = doc["batch1"]["synthetic:tiny"]
+    assert set(paths) == {"triton+graphs", "triton eager", "torch reference"}
+    assert all(r["tok_s"] > 0 for r in paths.values())
+    # the torch backend against itself on the CPU: the same tokens
+    assert doc["agree"]["synthetic:tiny"]["triton_vs_torch"]["token_agreement"] == 1.0
+    assert doc["attention_skipped"] == "needs CUDA" and "attention_error" not in doc
+    assert "| model" in out
+
+
+def test_gpu_decode_refuses_an_unknown_part() -> None:
+    result = CliRunner().invoke(app, ["bench", "gpu-decode", "--parts", "batch1,speed"])
+    assert result.exit_code != 0
+    assert "unknown part(s) speed" in result.output + str(result.stderr_bytes or b"")
+
+
+def test_bench_runs_without_the_tier_and_compression_packages(tmp_path: Path) -> None:
+    """The GPU image has no lz4, zstandard, redis, hiredis or pymemcache: the engine benchmarks
+    must not import them (the old script's command line, through the thin wrapper)."""
+    block = "; ".join(
+        f"sys.modules[{n!r}] = None"
+        for n in ("lz4", "lz4.frame", "zstandard", "redis", "hiredis", "pymemcache")
+    )
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu_decode.py"
+    code = (
+        f"import runpy, sys; {block}; "
+        f"sys.argv = [{str(script)!r}, '--device', 'cpu', '--models', 'synthetic:tiny', '--kv-cache-memory', "
+        f"'16MiB', '--parts', 'batch1', '--json', {str(tmp_path / 'out.json')!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["batch1"]["synthetic:tiny"]

@@ -204,6 +204,7 @@ for _name, _summary in (
     ("chat", "multi-round chat: the tiers vs the device pool alone vs no caching"),
     ("policies", "hit ratio of every eviction policy on a chat trace"),
     ("codec", "size, speed and error of every stored-object codec, next to a memory copy"),
+    ("gpu-decode", "GPU decode in one run: copy ceiling, batch 1 and 64, kernel, agreement, profile, HF"),
 ):
     _bench_command(_name, _summary)
 

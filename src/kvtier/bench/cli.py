@@ -1,5 +1,6 @@
-"""``kvtier bench decode | throughput | prefix | tiers | memcached | chat | policies | codec``: the
-command line of the benchmarks (``kvtier bench serve`` is a typer command of its own, in ``kvtier.cli``).
+"""``kvtier bench decode | throughput | prefix | tiers | memcached | chat | policies | codec |
+gpu-decode``: the command line of the benchmarks (``kvtier bench serve`` is a typer command of its
+own, in ``kvtier.cli``).
 
 Every run prints the machine, its settings, the ceilings measured in the same run and a markdown
 table; ``--out DIR`` also writes ``DIR/<bench>.json`` (every raw figure), ``DIR/<bench>.md`` (what
@@ -10,23 +11,36 @@ matplotlib). ``--json PATH`` writes the JSON alone. Benchmarks never assert on t
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 
 import torch
 
-from kvtier.bench import chat, codec, decode, memcached, policies, prefix, throughput, tiers
+from kvtier.bench.gpu_decode import add_arguments as gpu_decode_arguments
+from kvtier.bench.gpu_decode import check_parts
 from kvtier.bench.report import Report
 from kvtier.cache.codec import KV_DTYPES
 
+# command -> (module of kvtier.bench, function). Imported when run: the tier benchmarks import
+# redis and pymemcache, which a machine that runs only the engine benchmarks (the GPU image) lacks.
 RUNS = {
-    "decode": decode.bench_decode,
-    "throughput": throughput.bench_throughput,
-    "prefix": prefix.bench_prefix_ttft,
-    "tiers": tiers.bench_ceilings,
-    "memcached": memcached.bench_memcached,
-    "chat": chat.bench_chat,
-    "policies": policies.bench_policies,
-    "codec": codec.bench_codec,
+    "decode": ("decode", "bench_decode"),
+    "throughput": ("throughput", "bench_throughput"),
+    "prefix": ("prefix", "bench_prefix_ttft"),
+    "tiers": ("tiers", "bench_ceilings"),
+    "memcached": ("memcached", "bench_memcached"),
+    "chat": ("chat", "bench_chat"),
+    "policies": ("policies", "bench_policies"),
+    "codec": ("codec", "bench_codec"),
+    "gpu-decode": ("gpu_decode", "bench_gpu_decode"),
 }
+
+
+def runner(command: str) -> Callable[[argparse.Namespace], None]:
+    module, function = RUNS[command]
+    found = importlib.import_module(f"kvtier.bench.{module}")
+    run: Callable[[argparse.Namespace], None] = getattr(found, function)
+    return run
 
 
 def _output(p: argparse.ArgumentParser) -> None:
@@ -156,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--data", default="normal", choices=("normal", "outlier"))
     k.add_argument("--budget", type=float, default=0.4, help="seconds spent timing each figure")
     k.add_argument("--stream-mib", type=int, default=256, help="size of the many-blocks (DRAM) test")
+    g = sub.add_parser(
+        "gpu-decode", help="GPU decode vs the copy ceiling, HF and the torch reference: parts of one run"
+    )
+    _output(g)
+    gpu_decode_arguments(g)
     return parser
 
 
@@ -170,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.max_len = 1024 if cuda else 256
         if not 1 <= args.min_len <= args.max_len:
             parser.error("need 1 <= --min-len <= --max-len")
+    if args.command == "gpu-decode":
+        check_parts(args.parts.split(","), parser)
     if args.command == "chat":
         args.redis = args.redis or bool(args.redis_url)
         if args.rounds < 1:
@@ -179,9 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     with Report(args.command, args.out) as report:
         if report.json_path and not args.json:
             args.json = str(report.json_path)
-        RUNS[args.command](args)
+        runner(args.command)(args)
