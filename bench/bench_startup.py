@@ -1,97 +1,17 @@
-"""Start-up: how long a fresh process takes to be ready, and to answer a short `kvtier run`.
+"""Thin wrapper, kept for old command lines: this benchmark lives in ``kvtier.bench.startup``.
 
-    python3 bench/bench_startup.py [--model synthetic:small] [--runs 3] [--src PATH ...]
-
-For each source tree (``--src``, default this checkout's ``src``; give an older checkout's too to
-compare, e.g. a ``git worktree`` of an earlier commit), in fresh interpreters: the seconds to
-``import kvtier``, to ``LLM(model)`` ready (import included), and the wall time of
-``kvtier run --prompt ... --max-tokens 8`` (a fresh disk cache folder each run, so every run is
-cold) with its CPU time (user + system, all threads: it moves less than wall time when the machine
-is shared). Medians of ``--runs`` runs, and the machine's load average, since on a shared 2-core
-machine it moves every wall figure. This script never asserts on time.
+python3 bench/bench_startup.py [options] = kvtier bench startup [options]     (kvtier bench startup --help)
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-READY = """
-import time
-t0 = time.perf_counter()
-import kvtier
-t1 = time.perf_counter()
-llm = kvtier.LLM({model!r})
-t2 = time.perf_counter()
-print(t1 - t0, t2 - t0)
-"""
+try:
+    import kvtier  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-
-PROMPT = ["--prompt", "The quick brown fox jumps over the lazy dog."]
-
-
-def _env(src: Path, cache: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(src), "KVTIER_DISK_PATH": cache}
-
-
-def _ready(src: Path, model: str) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run(
-            [sys.executable, "-c", READY.format(model=model)],
-            env=_env(src, cache),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    imp, ready = (float(x) for x in out.stdout.split())
-    return imp, ready
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _run(src: Path, model: str) -> tuple[float, float]:
-    """(wall, CPU seconds) of one ``kvtier run``: on a shared machine the CPU time moves less."""
-    with tempfile.TemporaryDirectory() as cache:
-        cpu = _children_cpu()
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "kvtier.cli", "run", "--model", model, "--max-tokens", "8", *PROMPT],
-            env=_env(src, cache),
-            capture_output=True,
-            check=True,
-        )
-        return time.perf_counter() - start, _children_cpu() - cpu
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="synthetic:small")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--src", type=Path, action="append", help="a source tree (default: this checkout's)")
-    args = p.parse_args()
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs")
-    print(f"{'source':<40}{'import s':>10}{'LLM ready s':>13}{'kvtier run s':>14}{'run CPU s':>11}")
-    for src in args.src or [SRC]:
-        ready = [_ready(src, args.model) for _ in range(args.runs)]
-        runs = [_run(src, args.model) for _ in range(args.runs)]
-        imp = statistics.median(r[0] for r in ready)
-        up = statistics.median(r[1] for r in ready)
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        print(f"{src!s:<40}{imp:>10.2f}{up:>13.2f}{wall:>14.2f}{cpu:>11.2f}")
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-
+from kvtier.bench.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["startup", *sys.argv[1:]])

@@ -5,6 +5,9 @@ For each architecture, a tiny random model (built with ``tests.models``, saved w
 greedy tokens and close logits; bfloat16 reports the first-step logit gap and how many of the greedy
 tokens agree (bf16 rounding lets long greedy runs diverge). Prints a table; ``--json`` writes it.
 Run from the repository root: ``PYTHONPATH=src:. python bench/gpu_check.py``.
+
+Kept as a script, not a `kvtier bench` command: a correctness check built on the tests'
+``tests/models.py``, which the installed package must not import.
 """
 
 from __future__ import annotations

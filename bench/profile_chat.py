@@ -7,6 +7,9 @@ Runs the chat workload of `kvtier bench chat` (its three configurations) with ti
 engine's steps, model execution, write-back copies, load installs and planning, and CPU-time
 counters on the I/O
 threads' writes and loads; prints one PROFILE line per engine (the probe and warm-ups included).
+
+Kept as a script, not a `kvtier bench` command: it wraps private methods of the engine,
+runner and hierarchy at run time, a developer's tool rather than a product benchmark.
 """
 
 from __future__ import annotations

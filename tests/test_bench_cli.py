@@ -95,3 +95,28 @@ def test_bench_runs_without_the_tier_and_compression_packages(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "out.json").read_text())["batch1"]["synthetic:tiny"]
+
+
+def test_persist_prefill_compares_every_tier_configuration_the_device_has(tmp_path: Path) -> None:
+    args = ["persist", "prefill", "--model", "synthetic:tiny", "--prompt-len", "40", "--repeats", "1"]
+    run([*args, "--kv-cache-memory", "16MiB", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "persist.json").read_text())
+    configs = doc["results"]["configs"]
+    assert set(configs) == {"none", "disk write-through"}  # the CPU has no host tier to measure
+    assert all(len(c["prefill_s"]) == 1 and c["dropped"] == 0 for c in configs.values())
+    headers, rows = markdown_tables((tmp_path / "persist.md").read_text())[0]
+    assert headers[:3] == ["tiers", "prefill ms", "x none"] and rows[0][2] == "1.000"
+
+
+def test_hf_store_loads_the_shared_prefix_and_keeps_greedy_output(tmp_path: Path) -> None:
+    args = ["hf", "--prefix-len", "48", "--suffix-len", "8", "--new-tokens", "2", "--rounds", "1"]
+    run([*args, "--hidden", "64", "--layers", "1", "--vocab", "256", "--json", str(tmp_path / "hf.json")])
+    results = json.loads((tmp_path / "hf.json").read_text())["results"]
+    assert results["identical"] is True
+    assert results["loaded_tokens"] >= 32  # the prefix's full blocks came from the store
+
+
+def test_help_lists_the_one_off_benchmarks() -> None:
+    assert "--src" in run(["startup", "--help"])
+    assert "--changed" in run(["embed", "--help"])
+    assert "--parts" in run(["gpu-decode", "--help"])

@@ -205,6 +205,10 @@ for _name, _summary in (
     ("policies", "hit ratio of every eviction policy on a chat trace"),
     ("codec", "size, speed and error of every stored-object codec, next to a memory copy"),
     ("gpu-decode", "GPU decode in one run: copy ceiling, batch 1 and 64, kernel, agreement, profile, HF"),
+    ("persist", "what storing KV below the device costs a prefill, and how soon another process reads it"),
+    ("startup", "seconds to import kvtier, to LLM ready, and of a short kvtier run, in fresh processes"),
+    ("embed", "a corpus embedded cold, then partly changed: the per-input cache vs sentence-transformers"),
+    ("hf", "Hugging Face generate with and without KVTierStore on prompts sharing a long prefix"),
 ):
     _bench_command(_name, _summary)
 

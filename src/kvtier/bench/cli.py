@@ -1,6 +1,6 @@
 """``kvtier bench decode | throughput | prefix | tiers | memcached | chat | policies | codec |
-gpu-decode``: the command line of the benchmarks (``kvtier bench serve`` is a typer command of its
-own, in ``kvtier.cli``).
+gpu-decode | persist | startup | embed | hf``: the command line of the benchmarks (``kvtier bench
+serve`` is a typer command of its own, in ``kvtier.cli``).
 
 Every run prints the machine, its settings, the ceilings measured in the same run and a markdown
 table; ``--out DIR`` also writes ``DIR/<bench>.json`` (every raw figure), ``DIR/<bench>.md`` (what
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvtier.bench import embed, hf, persist, startup
 from kvtier.bench.gpu_decode import add_arguments as gpu_decode_arguments
 from kvtier.bench.gpu_decode import check_parts
 from kvtier.bench.report import Report
@@ -33,6 +34,10 @@ RUNS = {
     "policies": ("policies", "bench_policies"),
     "codec": ("codec", "bench_codec"),
     "gpu-decode": ("gpu_decode", "bench_gpu_decode"),
+    "persist": ("persist", "bench_persist"),
+    "startup": ("startup", "bench_startup"),
+    "embed": ("embed", "bench_embed"),
+    "hf": ("hf", "bench_hf"),
 }
 
 
@@ -175,6 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output(g)
     gpu_decode_arguments(g)
+    for name, summary, add in (
+        (
+            "persist",
+            "what storing KV below the device costs a prefill, and the write lag",
+            persist.add_arguments,
+        ),
+        (
+            "startup",
+            "seconds to import kvtier, to LLM ready, and of a short kvtier run",
+            startup.add_arguments,
+        ),
+        (
+            "embed",
+            "a corpus embedded cold, then partly changed: vs sentence-transformers",
+            embed.add_arguments,
+        ),
+        ("hf", "Hugging Face generate with and without KVTierStore on a shared prefix", hf.add_arguments),
+    ):
+        one = sub.add_parser(name, help=summary, description=summary)
+        _output(one)
+        one.add_argument("--seed", type=int, default=0, help="seed of the workload")
+        one.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        add(one)
     return parser
 
 
