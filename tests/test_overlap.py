@@ -20,7 +20,9 @@ MODEL = "synthetic:tiny"
 
 
 def make(overlap: bool, **settings: Any) -> LLM:
-    base: dict[str, Any] = dict(tiers="none", max_num_batched_tokens=96, overlap_steps=overlap)
+    base: dict[str, Any] = dict(
+        tiers="none", max_num_batched_tokens=96, overlap_steps=overlap, kv_cache_memory=32 << 20
+    )
     return LLM(MODEL, **{**base, **settings})
 
 

@@ -39,6 +39,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
     engine.pool.reset_cache()
     steps0, preempt0 = engine.stats.steps, engine.scheduler.num_preemptions
     loop0 = _loop_times(engine)
+    engine.stats.step_trace = []
 
     sync(engine.device)
     t0 = time.perf_counter()
@@ -73,6 +74,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
         "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
         "overlap_steps": engine.config.scheduler.overlap_steps,
         **{k: v - loop0[k] for k, v in _loop_times(engine).items()},
+        "step_kinds": _step_kinds(engine.stats.step_trace),
     }
     headers = [
         "requests", "in tokens", "out tokens", "elapsed s", "req/s", "out tok/s", "total tok/s",
@@ -95,6 +97,12 @@ def bench_throughput(args: argparse.Namespace) -> None:
     if errors:
         print(f"\n{len(errors)} requests failed, e.g.: {errors[0]}")
     print(loop_summary(results))
+    for kind, k in results["step_kinds"].items():
+        print(
+            f"  {kind:>14}: {k['steps']:5d} steps, {k['rows']:6.1f} rows, {k['tokens']:7.1f} tokens; "
+            f"launch {k['launch_ms']:.2f} ms, wait {k['wait_ms']:.2f} ms, device {k['busy_ms']:.2f} ms, "
+            f"idle before {k['idle_ms']:.2f} ms"
+        )
     if ttfts:
         print(
             f"\nTTFT median {results['ttft_median_s']:.2f} s, p90 {results['ttft_p90_s']:.2f} s "
@@ -126,3 +134,28 @@ def loop_summary(results: dict[str, Any]) -> str:
             f"{idle / steps * 1e3:.2f} ms/step = {idle / (busy + idle):.1%} of device time"
         )
     return line
+
+
+def _step_kinds(trace: list[tuple[int, int, float, float, float, float]] | None) -> dict[str, Any]:
+    """Mean per-step costs of decode-only steps (one token a row) and of steps with prefill."""
+    kinds: dict[str, list[tuple[int, int, float, float, float, float]]] = {
+        "decode-only": [],
+        "with prefill": [],
+    }
+    for row in trace or []:
+        kinds["decode-only" if row[0] == row[1] else "with prefill"].append(row)
+    out: dict[str, Any] = {}
+    for name, rows in kinds.items():
+        if rows:
+            n = len(rows)
+            mean = [sum(r[i] for r in rows) / n for i in range(6)]
+            out[name] = {
+                "steps": n,
+                "rows": mean[0],
+                "tokens": mean[1],
+                "launch_ms": mean[2] * 1e3,
+                "wait_ms": mean[3] * 1e3,
+                "busy_ms": mean[4] * 1e3,
+                "idle_ms": mean[5] * 1e3,
+            }
+    return out

@@ -354,7 +354,9 @@ class Engine:
 
     def _launch(self, sched: SchedulerOutput) -> InFlight:
         """Start the batch on the device; the requests' counts move on as if it had run."""
+        began = time.perf_counter()
         launched = self.runner.launch(sched.chunks, self._in_flight)
+        launched.launch_seconds = time.perf_counter() - began
         for c in sched.chunks:
             c.request.num_computed_tokens = c.end
             if c.samples:
@@ -372,7 +374,8 @@ class Engine:
         try:
             waited = time.perf_counter()
             result = self.runner.collect(step)
-            self.stats.wait_seconds += time.perf_counter() - waited
+            step.wait_seconds = time.perf_counter() - waited
+            self.stats.wait_seconds += step.wait_seconds
             self._time_device(step)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
             failed: list[RequestOutput] = []
@@ -387,12 +390,18 @@ class Engine:
 
     def _time_device(self, step: InFlight) -> None:
         """Add the step's device time, and the device's idle time since the step before ended."""
-        if step.begin is None or step.ready is None:
-            return
-        self.stats.device_busy_seconds += step.begin.elapsed_time(step.ready) / 1e3
-        if self._last_ready is not None:
-            self.stats.device_idle_seconds += max(0.0, self._last_ready.elapsed_time(step.begin) / 1e3)
-        self._last_ready = step.ready
+        busy = idle = 0.0
+        if step.begin is not None and step.ready is not None:
+            busy = step.begin.elapsed_time(step.ready) / 1e3
+            if self._last_ready is not None:
+                idle = max(0.0, self._last_ready.elapsed_time(step.begin) / 1e3)
+            self._last_ready = step.ready
+        self.stats.device_busy_seconds += busy
+        self.stats.device_idle_seconds += idle
+        if self.stats.step_trace is not None:
+            tokens = sum(c.num_new_tokens for c in step.chunks)
+            row = (len(step.chunks), tokens, step.launch_seconds, step.wait_seconds, busy, idle)
+            self.stats.step_trace.append(row)
 
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """The batch failed to launch: run each chunk by itself, so the request at fault fails with

@@ -19,6 +19,7 @@ import torch
 from kvtier.cache.blocks import BlockPool
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import BlockKey
+from kvtier.engine.runner import to_device_async
 from kvtier.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class KVTransfer:
             n = int(blocks.shape[0]) if blocks.numel() else 0
             base = req.num_committed_blocks
             if n:
-                ids = torch.tensor(req.block_table[base : base + n], device=self.device)
+                ids = to_device_async(req.block_table[base : base + n], torch.int64, self.device)
                 if blocks.is_cuda:  # made on the I/O thread's stream: keep it alive for ours
                     blocks.record_stream(torch.cuda.current_stream(self.device))
                 # already on our device (the hierarchy loads onto it): [n, L, 2, ...] -> [L, 2, n, ...]

@@ -62,6 +62,8 @@ class EngineStats:
     wait_seconds: float = 0.0
     device_busy_seconds: float = 0.0
     device_idle_seconds: float = 0.0
+    # set to a list to record every step read back: (rows, tokens, launch s, wait s, busy s, idle s)
+    step_trace: list[tuple[int, int, float, float, float, float]] | None = None
     ttft: LatencyLog = field(default_factory=LatencyLog)
     e2e: LatencyLog = field(default_factory=LatencyLog)  # arrival to finish, finished requests
     tpot: LatencyLog = field(default_factory=LatencyLog)  # (finish - first token) / (tokens - 1), > 1 token

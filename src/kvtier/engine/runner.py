@@ -38,6 +38,8 @@ class InFlight:
     logprobs: _PendingLogprobs | None = None
     kept_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # return_logits rows
     begin: torch.cuda.Event | None = None  # recorded before the step's first work (CUDA)
+    launch_seconds: float = 0.0  # host time to launch it
+    wait_seconds: float = 0.0  # host time waiting for it to finish
 
     def __post_init__(self) -> None:
         if self.ready is not None:
@@ -278,9 +280,16 @@ def _pending_fill(
     for row, rid in waiting:  # only a decode (one token, the last) can wait for a token
         if chunks[row].num_new_tokens != 1 or rid not in where:
             raise RuntimeError(f"request {rid}: its pending token is not in the previous step")
-    rows = torch.tensor([row for row, _ in waiting], dtype=torch.int64).to(device, non_blocking=True)
-    src = torch.tensor([where[rid] for _, rid in waiting], dtype=torch.int64).to(device, non_blocking=True)
+    rows = to_device_async([row for row, _ in waiting], torch.int64, device)
+    src = to_device_async([where[rid] for _, rid in waiting], torch.int64, device)
     return _Fill(rows, previous.tokens.index_select(0, src))
+
+
+def to_device_async(data: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting: a copy from pageable memory would make the
+    host wait for everything queued on the stream, the step in flight included."""
+    host = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _timing_event(device: torch.device, record: bool = True) -> torch.cuda.Event | None:
@@ -317,7 +326,7 @@ class _PendingLogprobs:
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if not rows:
             return None
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device_async(rows, torch.int64, logits.device)
         lp = logits.index_select(0, index).float().log_softmax(dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
         k = max(int(reqs[i].params.logprobs or 0) for i in rows)

@@ -129,6 +129,11 @@ class Scheduler:
             if not self.limits.enable_chunked_prefill and num_new < remaining:
                 break
             total = self._blocks_for(req.num_computed_tokens + num_new)
+            if total <= len(req.block_table):  # most decodes: the last block has room
+                out.chunks.append(ScheduledChunk(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
             if total > self.pool.num_blocks and req.num_pending:
                 i += 1  # it outgrew the pool: it stops once its last token is read back
                 continue

@@ -28,7 +28,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_bt"])  # they vary per batch: see paged_prefill.py
 def _decode_kernel(
     q_ptr,
     k_cache,
