@@ -33,6 +33,9 @@ def engine_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
+        # the benches measure the model and the KV cache: a repeated prompt answered whole from
+        # the result cache would time a dictionary lookup (--set result_cache=true to measure it)
+        "result_cache": False,
     }
     for item in args.set or []:
         name, sep, value = item.partition("=")
