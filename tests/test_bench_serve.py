@@ -37,9 +37,20 @@ def test_http_and_offline_run_the_same_conversations() -> None:
 
     server = KvtierServer("--model", "synthetic:tiny", "--kv-cache-memory", str(8 << 20))
     try:
-        http, _ = asyncio.run(bs.run_http(W, server.url, "synthetic:tiny"))
+        http, _ = asyncio.run(bs.run_http(W, server.url, "synthetic:tiny"))  # the lean client
+        via_httpx, _ = asyncio.run(bs.run_http(W, server.url, "synthetic:tiny", client="httpx"))
+        wrong, _ = asyncio.run(bs.run_http(W, server.url, "no-such-model"))
     finally:
         assert server.stop() == 0, server.output()
+    # both clients read the same answers (the server's replies are greedy: the same every time)
+    assert [
+        (s.prompt_tokens, s.output_tokens, len(s.itl))
+        for s in sorted(via_httpx, key=lambda s: (s.chat, s.turn))
+    ] == [
+        (s.prompt_tokens, s.output_tokens, len(s.itl)) for s in sorted(http, key=lambda s: (s.chat, s.turn))
+    ]
+    # an error answer (here 404, a plain JSON body) is a failed sample with its status, not a hang
+    assert wrong and all(s.error and s.error.startswith("404") and "no-such-model" in s.error for s in wrong)
     got = by_turn(http)
     assert set(got) == set(off) and not any(s.error for s in http)
     for key, s in got.items():  # same greedy replies, so the same growing prompts
@@ -78,3 +89,65 @@ def test_cli_offline_and_launched_server(tmp_path: Path, monkeypatch: pytest.Mon
     assert "ttft_cached_p50_server_over_offline" in body["ratios"]
     assert svg.read_text().startswith("<svg") and "polyline" in svg.read_text()
     assert "throughput server over offline" in result.output
+
+
+def test_lean_client_reads_chunked_and_sized_bodies_and_reuses_connections() -> None:
+    """The load generator's own HTTP client against a real loopback server that answers in both
+    framings (chunked SSE lines split across chunks, and Content-Length), keep-alive or close."""
+    from kvtier.bench.sse_client import HTTPError, SSEClient
+
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(
+                next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+            )
+            body = await reader.readexactly(length)
+            if b'"chunked"' in body:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for part in (b'data: {"a"', b":1}\n\ndata: [DONE]\n", b"\n"):  # a line split in two
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                writer.write(b"0\r\n\r\n")
+            elif b'"close"' in body:
+                writer.write(b"HTTP/1.1 500 Oops\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbad!")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = SSEClient(f"http://127.0.0.1:{port}")
+        try:
+            for _ in range(3):
+                async with client.stream("POST", "/x", {"kind": "chunked"}) as r:
+                    assert r.status == 200
+                    assert [line async for line in r.lines()] == ['data: {"a":1}', "", "data: [DONE]", ""]
+                async with client.stream("POST", "/x", {"kind": "sized"}) as r:
+                    assert (r.status, await r.read()) == (404, b"{}")
+            assert connections == 1  # every answer was read to its end: one kept-alive connection
+            async with client.stream("POST", "/x", {"kind": "close"}) as r:
+                assert (r.status, await r.read()) == (500, b"bad!")
+            async with client.stream("POST", "/x", {"kind": "sized"}) as r:  # a new connection
+                assert r.status == 404
+                await r.read()
+            assert connections == 2
+        finally:
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
+        with pytest.raises(ValueError, match="plain http"):
+            SSEClient("https://example.com")
+        assert issubclass(HTTPError, Exception)
+
+    asyncio.run(main())

@@ -235,6 +235,9 @@ def bench_serve(
     json_out: Annotated[str | None, typer.Option("--json", help="write summaries and samples here")] = None,
     plot: Annotated[str | None, typer.Option(help="write latency CDFs here (SVG)")] = None,
     repeat: Annotated[int, typer.Option(help="runs of each kind (alternated); medians are reported")] = 1,
+    client: Annotated[
+        str, typer.Option(help="HTTP client: lean (loopback/LAN, costs little) or httpx (any URL)")
+    ] = "lean",
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -255,11 +258,14 @@ def bench_serve(
         if offline:
             runs.setdefault("offline", []).append(bs.offline(wr, engine_config))
         if launch:
-            runs.setdefault("server", []).append(bs.served(wr, engine_config))
+            runs.setdefault("server", []).append(bs.served(wr, engine_config, client=client))
         if url:
             model = served_model or _first_model(url, api_key)
-            asyncio.run(bs.run_http(bs.warmup_workload(wr), url.rstrip("/"), model, api_key))  # untimed
-            runs.setdefault("url", []).append(asyncio.run(bs.run_http(wr, url.rstrip("/"), model, api_key)))
+            root = url.rstrip("/")
+            asyncio.run(bs.run_http(bs.warmup_workload(wr), root, model, api_key, client=client))  # untimed
+            runs.setdefault("url", []).append(
+                asyncio.run(bs.run_http(wr, root, model, api_key, client=client))
+            )
     if not runs:
         raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
     body = bs.report(runs, w)

@@ -20,7 +20,8 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -139,14 +140,18 @@ async def _drive(w: Workload, turn_fn: Callable[..., Any]) -> tuple[list[Sample]
 
 
 async def run_http(
-    w: Workload, url: str, model: str, api_key: str | None = None, timeout: float = 600.0
+    w: Workload,
+    url: str,
+    model: str,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    client: str = "lean",
 ) -> tuple[list[Sample], float]:
-    """The workload against ``url`` (the server's root, e.g. http://127.0.0.1:8000)."""
-    import httpx
-
+    """The workload against ``url`` (the server's root, e.g. http://127.0.0.1:8000). ``client``:
+    "lean" (bench/sse_client.py: costs the machine little, so the figures are the server's) or
+    "httpx" (any URL: https, proxies)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+    async with _opener(client, url, headers, timeout) as open_stream:
 
         async def turn(c: int, t: int, messages: list[dict[str, str]]) -> tuple[Sample, str]:
             body: dict[str, Any] = {
@@ -159,23 +164,60 @@ async def run_http(
             }
             if w.ignore_eos:
                 body["ignore_eos"] = True
-            return await _stream_turn(client, body, c, t)
+            return await _stream_turn(open_stream, body, c, t)
 
         return await _drive(w, turn)
 
 
-async def _stream_turn(client: Any, body: dict[str, Any], c: int, t: int) -> tuple[Sample, str]:
+# (status, the body's lines, read the whole body) of one streamed POST to /v1/chat/completions
+Opener = Callable[[dict[str, Any]], Any]
+CHAT = "/v1/chat/completions"
+
+
+@asynccontextmanager
+async def _opener(kind: str, url: str, headers: dict[str, str], timeout: float) -> AsyncIterator[Opener]:
+    if kind == "lean":
+        from kvtier.bench.sse_client import SSEClient
+
+        lean = SSEClient(url, headers)
+
+        @asynccontextmanager
+        async def open_lean(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+            async with lean.stream("POST", CHAT, body) as r:
+                yield r.status, r.lines(), r.read
+
+        try:
+            yield open_lean
+        finally:
+            await lean.aclose()
+        return
+    if kind != "httpx":
+        raise ValueError(f"client must be 'lean' or 'httpx', not {kind!r}")
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as hc:
+
+        @asynccontextmanager
+        async def open_httpx(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+            async with hc.stream("POST", CHAT, json=body) as r:
+                yield r.status_code, r.aiter_lines(), r.aread
+
+        yield open_httpx
+
+
+async def _stream_turn(open_stream: Opener, body: dict[str, Any], c: int, t: int) -> tuple[Sample, str]:
     start = time.perf_counter()
     first: float | None = None
     last = start
     itl: list[float] = []
     text: list[str] = []
     usage: dict[str, Any] = {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return Sample(c, t, start, 0, 0, 0, 0, 0, error=f"{r.status_code} {r.text[:200]}"), ""
-        async for line in r.aiter_lines():
+    async with open_stream(body) as (status, lines, read):
+        if status != 200:
+            answer = await read()
+            return Sample(c, t, start, 0, 0, 0, 0, 0, error=f"{status} {answer[:200]!r}"), ""
+        async for line in lines:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             now = time.perf_counter()
@@ -386,7 +428,9 @@ def offline(w: Workload, config: Any) -> tuple[list[Sample], float]:
         engine.close()
 
 
-def served(w: Workload, config: Any, startup_timeout: float = 300.0) -> tuple[list[Sample], float]:
+def served(
+    w: Workload, config: Any, startup_timeout: float = 300.0, client: str = "lean"
+) -> tuple[list[Sample], float]:
     """The workload on a fresh ``kvtier serve`` subprocess with ``config`` (written to a YAML file
     for it): a cold cache, like a fresh offline engine."""
     import dataclasses
@@ -420,8 +464,8 @@ def served(w: Workload, config: Any, startup_timeout: float = 300.0) -> tuple[li
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"kvtier serve did not start within {startup_timeout} s") from None
                 time.sleep(0.2)
-        asyncio.run(run_http(warmup_workload(w), url, models[0]["id"]))
-        return asyncio.run(run_http(w, url, models[0]["id"]))
+        asyncio.run(run_http(warmup_workload(w), url, models[0]["id"], client=client))
+        return asyncio.run(run_http(w, url, models[0]["id"], client=client))
     finally:
         proc.terminate()
         proc.wait(60)
