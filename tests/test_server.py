@@ -80,6 +80,41 @@ def test_chat_stream_matches_non_stream(server: KvtierServer) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_stream_sends_what_is_ready_in_one_write(server: KvtierServer) -> None:
+    """Each HTTP chunk of the answer is one write of the server: a chat's first write carries the role
+    and the first token, its last the finish, the usage and [DONE] (fewer writes: less time waiting for
+    the interpreter lock); the events themselves are what the openai client parses above."""
+    import asyncio
+
+    from kvtier.bench.sse_client import SSEClient
+
+    async def writes() -> list[bytes]:
+        c = SSEClient(server.url, {"Authorization": "Bearer key-a"})
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "one write"}], "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": 0, "max_tokens": 5,
+                "ignore_eos": True}  # fmt: skip
+        try:
+            async with c.stream("POST", "/v1/chat/completions", body) as r:
+                assert r.status == 200
+                return [chunk async for chunk in r._chunks()]
+        finally:
+            await c.aclose()
+
+    chunks = asyncio.run(writes())
+    events = [
+        [json.loads(e[6:]) if e != b"data: [DONE]" else None for e in w.split(b"\n\n") if e] for w in chunks
+    ]
+    first, last = events[0], events[-1]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(first) <= 2
+    if len(first) == 2:  # the first token made text (it may end inside a character): it rode with the role
+        assert first[1]["choices"][0]["delta"]["content"]
+    assert last[-1] is None and last[-2]["usage"]["completion_tokens"] == 5
+    assert last[-3]["choices"][0]["finish_reason"] == "length"
+    # one write per token at most, the role riding with the first: 8 writes (role, 5, usage, [DONE]) before
+    assert len(chunks) <= 6
+
+
 def test_n_and_seeds(server: KvtierServer) -> None:
     c = client(server)
     args: dict[str, Any] = dict(model=MODEL, prompt="sample me", max_tokens=10, temperature=1.0, n=3)
@@ -252,3 +287,13 @@ def test_side_routes(server: KvtierServer) -> None:
                  "kvtier:e2e_request_latency_seconds_sum", "kvtier:prefix_cache_hits_total",
                  "kvtier:kv_cache_usage_perc", "kvtier:num_preemptions_total"):  # fmt: skip
         assert name in text
+
+
+def test_step_handoff_out_of_range_is_refused_before_the_model_loads() -> None:
+    from typer.testing import CliRunner
+
+    from kvtier.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--step-handoff", "-1"])
+    assert isinstance(result.exception, ValueError)
+    assert "step_handoff must be between 0 and 10" in str(result.exception) and "-1" in str(result.exception)

@@ -160,6 +160,13 @@ def serve(
         float, typer.Option(help="SIGTERM: seconds in-flight requests may take")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    step_handoff: Annotated[
+        float | None,
+        typer.Option(
+            help="after a step, wait for its outputs to be sent: at most this x the step "
+            "(0: never; default 1 on CPU, 0 on CUDA)"
+        ),
+    ] = None,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -175,6 +182,7 @@ def serve(
         served_model_name=served_model_name,
         max_pending_requests=max_pending_requests,
         shutdown_timeout_s=shutdown_timeout,
+        step_handoff=step_handoff,
     )
     run_server(engine_config, settings, log_level)
 

@@ -69,10 +69,14 @@ class Workload:
     request_rate: float | None = None  # chats started per second, Poisson
     ignore_eos: bool = True  # fixed output lengths: runs compare like for like
     seed: int = 0
+    # in every system prompt: a server that outlives one bench run must not answer the next run's
+    # identical greedy requests from its result cache (no model work: a throughput of thousands)
+    run_id: str = field(default_factory=lambda: random.SystemRandom().randbytes(4).hex())
 
     def system_prompt(self, i: int) -> str:
         rng = random.Random(f"system-{self.seed}-{i}")
-        return f"System prompt {i}. " + " ".join(rng.choice(WORDS) for _ in range(self.system_words))
+        words = " ".join(rng.choice(WORDS) for _ in range(self.system_words))
+        return f"System prompt {i} of run {self.run_id}. {words}"
 
     def user_message(self, chat: int, turn: int) -> str:
         rng = random.Random(f"user-{self.seed}-{chat}-{turn}")

@@ -50,6 +50,19 @@ class ServerSettings:
     max_pending_requests: int = 1024  # accepted and unfinished; one more gets 503
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # after a step, the engine thread waits for its outputs to be sent, at most this x the step's time;
+    # None: 1.0 on a CPU engine (the threads only contend for the interpreter lock), 0 on CUDA (the
+    # loop writes while the GPU computes the next step: waiting would idle the GPU)
+    step_handoff: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_handoff is not None and not 0 <= self.step_handoff <= 10:
+            raise ValueError(f"step_handoff must be between 0 and 10 (times a step), got {self.step_handoff}")
+
+    def handoff_for(self, device_type: str) -> float:
+        if self.step_handoff is None:
+            return 1.0 if device_type == "cpu" else 0.0
+        return self.step_handoff
 
 
 class UnknownModel(Exception):
@@ -85,7 +98,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     state = ServerState(
         engine=engine,
         settings=settings,
-        loop=EngineLoop(engine, settings.max_pending_requests, EngineMetrics(registry)),
+        loop=EngineLoop(
+            engine,
+            settings.max_pending_requests,
+            EngineMetrics(registry),
+            settings.handoff_for(engine.device.type),
+        ),
         tenants=Tenants.build(settings.api_key, settings.api_keys_file),
         tokenizer=copy.deepcopy(engine.tokenizer),
         model_names=[settings.served_model_name or engine.loaded.name],

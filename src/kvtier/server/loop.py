@@ -5,6 +5,13 @@ wake the thread, which applies every queued command between two steps, so reques
 together join the same batch. Each step's outputs go back to the event loop in one thread-safe call
 (not one per token), into the per-request ``RequestStream`` queues that the handlers read.
 
+Hand-off: after a step whose outputs went to the event loop, the engine thread waits (at most
+``handoff`` times that step's length) until the loop has written them out. Both threads share one
+interpreter lock; stepping on while the loop writes a chunk to each of 100 sockets makes every write
+and every torch call wait for the lock (bench/probe_serve.py: ~0.15 ms a write), which slowed both
+and let a new request wait a whole step for the loop to even read it. During the hand-off the loop
+also reads new requests, and their adds join the very next step.
+
 Backpressure: at most ``max_pending`` requests are accepted and unfinished at once; one more is refused
 with ``QueueFull`` (HTTP 503) before anything is tokenised into the engine.
 """
@@ -54,10 +61,18 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_pending: int, metrics: EngineMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_pending: int,
+        metrics: EngineMetrics | None = None,
+        handoff: float = 1.0,
+    ) -> None:
         self.engine = engine
         self.max_pending = max_pending
         self.metrics = metrics
+        self.handoff = handoff  # the most a step's outputs are waited for, as a fraction of the step
+        self._delivered = threading.Event()
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # child request id -> its stream (engine thread)
@@ -161,7 +176,11 @@ class EngineLoop:
             while not self._stop:
                 self._apply_commands()
                 if self.engine.has_unfinished():
-                    self._dispatch(self.engine.step())
+                    start = time.perf_counter()
+                    outputs = self.engine.step()
+                    took = time.perf_counter() - start
+                    if self._dispatch(outputs) and self.handoff > 0:
+                        self._delivered.wait(self.handoff * took)
                 else:
                     self._wake.wait(METRICS_INTERVAL_S)
                     self._wake.clear()
@@ -181,9 +200,10 @@ class EngineLoop:
         while self._commands:
             self._commands.popleft()()
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput]) -> bool:
+        """Hand the outputs to the event loop; whether there were any for it."""
         if not outputs:
-            return
+            return False
         batch: list[tuple[RequestStream, RequestOutput]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -192,9 +212,19 @@ class EngineLoop:
             batch.append((stream, out))
             if out.finished:
                 del self._streams[out.request_id]
-        if batch:
-            assert self._event_loop is not None
-            self._event_loop.call_soon_threadsafe(_deliver, batch)
+        if not batch:
+            return False
+        assert self._event_loop is not None
+        self._delivered.clear()
+        self._event_loop.call_soon_threadsafe(self._deliver, batch)
+        return True
+
+    def _deliver(self, batch: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """On the event loop: wake the handlers; once they ran (they were scheduled first, and each
+        writes before it awaits again), let the engine thread go on."""
+        _deliver(batch)
+        assert self._event_loop is not None
+        self._event_loop.call_soon(self._delivered.set)
 
     def _abort(self, stream: RequestStream) -> None:
         self.engine.abort(stream.request_id)
