@@ -246,6 +246,13 @@ def bench_serve(
     client: Annotated[
         str, typer.Option(help="HTTP client: lean (loopback/LAN, costs little) or httpx (any URL)")
     ] = "lean",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads of the offline engine and of --launch's server (1: steadier "
+            "on a shared machine, where a thread that loses its core stalls the others)"
+        ),
+    ] = None,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -256,6 +263,13 @@ def bench_serve(
 
     from kvtier.bench import serve as bs
 
+    if threads is not None:
+        import os
+
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # what a launched server's torch starts with
     w = bs.Workload(
         conversations, turns, system_prompts, system_words, user_words, max_tokens, concurrency,
         request_rate, ignore_eos,
@@ -277,7 +291,7 @@ def bench_serve(
     if not runs:
         raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
     body = bs.report(runs, w)
-    body["machine"] = {"load_average": _load_average()}
+    body["machine"] = {"load_average": _load_average(), "torch_threads": threads or "default"}
     console.print(bs.table(body))
     console.print(f"[dim]load average at the end: {body['machine']['load_average']}[/dim]")
     if json_out:

@@ -20,10 +20,11 @@ import math
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from kvtier.bench.sse_client import open_streamer
 
 WORDS = [
     "cache",
@@ -155,7 +156,7 @@ async def run_http(
     "lean" (bench/sse_client.py: costs the machine little, so the figures are the server's) or
     "httpx" (any URL: https, proxies)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with _opener(client, url, headers, timeout) as open_stream:
+    async with open_streamer(client, url, headers, timeout) as open_stream:
 
         async def turn(c: int, t: int, messages: list[dict[str, str]]) -> tuple[Sample, str]:
             body: dict[str, Any] = {
@@ -173,44 +174,7 @@ async def run_http(
         return await _drive(w, turn)
 
 
-# (status, the body's lines, read the whole body) of one streamed POST to /v1/chat/completions
-Opener = Callable[[dict[str, Any]], Any]
-CHAT = "/v1/chat/completions"
-
-
-@asynccontextmanager
-async def _opener(kind: str, url: str, headers: dict[str, str], timeout: float) -> AsyncIterator[Opener]:
-    if kind == "lean":
-        from kvtier.bench.sse_client import SSEClient
-
-        lean = SSEClient(url, headers)
-
-        @asynccontextmanager
-        async def open_lean(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
-            async with lean.stream("POST", CHAT, body) as r:
-                yield r.status, r.lines(), r.read
-
-        try:
-            yield open_lean
-        finally:
-            await lean.aclose()
-        return
-    if kind != "httpx":
-        raise ValueError(f"client must be 'lean' or 'httpx', not {kind!r}")
-    import httpx
-
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as hc:
-
-        @asynccontextmanager
-        async def open_httpx(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
-            async with hc.stream("POST", CHAT, json=body) as r:
-                yield r.status_code, r.aiter_lines(), r.aread
-
-        yield open_httpx
-
-
-async def _stream_turn(open_stream: Opener, body: dict[str, Any], c: int, t: int) -> tuple[Sample, str]:
+async def _stream_turn(open_stream: Any, body: dict[str, Any], c: int, t: int) -> tuple[Sample, str]:
     start = time.perf_counter()
     first: float | None = None
     last = start
@@ -371,12 +335,13 @@ def report(runs: dict[str, list[tuple[list[Sample], float]]], w: Workload) -> di
         }
     for name in [n for n in runs if n != "offline"] if "offline" in runs else []:
         pairs = list(zip(body["runs"][name]["repeats"], body["runs"]["offline"]["repeats"], strict=False))
-        body.setdefault("ratios", {})[f"throughput_{name}_over_offline"] = statistics.median(
-            srv["output_token_throughput"] / off["output_token_throughput"] for srv, off in pairs
-        )
-        body["ratios"][f"ttft_cached_p50_{name}_over_offline"] = statistics.median(
-            srv["ttft_cached_p50_ms"] / off["ttft_cached_p50_ms"] for srv, off in pairs
-        )
+        for label, key in (
+            ("throughput", "output_token_throughput"),
+            ("ttft_cached_p50", "ttft_cached_p50_ms"),
+        ):
+            each = [srv[key] / off[key] for srv, off in pairs]
+            body.setdefault("ratios", {})[f"{label}_{name}_over_offline"] = statistics.median(each)
+            body.setdefault("ratio_ranges", {})[f"{label}_{name}_over_offline"] = [min(each), max(each)]
     return body
 
 
@@ -405,7 +370,8 @@ def table(body: dict[str, Any]) -> Any:
     for label, fmt in TABLE_ROWS:
         t.add_row(label, *(fmt(r["summary"]) for r in runs.values()))
     for name, value in body.get("ratios", {}).items():
-        t.add_row(name.replace("_", " "), *([""] * (len(runs) - 1)), f"{value:.3f}")
+        lo, hi = body.get("ratio_ranges", {}).get(name, (value, value))
+        t.add_row(name.replace("_", " "), *([""] * (len(runs) - 1)), f"{value:.3f} [{lo:.2f}-{hi:.2f}]")
     return t
 
 

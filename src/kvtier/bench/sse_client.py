@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,3 +143,42 @@ async def _read_head(reader: asyncio.StreamReader) -> Response:
     response = Response(int(parts[1]), headers, reader, chunked, length)
     response.reusable = headers.get("connection", "").lower() != "close" and (chunked or length is not None)
     return response
+
+
+# (status, the body's lines, read the whole body) of one streamed POST to /v1/chat/completions
+Opener = Callable[[dict[str, Any]], Any]
+CHAT = "/v1/chat/completions"
+
+
+@asynccontextmanager
+async def open_streamer(
+    kind: str, url: str, headers: dict[str, str], timeout: float
+) -> AsyncIterator[Opener]:
+    """``open(body)``: a context manager giving (status, the body's lines, read the whole body) of one
+    streamed POST to /v1/chat/completions, through the lean client or httpx."""
+    if kind == "lean":
+        lean = SSEClient(url, headers)
+
+        @asynccontextmanager
+        async def open_lean(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+            async with lean.stream("POST", CHAT, body) as r:
+                yield r.status, r.lines(), r.read
+
+        try:
+            yield open_lean
+        finally:
+            await lean.aclose()
+        return
+    if kind != "httpx":
+        raise ValueError(f"client must be 'lean' or 'httpx', not {kind!r}")
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as hc:
+
+        @asynccontextmanager
+        async def open_httpx(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+            async with hc.stream("POST", CHAT, json=body) as r:
+                yield r.status_code, r.aiter_lines(), r.aread
+
+        yield open_httpx
