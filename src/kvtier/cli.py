@@ -304,10 +304,10 @@ def bench_serve(
 
 
 def _first_model(url: str, api_key: str | None) -> str:
-    import httpx
+    from kvtier.bench.serve import get_json
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return str(httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"])
+    return str(get_json(url.rstrip("/") + "/v1/models", headers)["data"][0]["id"])
 
 
 def _load_average() -> list[float]:

@@ -398,6 +398,14 @@ def offline(w: Workload, config: Any) -> tuple[list[Sample], float]:
         engine.close()
 
 
+def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 30) -> Any:
+    """GET a JSON answer with the standard library (the bench needs no httpx unless --client httpx)."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+        return json.loads(r.read())
+
+
 def served(
     w: Workload, config: Any, startup_timeout: float = 300.0, client: str = "lean"
 ) -> tuple[list[Sample], float]:
@@ -410,7 +418,6 @@ def served(
     import sys
     import tempfile
 
-    import httpx
     import yaml
 
     with socket.socket() as s:
@@ -428,9 +435,9 @@ def served(
             if proc.poll() is not None:
                 raise RuntimeError(f"kvtier serve exited with {proc.returncode}")
             try:
-                models = httpx.get(url + "/v1/models", timeout=2).json()["data"]
+                models = get_json(url + "/v1/models", timeout=2)["data"]
                 break
-            except (httpx.HTTPError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"kvtier serve did not start within {startup_timeout} s") from None
                 time.sleep(0.2)
