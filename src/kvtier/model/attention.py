@@ -167,19 +167,10 @@ class TorchReferenceAttention:
         nd = meta.num_decodes
         nb = -(-max(meta.context_lens_host[:nd]) // block_size)
         kk, vv = gather_kv(kv_layer, meta.block_tables[:nd, :nb])
-        ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
         ctx = meta.context_lens[:nd].long()[:, None]  # [nd, 1]
         key_pos = torch.arange(nb * block_size, device=q.device)[None, :]
         mask = _visible(ctx - 1, key_pos, ctx, sliding_window)[:, None, None, :]  # [nd, 1, 1, S]
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            dequantize(kk, q.dtype, ks),
-            dequantize(vv, q.dtype, vs),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return o.squeeze(2)
+        return _sdpa(q.unsqueeze(2), kk, vv, mask, scale, kv_scales).squeeze(2)
 
 
 def prefill_attention(
@@ -193,7 +184,6 @@ def prefill_attention(
 ) -> None:
     """The rows after the decodes, one at a time: gather the row's blocks, masked SDPA, into ``out``."""
     block_size = kv_layer.shape[2]
-    ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
     start = meta.num_decodes
     for row in range(meta.num_decodes, meta.num_rows):
         qlen, ctx = meta.query_lens_host[row], meta.context_lens_host[row]
@@ -205,16 +195,29 @@ def prefill_attention(
         # ctx as a Python int: a scalar tensor made here would be a host-to-device copy and a
         # sync per prefill row per layer (seen with torch.cuda.set_sync_debug_mode).
         mask = _visible(query_pos, key_pos, ctx, sliding_window)
-        o = F.scaled_dot_product_attention(
-            qq,
-            dequantize(kk, q.dtype, ks),
-            dequantize(vv, q.dtype, vs),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
+        o = _sdpa(qq, kk, vv, mask, scale, kv_scales)
         out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
+
+
+def _sdpa(
+    q: torch.Tensor,
+    kk: torch.Tensor,
+    vv: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    kv_scales: torch.Tensor | None,
+) -> torch.Tensor:
+    """Masked SDPA of ``q`` ([B, H, Q, D]) over gathered pool blocks, dequantized to q's dtype."""
+    ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+    return F.scaled_dot_product_attention(
+        q,
+        dequantize(kk, q.dtype, ks),
+        dequantize(vv, q.dtype, vs),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
 
 
 class TritonPagedAttention:

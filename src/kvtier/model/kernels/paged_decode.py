@@ -150,6 +150,24 @@ def _combine_kernel(
     )
 
 
+def fp8_scales(
+    kv_layer: torch.Tensor, kv_scales: torch.Tensor | None, placeholder: torch.Tensor
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """Whether the pool is fp8, and the K and V scales its kernels take (``placeholder``, never
+    read, when there are none: the kernels load scales only for an fp8 pool)."""
+    fp8 = kv_layer.dtype == torch.float8_e4m3fn
+    if fp8 and kv_scales is None:
+        raise ValueError("an fp8 KV pool needs kv_scales")
+    if kv_scales is None:
+        return fp8, placeholder, placeholder
+    return fp8, kv_scales[0], kv_scales[1]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the attention kernels' dots: exact for a float32 model."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     if not torch.cuda.is_available():
@@ -203,15 +221,12 @@ def paged_decode(
     group = heads // kv_heads
     d_pad = max(16, triton.next_power_of_2(dim))
     block_n = block_n or block_n_for(dim)
-    fp8 = kv_layer.dtype == torch.float8_e4m3fn
-    if fp8 and kv_scales is None:
-        raise ValueError("an fp8 KV pool needs kv_scales")
+    fp8, k_scale, v_scale = fp8_scales(kv_layer, kv_scales, q)
     if out is None:
         out = torch.empty_like(q)
     if rows == 0:
         return out
     k_cache, v_cache = kv_layer[0], kv_layer[1]
-    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (q, q)  # unused: not fp8
     mid_o = mid_lse = out  # unused with one split
     if num_splits > 1:
         mid_o = torch.empty((rows, heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
@@ -245,7 +260,7 @@ def paged_decode(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         FP8=fp8,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )
     if num_splits > 1:
@@ -316,10 +331,7 @@ def write_kv(
     if t == 0:
         return
     k_cache, v_cache = kv_layer[0], kv_layer[1]
-    fp8 = kv_layer.dtype == torch.float8_e4m3fn
-    if fp8 and kv_scales is None:
-        raise ValueError("an fp8 KV pool needs kv_scales")
-    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k, k)  # unused: not fp8
+    fp8, k_scale, v_scale = fp8_scales(kv_layer, kv_scales, k)
     _write_kv_kernel[(t,)](
         k,
         v,
@@ -440,10 +452,7 @@ def rotary_write_kv(
         raise ValueError("rotary_write_kv wants the fused [T, heads + 2 * kv_heads, D] projection output")
     if t == 0:
         return
-    fp8 = kv_layer.dtype == torch.float8_e4m3fn
-    if fp8 and kv_scales is None:
-        raise ValueError("an fp8 KV pool needs kv_scales")
-    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (cos, cos)
+    fp8, k_scale, v_scale = fp8_scales(kv_layer, kv_scales, cos)
     k_cache, v_cache = kv_layer[0], kv_layer[1]
     _rotary_write_kernel[(t,)](
         qkv,

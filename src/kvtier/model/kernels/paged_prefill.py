@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from kvtier.model.kernels.paged_decode import LOG2E, dot_precision, fp8_scales
 
 
 # Triton compiles one variant per "divisible by 16 / equal to 1" class of each integer argument:
@@ -135,15 +135,12 @@ def paged_prefill(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
     if num_rows == 0 or max_query_len == 0:
         return out
-    fp8 = kv_layer.dtype == torch.float8_e4m3fn
-    if fp8 and kv_scales is None:
-        raise ValueError("an fp8 KV pool needs kv_scales")
+    fp8, k_scale, v_scale = fp8_scales(kv_layer, kv_scales, q)
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = max(1, 64 // group_pad)  # 64 (token, head) rows per tile
     d_pad = max(16, triton.next_power_of_2(dim))
     block_n = 64 if d_pad <= 128 else 32
-    k_scale, v_scale = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (q, q)
     k_cache, v_cache = kv_layer[0], kv_layer[1]
     grid = (num_rows, triton.cdiv(max_query_len, block_m), kv_heads)
     _prefill_kernel[grid](
@@ -175,7 +172,7 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         FP8=fp8,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )
     return out
