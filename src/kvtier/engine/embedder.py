@@ -21,6 +21,7 @@ from kvtier.cache.results import (
     embedding_to_bytes,
 )
 from kvtier.config import EngineConfig
+from kvtier.engine.engine import resolve_device
 from kvtier.engine.request import InvalidRequestError
 from kvtier.engine.results import build_result_store
 from kvtier.model.bert import LoadedEncoder, load_encoder
@@ -41,21 +42,12 @@ class EmbedStats:
     batches: int = 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
-
-
 class Embedder:
     def __init__(self, config: EngineConfig, encoder: LoadedEncoder | None = None) -> None:
         ms = config.model
         if ms.dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {ms.dtype!r}; supported: {', '.join(_DTYPES)}")
-        self.device = _device(ms.device)
+        self.device = resolve_device(ms.device)
         # float32 by default on every device: the vectors must match the reference's
         self.encoder = encoder or load_encoder(ms.model, self.device, _DTYPES[ms.dtype])
         self.batch_size = config.results.embedding_batch_size
