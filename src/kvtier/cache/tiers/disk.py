@@ -65,10 +65,10 @@ import torch
 
 from kvtier.cache.codec import CorruptObjectError, read_header
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
-from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.disk_ledger import LEDGER_NAME, UsageLedger
 from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
+from kvtier.cache.tiers.sized_index import SizedIndex
 
 SUFFIX = ".kvt"
 TEMP_SUFFIX = ".tmp"
@@ -127,18 +127,13 @@ class DiskTier(LiveStats, Tier):
         self._dir = os.path.join(self._root, namespace)
         self._capacity = int(capacity_bytes)
         self._fsync = fsync
-        self._policy_name = policy
-        self._expected_entries = expected_entries
-        self._seed = seed
         self._temp_max_age_s = temp_max_age_s
         self._read_threads = read_threads
         self._pool: ThreadPoolExecutor | None = None  # made by the first get that needs it
         self._pool_pid = 0  # the process that made it: a forked child makes its own
         self._probe_cache = _RWF_NOWAIT != 0
         self._probe_buf = bytearray(1)  # only ever written by the probe; its content is never read
-        self._policy = make_policy(policy, expected_entries, seed)
-        self._index: dict[BlockKey, int] = {}
-        self._used = 0
+        self._index = SizedIndex(policy, expected_entries, seed)
         self._ledger = UsageLedger(os.path.join(self._dir, LEDGER_NAME))  # the folder's bytes, all writers
         self._resynced_at = -_RESYNC_MIN_S
         # Re-entrant: clear() and _make_room() unlink under the lock, and unlink counts errors under it.
@@ -173,7 +168,7 @@ class DiskTier(LiveStats, Tier):
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return self._index.used
 
     def path_of(self, key: BlockKey) -> str:
         """The file that holds ``key`` (whether or not it exists)."""
@@ -186,7 +181,7 @@ class DiskTier(LiveStats, Tier):
         i, total = 0, len(keys)
         while True:
             with self._lock:
-                index = self._index
+                index = self._index.sizes
                 while i < total and keys[i] in index:
                     i += 1
             if i == total:
@@ -238,15 +233,13 @@ class DiskTier(LiveStats, Tier):
         """Stats and index after a batch read: ``sizes[i]`` is the bytes read where ``found[i]``,
         else the read's outcome code."""
         with self._lock:
-            stats, index = self._stats, self._index
+            stats, index = self._stats, self._index.sizes
             for key, size, hit in zip(keys, sizes, found, strict=True):
                 if hit:
                     stats.hits += 1
                     stats.bytes_read += size
                     if key in index:
-                        self._used += size - index[key]  # another process may have replaced it
-                        index[key] = size
-                        self._policy.access(key)
+                        self._index.touch(key, size)
                     else:
                         self._adopt(key, size)
                     continue
@@ -277,9 +270,7 @@ class DiskTier(LiveStats, Tier):
                 self._stats.puts += 1
                 if not ok:
                     continue
-                self._index[key] = size
-                self._used += size
-                self._policy.insert(key)
+                self._index.add(key, size)
                 self._stats.bytes_written += size
         with self._lock:
             self._stats.write_seconds += time.perf_counter() - t0
@@ -300,7 +291,7 @@ class DiskTier(LiveStats, Tier):
 
     def keys(self) -> list[BlockKey]:
         with self._lock:
-            return list(self._index)
+            return self._index.keys()
 
     def __len__(self) -> int:
         return len(self._index)
@@ -309,8 +300,6 @@ class DiskTier(LiveStats, Tier):
         """Remove every object of this namespace, including ones this process has not indexed."""
         with self._lock:
             self._index.clear()
-            self._used = 0
-            self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
             try:
                 with self._ledger.locked() as entry:  # no rename meanwhile: the total stays exact
                     self._purge_dir(self._dir, remove_dirs=False)
@@ -379,9 +368,7 @@ class DiskTier(LiveStats, Tier):
         if keep != self._namespace:  # our own namespace goes too: forget what we indexed
             with self._lock:
                 self._index.clear()
-                self._used = 0
                 self._ledger.close()
-                self._policy = make_policy(self._policy_name, self._expected_entries, self._seed)
         return sum(self._purge_dir(path, remove_dirs=True, proven_only=True) for path in doomed)
 
     def _namespace_dirs(self) -> list[os.DirEntry[str]]:
@@ -543,11 +530,9 @@ class DiskTier(LiveStats, Tier):
                 found += self._scan_folder(sub, cutoff_ns)
         found.sort(key=itemgetter(0))
         with self._lock:
-            index, insert = self._index, self._policy.insert
+            add = self._index.add
             for _, key, size in found:
-                index[key] = size
-                insert(key)
-            self._used = sum(index.values())
+                add(key, size)
             self._stats.extra["scan_entries"] = float(len(found))
             self._stats.extra["scan_seconds"] = time.perf_counter() - t0
         return sum(size for _, _, size in found)
@@ -649,18 +634,13 @@ class DiskTier(LiveStats, Tier):
     # Called with the lock held.
 
     def _forget(self, key: BlockKey) -> None:
-        size = self._index.pop(key, None)
-        if size is not None:
-            self._used -= size
-            self._policy.remove(key)
+        self._index.remove(key)
 
     def _adopt(self, key: BlockKey, size: int) -> None:
         """Index a file another process wrote (if it still fits; else evict others for it)."""
         if key in self._index or size > self._capacity:
             return
-        self._index[key] = size
-        self._used += size
-        self._policy.insert(key)
+        self._index.add(key, size)
         self._stats.extra["adopted"] += 1
 
     def _commit(self, tmp: str, path: str, key: BlockKey, size: int) -> bool:
@@ -681,7 +661,7 @@ class DiskTier(LiveStats, Tier):
                     return True
             except OSError:  # no ledger (unwritable folder?): bound what this process indexed
                 self._count_error()
-                self._used = self._evict_until(self._used, size)
+                self._index.used = self._evict_until(self._index.used, size)
                 os.replace(tmp, path)
                 return True
 
@@ -698,12 +678,12 @@ class DiskTier(LiveStats, Tier):
                 return True
         except OSError:  # no ledger (unwritable folder): bound what this process indexed
             self._count_error()
-            self._used = self._evict_until(self._used, size)
-            return self._used + size <= self._capacity
+            self._index.used = self._evict_until(self._index.used, size)
+            return self._index.used + size <= self._capacity
 
     def _evict_until(self, total: int, size: int) -> int:
         while total + size > self._capacity:
-            victim = self._policy.evict()
+            victim = self._index.evict()
             if victim is None:
                 if time.monotonic() - self._resynced_at < _RESYNC_MIN_S:
                     break
@@ -711,10 +691,8 @@ class DiskTier(LiveStats, Tier):
                 if total + size <= self._capacity or not self._index:
                     break
                 continue
-            key = cast(BlockKey, victim)  # the policy only ever sees our keys
-            old = self._index.pop(key, None)
+            key, old = victim
             if old is not None:
-                self._used -= old
                 self._stats.evictions += 1
                 if self._unlink(self.path_of(key)):  # gone already: whoever removed it gave it back
                     total -= old
@@ -731,9 +709,7 @@ class DiskTier(LiveStats, Tier):
         found.sort(key=itemgetter(0))
         for _, key, size in found:
             if key not in self._index:
-                self._index[key] = size
-                self._used += size
-                self._policy.insert(key)
+                self._index.add(key, size)
         return sum(size for _, _, size in found)
 
 

@@ -11,26 +11,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import cast
 
 from kvtier.cache.keys import BlockKey
-from kvtier.cache.policy import make_policy
-from kvtier.cache.tiers.base import StoredObject, Tier, TierStats
+from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierStats
 from kvtier.cache.tiers.host import check_key
+from kvtier.cache.tiers.sized_index import SizedIndex
 
 
-class MemoryTier(Tier):
+class MemoryTier(LiveStats, Tier):
     name = "memory"
 
     def __init__(self, capacity_bytes: int, policy: str = "lru", seed: int = 0) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self._capacity = int(capacity_bytes)
-        self._policy_name = policy
-        self._seed = seed
-        self._policy = make_policy(policy, None, seed)
+        self._index = SizedIndex(policy, None, seed)
         self._data: dict[BlockKey, bytes] = {}
-        self._used = 0
         self._lock = threading.Lock()
         self._stats = TierStats()
         self._stats.extra["dropped"] = 0.0
@@ -45,7 +41,7 @@ class MemoryTier(Tier):
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return self._index.used
 
     def lookup(self, keys: Sequence[BlockKey]) -> int:
         with self._lock:
@@ -67,7 +63,7 @@ class MemoryTier(Tier):
                     continue
                 self._stats.hits += 1
                 self._stats.bytes_read += len(data)
-                self._policy.access(key)
+                self._index.policy.access(key)
             self._stats.lookups += len(keys)
             self._stats.read_seconds += time.perf_counter() - t0
         return out
@@ -81,15 +77,14 @@ class MemoryTier(Tier):
                 if len(data) > self._capacity:
                     self._stats.extra["dropped"] += 1
                     continue
-                while self._used + len(data) > self._capacity:
-                    victim = self._policy.evict()
+                while self._index.used + len(data) > self._capacity:
+                    victim = self._index.evict()
                     if victim is None:
                         break
-                    self._used -= len(self._data.pop(cast(BlockKey, victim)))
+                    del self._data[victim[0]]
                     self._stats.evictions += 1
                 self._data[key] = data
-                self._used += len(data)
-                self._policy.insert(key)
+                self._index.add(key, len(data))
                 self._stats.bytes_written += len(data)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
@@ -104,18 +99,10 @@ class MemoryTier(Tier):
     def __len__(self) -> int:
         return len(self._data)
 
-    def stats(self) -> TierStats:
-        return self._stats
-
-    def record_corrupt(self, count: int = 1) -> None:
-        with self._lock:
-            self._stats.corrupt += count
-
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-            self._used = 0
-            self._policy = make_policy(self._policy_name, None, self._seed)
+            self._index.clear()
 
     def close(self) -> None:
         pass
@@ -137,7 +124,5 @@ class MemoryTier(Tier):
         return n
 
     def _remove(self, key: BlockKey) -> None:
-        data = self._data.pop(key, None)
-        if data is not None:
-            self._used -= len(data)
-            self._policy.remove(key)
+        self._data.pop(key, None)
+        self._index.remove(key)
