@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -83,6 +83,23 @@ class LiveStats:
     def record_corrupt(self, count: int = 1) -> None:
         with self._lock:
             self._stats.corrupt += count
+
+
+class CopiedStats(LiveStats):
+    """``stats`` as a copy, for the network tiers: the counters (under ``_lock``), the tier's own
+    ``_extra`` counters, and its circuit breakers' state (``_breaker_stats``, read outside the lock)."""
+
+    _extra: dict[str, float]
+
+    def _breaker_stats(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            snapshot = replace(self._stats, extra=dict(self._stats.extra))
+            snapshot.extra.update(self._extra)
+        snapshot.extra.update(self._breaker_stats())
+        return snapshot
 
 
 def check_server_options(

@@ -54,7 +54,14 @@ from pymemcache.exceptions import (
 
 from kvtier.cache.keys import BlockKey, check_key, valid_namespace
 from kvtier.cache.tiers import memcached_wire as wire
-from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
+from kvtier.cache.tiers.base import (
+    CopiedStats,
+    StoredObject,
+    Tier,
+    TierError,
+    TierStats,
+    check_server_options,
+)
 from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 from kvtier.cache.tiers.memcached_wire import parse_url
 
@@ -78,7 +85,7 @@ class _Server:
     breaker: CircuitBreaker
 
 
-class MemcachedTier(Tier):
+class MemcachedTier(CopiedStats, Tier):
     """Blocks on one or more memcached servers, behind the ``Tier`` protocol; safe to share by threads."""
 
     name = "memcached"
@@ -226,16 +233,8 @@ class MemcachedTier(Tier):
     def __len__(self) -> int:
         return 0  # unknown: see keys()
 
-    def stats(self) -> TierStats:
-        with self._lock:
-            snapshot = dataclasses.replace(self._stats, extra=dict(self._stats.extra))
-            snapshot.extra.update(self._extra)
-        snapshot.extra.update(wire.merge_breakers([s.breaker.snapshot() for s in self._servers.values()]))
-        return snapshot
-
-    def record_corrupt(self, count: int = 1) -> None:
-        with self._lock:
-            self._stats.corrupt += count
+    def _breaker_stats(self) -> dict[str, float]:
+        return wire.merge_breakers([s.breaker.snapshot() for s in self._servers.values()])
 
     def clear(self) -> None:
         """Make this namespace's objects unreachable (bump its generation); a no-op if unreachable."""

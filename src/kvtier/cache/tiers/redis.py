@@ -36,7 +36,6 @@ of a cluster), which counts every namespace and Redis's own overhead; it is cach
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -51,7 +50,14 @@ from redis.exceptions import ClusterError, RedisClusterException, RedisError, Re
 from redis.retry import Retry
 
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, valid_namespace
-from kvtier.cache.tiers.base import StoredObject, Tier, TierError, TierStats, check_server_options
+from kvtier.cache.tiers.base import (
+    CopiedStats,
+    StoredObject,
+    Tier,
+    TierError,
+    TierStats,
+    check_server_options,
+)
 from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -111,7 +117,7 @@ def ping(url: str, timeout_seconds: float = 0.5) -> bool:
             client.close()
 
 
-class RedisTier(Tier):
+class RedisTier(CopiedStats, Tier):
     """Blocks in Redis or Redis Cluster, behind the ``Tier`` protocol; safe to share between threads."""
 
     name = "redis"
@@ -141,7 +147,7 @@ class RedisTier(Tier):
         self._prefix = f"{KEY_PREFIX}:{namespace}:".encode()
         self._breaker = CircuitBreaker(breaker_failures, breaker_backoff_seconds, breaker_max_backoff_seconds)
         self._stats = TierStats()
-        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._extra = {"response_errors": 0.0, "dropped_too_large": 0.0, "wrong_type_removed": 0.0}
         self._client_lock = threading.Lock()
         self._client: Client | None = None
@@ -173,7 +179,7 @@ class RedisTier(Tier):
 
     def lookup(self, keys: Sequence[BlockKey]) -> int:
         names = [self._name(k) for k in keys]
-        with self._stats_lock:
+        with self._lock:
             self._stats.lookups += len(names)
         if not names:
             return 0
@@ -195,7 +201,7 @@ class RedisTier(Tier):
                     break
                 wrong.append(name)
             if wrong:
-                with self._stats_lock:
+                with self._lock:
                     self._stats.corrupt += len(wrong)
                     self._extra["wrong_type_removed"] += len(wrong)
                 self._unlink(client, wrong)
@@ -222,7 +228,7 @@ class RedisTier(Tier):
         if values is None:
             values = [None] * len(names)
         hits = sum(v is not None for v in values)
-        with self._stats_lock:
+        with self._lock:
             s = self._stats
             s.lookups += len(names)
             s.hits += hits
@@ -237,7 +243,7 @@ class RedisTier(Tier):
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"RedisTier.put: data must be bytes, got {type(data).__name__}")
             if self._capacity and len(data) > self._capacity:
-                with self._stats_lock:
+                with self._lock:
                     self._extra["dropped_too_large"] += 1
                 continue
             batch.append((self._name(key), bytes(data)))
@@ -253,7 +259,7 @@ class RedisTier(Tier):
             return True
 
         stored = self._run(op, False)
-        with self._stats_lock:
+        with self._lock:
             if stored:
                 self._stats.puts += len(batch)
                 self._stats.bytes_written += sum(len(d) for _, d in batch)
@@ -280,16 +286,8 @@ class RedisTier(Tier):
     def __len__(self) -> int:
         return len(self.keys())
 
-    def stats(self) -> TierStats:
-        with self._stats_lock:
-            snapshot = dataclasses.replace(self._stats, extra=dict(self._stats.extra))
-            snapshot.extra.update(self._extra)
-        snapshot.extra.update(self._breaker.snapshot())
-        return snapshot
-
-    def record_corrupt(self, count: int = 1) -> None:
-        with self._stats_lock:
-            self._stats.corrupt += count
+    def _breaker_stats(self) -> dict[str, float]:
+        return self._breaker.snapshot()
 
     def clear(self) -> None:
         """Delete this namespace's objects (nothing else on the server); a no-op if unreachable."""
@@ -387,7 +385,7 @@ class RedisTier(Tier):
             if isinstance(e, ClusterError):  # cluster down / master down: the backend is unusable
                 self._failed(e)
             else:  # the server answered (OOM, wrong type...): it is alive, don't open the breaker
-                with self._stats_lock:
+                with self._lock:
                     self._stats.errors += 1
                     self._extra["response_errors"] += 1
                 if self._breaker.record_success():
@@ -405,7 +403,7 @@ class RedisTier(Tier):
         return result
 
     def _failed(self, error: BaseException) -> None:
-        with self._stats_lock:
+        with self._lock:
             self._stats.errors += 1
         if self._breaker.record_failure():
             log.warning(
