@@ -16,6 +16,7 @@ import pytest
 
 from kvtier.cache.policy import POLICIES
 from kvtier.cache.tiers import disk as disk_module
+from kvtier.cache.tiers import disk_files
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.disk import DiskTier
 
@@ -371,13 +372,13 @@ def _cold(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
 def _record_read_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of the thread that reads each object."""
     names: list[str] = []
-    real = disk_module._read_fd
+    real = disk_files.read_fd
 
     def read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
         names.append(threading.current_thread().name)
         return real(fd, into)
 
-    monkeypatch.setattr(disk_module, "_read_fd", read_fd)
+    monkeypatch.setattr(disk_files, "read_fd", read_fd)
     return names
 
 
@@ -476,14 +477,14 @@ def test_long_segment_holds_few_files_open(tmp_path: Path, monkeypatch: pytest.M
     tier.put([(key(i), payload(i, 1, 300 + i)) for i in range(n)])
     base = len(os.listdir("/proc/self/fd"))
     most = 0
-    real = disk_module._read_fd
+    real = disk_files.read_fd
 
     def read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
         nonlocal most
         most = max(most, len(os.listdir("/proc/self/fd")))
         return real(fd, into)
 
-    monkeypatch.setattr(disk_module, "_read_fd", read_fd)
+    monkeypatch.setattr(disk_files, "read_fd", read_fd)
     assert tier.get([key(i) for i in range(n)]) == [payload(i, 1, 300 + i) for i in range(n)]
     limit = disk_module._OPEN_PER_THREAD * 2
     assert 0 < most - base <= limit + 2  # + the caller's file being probed, + listdir's own fd

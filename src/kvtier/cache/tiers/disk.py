@@ -2,6 +2,7 @@
 
 Kept in one file (over 450 lines) because crash safety, the in-memory index and the read path are
 one set of invariants under one lock: every method below leans on the same rules, stated here.
+What holds no state (object names, whole-file reads, sizes, folders) is in disk_files.py.
 
 Layout: ``root/<namespace>/<first 2 hex chars of the key>/<key hex>.kvt``, one file per object.
 The namespace is the model fingerprint, so objects of different models never mix; ``kvtier cache
@@ -51,43 +52,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from operator import itemgetter
 from typing import cast
 
 import torch
 
-from kvtier.cache.codec import CorruptObjectError, read_header
 from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace, valid_namespace
+from kvtier.cache.tiers import disk_files as files
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.disk_ledger import LEDGER_NAME, UsageLedger
 from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
 from kvtier.cache.tiers.sized_index import SizedIndex
 
-SUFFIX = ".kvt"
-TEMP_SUFFIX = ".tmp"
-_HEX_LEN = 2 * DIGEST_SIZE
-_HEX2_RE = re.compile(r"[0-9a-f]{2}")
 _SCAN_THREADS = 8
 _RESYNC_MIN_S = 1.0  # a full rescan at most this often, when the folder is full of others' objects
 _READ_THREADS = 8
 _OPEN_PER_THREAD = 4  # files a get holds open (queued or being read) per read thread, at most
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: not available
-# What one read of get leaves in its slot when it has no object: the file is gone (a miss), or
-# reading it failed (a miss and a counted error).
-_GONE = 0
-_FAILED = 1
-# read_into's outcomes besides those: the whole object is in the caller's buffer, or the file has
-# another size than the buffer (an object of another codec: the caller falls back to get).
-_READ = 2
-_OTHER_SIZE = 3
 
 
 class DiskTier(LiveStats, Tier):
@@ -173,7 +160,7 @@ class DiskTier(LiveStats, Tier):
     def path_of(self, key: BlockKey) -> str:
         """The file that holds ``key`` (whether or not it exists)."""
         h = check_key(key).hex()
-        return os.path.join(self._dir, h[:2], h + SUFFIX)
+        return os.path.join(self._dir, h[:2], h + files.SUFFIX)
 
     # -- Tier protocol --------------------------------------------------------------------------
 
@@ -221,11 +208,11 @@ class DiskTier(LiveStats, Tier):
         paths = [self.path_of(key) for key in keys]
         results = self._read_files(paths, buffers)
         sizes = [
-            sum(len(p) for p in b) if r == _READ else cast(int, r)
+            sum(len(p) for p in b) if r == files.READ else cast(int, r)
             for r, b in zip(results, buffers, strict=True)
         ]
-        self._account_reads(keys, sizes, [r == _READ for r in results], t0)
-        return [True if r == _READ else False if r == _OTHER_SIZE else None for r in results]
+        self._account_reads(keys, sizes, [r == files.READ for r in results], t0)
+        return [True if r == files.READ else False if r == files.OTHER_SIZE else None for r in results]
 
     def _account_reads(
         self, keys: Sequence[BlockKey], sizes: list[int], found: list[bool], t0: float
@@ -243,12 +230,12 @@ class DiskTier(LiveStats, Tier):
                     else:
                         self._adopt(key, size)
                     continue
-                if size == _OTHER_SIZE:  # not read: the caller reads it with get, which counts it
+                if size == files.OTHER_SIZE:  # not read: the caller reads it with get, which counts it
                     stats.lookups -= 1
                     continue
-                if size == _GONE:  # evicted (maybe by another process) or never written
+                if size == files.GONE:  # evicted (maybe by another process) or never written
                     self._forget(key)
-                elif size == _FAILED:
+                elif size == files.FAILED:
                     stats.errors += 1
                 stats.misses += 1
             stats.lookups += len(keys)
@@ -282,7 +269,7 @@ class DiskTier(LiveStats, Tier):
                 self._forget(key)
                 try:
                     with self._ledger.locked() as entry:
-                        size = _size_or_zero(path)
+                        size = files.size_or_zero(path)
                         if self._unlink(path):
                             entry.total -= size
                 except OSError:
@@ -303,7 +290,7 @@ class DiskTier(LiveStats, Tier):
             try:
                 with self._ledger.locked() as entry:  # no rename meanwhile: the total stays exact
                     self._purge_dir(self._dir, remove_dirs=False)
-                    entry.total = _size_of_objects(self._dir)
+                    entry.total = files.size_of_objects(self._dir)
             except OSError:
                 self._count_error()
                 self._purge_dir(self._dir, remove_dirs=False)
@@ -331,10 +318,10 @@ class DiskTier(LiveStats, Tier):
             for ns in self._namespace_dirs():
                 if namespace is not None and ns.name != namespace:
                     continue
-                for sub in _subdirs(ns.path, _HEX2_RE.fullmatch):
+                for sub in files.subdirs(ns.path, files.HEX2_RE.fullmatch):
                     with os.scandir(sub.path) as it:
                         for e in it:
-                            key = _parse_key(e.name, sub.name) if e.name.endswith(SUFFIX) else None
+                            key = files.parse_key(e.name, sub.name) if e.name.endswith(files.SUFFIX) else None
                             if key is None:
                                 continue
                             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
@@ -350,7 +337,7 @@ class DiskTier(LiveStats, Tier):
         for obj in objects:
             h = obj.key.hex()
             try:
-                with open(os.path.join(self._root, obj.namespace, h[:2], h + SUFFIX), "rb") as f:
+                with open(os.path.join(self._root, obj.namespace, h[:2], h + files.SUFFIX), "rb") as f:
                     out.append(f.read(nbytes))
             except OSError:  # gone since the scan, or unreadable: no header either way
                 out.append(None)
@@ -376,7 +363,7 @@ class DiskTier(LiveStats, Tier):
         if os.path.exists(self._root) and not os.path.isdir(self._root):
             raise TierError(f"disk path {self._root} is not a folder")
         try:
-            return _subdirs(self._root, valid_namespace)
+            return files.subdirs(self._root, valid_namespace)
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -385,18 +372,18 @@ class DiskTier(LiveStats, Tier):
     def _read_files(
         self, paths: list[str], into: Sequence[Sequence[memoryview]] | None = None
     ) -> list[bytes | int]:
-        """Each file's whole content, or ``_GONE`` / ``_FAILED``; with ``into``, each file read into
-        its buffer: ``_READ`` or ``_OTHER_SIZE`` instead of the content.
+        """Each file's whole content, or ``files.GONE`` / ``files.FAILED``; with ``into``, each file read into
+        its buffer: ``files.READ`` or ``files.OTHER_SIZE`` instead of the content.
 
         The calling thread opens the files in order and reads at once those whose first page is in
         the page cache (a warm copy gains nothing from threads on a small machine and pays their
         hand-offs); the others go to the read pool, so that their requests overlap at the device
         while the caller goes on with the rest of the batch.
         """
-        results: list[bytes | int] = [_FAILED] * len(paths)
+        results: list[bytes | int] = [files.FAILED] * len(paths)
         if len(paths) <= 1 or self._read_threads == 0:
             for i, path in enumerate(paths):
-                results[i] = _read_file(path, None if into is None else into[i])
+                results[i] = files.read_file(path, None if into is None else into[i])
             return results
         pool: ThreadPoolExecutor | None = None
         pending: list[tuple[int, Future[bytes | int]]] = []
@@ -408,23 +395,23 @@ class DiskTier(LiveStats, Tier):
                 results[j] = future.result()
                 done += 1
             try:
-                fd = os.open(path, _OPEN_FLAGS)
+                fd = os.open(path, files.OPEN_FLAGS)
             except FileNotFoundError:
-                results[i] = _GONE
+                results[i] = files.GONE
                 continue
             except OSError:  # permissions, a path component that is not a folder, too many open files
-                results[i] = _FAILED
+                results[i] = files.FAILED
                 continue
             buffer = None if into is None else into[i]
             if self._probe_cache and self._cached(fd):
-                results[i] = _read_fd(fd, buffer)
+                results[i] = files.read_fd(fd, buffer)
                 continue
             if pool is None:
                 pool = self._read_pool()
             try:
-                pending.append((i, pool.submit(_read_fd, fd, buffer)))  # the task owns (closes) the fd
+                pending.append((i, pool.submit(files.read_fd, fd, buffer)))  # the task owns (closes) the fd
             except RuntimeError:  # close() shut the pool down meanwhile, or the interpreter is exiting
-                results[i] = _read_fd(fd, buffer)
+                results[i] = files.read_fd(fd, buffer)
         for j, future in pending[done:]:
             results[j] = future.result()
         return results
@@ -457,7 +444,7 @@ class DiskTier(LiveStats, Tier):
         """Write ``data`` to ``path`` atomically (temp file + ``os.replace``, the rename done by
         ``_commit`` under the folder's ledger lock); False on any OSError or when it cannot fit."""
         folder = os.path.dirname(path)
-        tmp = os.path.join(folder, f".{key.hex()}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        tmp = os.path.join(folder, f".{key.hex()}.{os.getpid()}.{secrets.token_hex(6)}{files.TEMP_SUFFIX}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         created = False
         try:
@@ -511,7 +498,7 @@ class DiskTier(LiveStats, Tier):
         try:
             with os.scandir(self._dir) as top:
                 subdirs = [
-                    e.path for e in top if _HEX2_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                    e.path for e in top if files.HEX2_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
                 ]
         except FileNotFoundError:
             subdirs = []
@@ -541,14 +528,14 @@ class DiskTier(LiveStats, Tier):
         """The objects of one key folder as ``(mtime_ns, key, size)``; removes its old temp files."""
         found: list[tuple[int, BlockKey, int]] = []
         prefix = os.path.basename(folder)
-        name_len = _HEX_LEN + len(SUFFIX)
+        name_len = files.HEX_LEN + len(files.SUFFIX)
         fromhex = bytes.fromhex
         try:
             with os.scandir(folder) as it:
                 for e in it:
                     name = e.name
-                    if len(name) == name_len and name.endswith(SUFFIX) and name.startswith(prefix):
-                        h = name[:_HEX_LEN]
+                    if len(name) == name_len and name.endswith(files.SUFFIX) and name.startswith(prefix):
+                        h = name[: files.HEX_LEN]
                         try:
                             key = fromhex(h)
                             st = e.stat(follow_symlinks=False)
@@ -557,7 +544,7 @@ class DiskTier(LiveStats, Tier):
                         # fromhex takes upper case and spaces: only the exact form put writes counts.
                         if len(key) == DIGEST_SIZE and h == h.lower() and stat.S_ISREG(st.st_mode):
                             found.append((st.st_mtime_ns, key, st.st_size))
-                    elif name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                    elif name.startswith(".") and name.endswith(files.TEMP_SUFFIX):
                         self._remove_temp_if_old(e.path, cutoff_ns)
         except OSError:  # the folder removed under us by another process, permissions
             self._count_error()
@@ -587,7 +574,7 @@ class DiskTier(LiveStats, Tier):
         try:
             with os.scandir(ns_dir) as top:
                 subdirs = [
-                    e.path for e in top if _HEX2_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                    e.path for e in top if files.HEX2_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
                 ]
         except FileNotFoundError:
             return 0
@@ -603,17 +590,17 @@ class DiskTier(LiveStats, Tier):
                 self._count_error()
                 continue
             for name, path in entries:
-                key = _parse_key(name, prefix) if name.endswith(SUFFIX) else None
-                if key is not None and (not proven_only or _is_object(path, key)):
+                key = files.parse_key(name, prefix) if name.endswith(files.SUFFIX) else None
+                if key is not None and (not proven_only or files.is_object(path, key)):
                     removed += self._unlink(path)
-                elif name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                elif name.startswith(".") and name.endswith(files.TEMP_SUFFIX):
                     self._remove_temp_if_old(path, cutoff_ns)
             if remove_dirs:
-                _rmdir_if_empty(sub)
+                files.rmdir_if_empty(sub)
         if remove_dirs:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(ns_dir, LEDGER_NAME))
-            _rmdir_if_empty(ns_dir)
+            files.rmdir_if_empty(ns_dir)
         return removed
 
     def _unlink(self, path: str) -> int:
@@ -651,7 +638,7 @@ class DiskTier(LiveStats, Tier):
             self._forget(key)  # a replaced object: out of the index so it cannot be its own victim
             try:
                 with self._ledger.locked() as entry:
-                    old = _size_or_zero(path)
+                    old = files.size_or_zero(path)
                     entry.total = self._evict_until(entry.total, size - old)
                     if entry.total + size - old > self._capacity:
                         self._stats.extra["dropped"] += 1
@@ -704,120 +691,10 @@ class DiskTier(LiveStats, Tier):
         self._stats.extra["resyncs"] += 1
         found: list[tuple[int, BlockKey, int]] = []
         with contextlib.suppress(OSError):
-            for sub in _subdirs(self._dir, _HEX2_RE.fullmatch):
+            for sub in files.subdirs(self._dir, files.HEX2_RE.fullmatch):
                 found += self._scan_folder(sub.path, 0)
         found.sort(key=itemgetter(0))
         for _, key, size in found:
             if key not in self._index:
                 self._index.add(key, size)
         return sum(size for _, _, size in found)
-
-
-_PROOF_BYTES = 1 << 16  # a header is ~100 bytes + 4 per token: 64 KiB covers 16k-token blocks
-
-
-def _is_object(path: str, key: BlockKey) -> bool:
-    """Whether the file at ``path`` is a kvtier block object stored under ``key``: its header parses
-    (magic, version, bounds) and names that key."""
-    try:
-        with open(path, "rb") as f:
-            return read_header(f.read(_PROOF_BYTES)).key == key
-    except (OSError, CorruptObjectError):
-        return False
-
-
-def _read_file(path: str, into: Sequence[memoryview] | None = None) -> bytes | int:
-    """The whole file (or ``_READ`` / ``_OTHER_SIZE`` with ``into``), or ``_GONE`` / ``_FAILED``."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        return _GONE
-    except OSError:  # permissions, a path component that is not a folder, too many open files
-        return _FAILED
-    return _read_fd(fd, into)
-
-
-def _read_fd(fd: int, into: Sequence[memoryview] | None = None) -> bytes | int:
-    """The whole file open at ``fd`` (closed here) in one ``read`` into a ``bytes`` of its size,
-    or ``_FAILED``.
-
-    An object is never modified in place (``put`` renames a new file over it), so ``fstat``'s size
-    is the size to read; the one extra byte asked for, and the loop, only matter for a file someone
-    else shrinks or grows while it is read: the result is then whatever the file held at EOF, as
-    ``f.read()`` would return.
-    """
-    try:
-        size = os.fstat(fd).st_size
-        if into is not None:
-            return _read_fd_into(fd, size, into)
-        data = os.read(fd, size + 1)
-        if len(data) == size:
-            return data
-        parts = [data]  # grew or shrank under us, or a read cut short: read on to EOF
-        while chunk := os.read(fd, max(size, 1 << 16)):
-            parts.append(chunk)
-        return b"".join(parts)
-    except OSError:  # EIO, EISDIR (a folder at the object's name)
-        return _FAILED
-    finally:
-        os.close(fd)
-
-
-def _read_fd_into(fd: int, size: int, into: Sequence[memoryview]) -> int:
-    """Fill the buffers ``into`` in order from ``fd`` when the file has exactly their total size:
-    ``_READ``, ``_OTHER_SIZE``, or ``_FAILED`` when the file ends early (shrunk under us). The
-    caller closes ``fd``."""
-    if size != sum(len(part) for part in into):
-        return _OTHER_SIZE
-    parts = list(into)
-    while parts:
-        n = os.readv(fd, parts)
-        if n == 0:
-            return _FAILED
-        while parts and n >= len(parts[0]):  # drop the filled buffers, cut the partly filled one
-            n -= len(parts.pop(0))
-        if parts and n:
-            parts[0] = parts[0][n:]
-    return _READ
-
-
-def _parse_key(name: str, prefix: str) -> BlockKey | None:
-    """``<64 lowercase hex>.kvt`` in the folder named by its first two characters, else None."""
-    if len(name) != _HEX_LEN + len(SUFFIX) or not name.startswith(prefix):
-        return None
-    h = name[:_HEX_LEN]
-    try:
-        key = bytes.fromhex(h)
-    except ValueError:
-        return None
-    # fromhex accepts upper case and spaces; only the exact form this tier writes is an object.
-    return key if len(key) == DIGEST_SIZE and key.hex() == h else None
-
-
-def _size_of_objects(ns_dir: str) -> int:
-    """What a purge left (files it keeps: ones that are not provably kvtier objects)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for sub in _subdirs(ns_dir, _HEX2_RE.fullmatch):
-            for e in os.scandir(sub.path):
-                if e.name.endswith(SUFFIX):
-                    with contextlib.suppress(OSError):
-                        total += e.stat(follow_symlinks=False).st_size
-    return total
-
-
-def _size_or_zero(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _subdirs(path: str, accept: Callable[[str], object]) -> list[os.DirEntry[str]]:
-    with os.scandir(path) as it:
-        return [e for e in it if accept(e.name) and e.is_dir(follow_symlinks=False)]
-
-
-def _rmdir_if_empty(path: str) -> None:
-    with contextlib.suppress(OSError):  # not empty (another process wrote meanwhile), or gone already
-        os.rmdir(path)
