@@ -1,14 +1,7 @@
-"""Thin wrapper, kept for old command lines: ``kvtier bench codec [options]`` (``kvtier.bench.codec``)."""
+"""Thin wrapper, kept for old command lines (bench/_wrapper.py):
+``python3 bench/bench_codec.py ARGS`` = ``kvtier bench codec ARGS``."""
 
-import sys
-from pathlib import Path
-
-try:
-    import kvtier  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from kvtier.bench.cli import main
+from _wrapper import run
 
 if __name__ == "__main__":
-    main(["codec", *sys.argv[1:]])
+    run("codec")

@@ -1,17 +1,7 @@
-"""Thin wrapper, kept for old command lines: the memcached benchmark lives in ``kvtier.bench.memcached``.
+"""Thin wrapper, kept for old command lines (bench/_wrapper.py):
+``python3 bench/bench_memcached.py ARGS`` = ``kvtier bench memcached ARGS``."""
 
-python3 bench/bench_memcached.py [options] = kvtier bench memcached [options]  (see its --help)
-"""
-
-import sys
-from pathlib import Path
-
-try:
-    import kvtier  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from kvtier.bench.cli import main
+from _wrapper import run
 
 if __name__ == "__main__":
-    main(["memcached", *sys.argv[1:]])
+    run("memcached")

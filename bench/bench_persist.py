@@ -1,17 +1,7 @@
-"""Thin wrapper, kept for old command lines: this benchmark lives in ``kvtier.bench.persist``.
+"""Thin wrapper, kept for old command lines (bench/_wrapper.py):
+``python3 bench/bench_persist.py ARGS`` = ``kvtier bench persist ARGS``."""
 
-python3 bench/bench_persist.py [options] = kvtier bench persist [options]     (kvtier bench persist --help)
-"""
-
-import sys
-from pathlib import Path
-
-try:
-    import kvtier  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from kvtier.bench.cli import main
+from _wrapper import run
 
 if __name__ == "__main__":
-    main(["persist", *sys.argv[1:]])
+    run("persist")

@@ -1,19 +1,10 @@
-"""Thin wrapper, kept for old command lines: the tier benchmarks live in ``kvtier.bench``.
-
-python3 bench/bench_tiers.py ceilings | chat | policies [options]
-= kvtier bench tiers | chat | policies [options]           (kvtier bench <name> --help)
-"""
+"""Thin wrapper, kept for old command lines: ``python3 bench/bench_tiers.py ceilings | chat | policies
+ARGS`` = ``kvtier bench tiers | chat | policies ARGS``."""
 
 import sys
-from pathlib import Path
 
-try:
-    import kvtier  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from kvtier.bench.cli import main
+from _wrapper import run
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    main([{"ceilings": "tiers"}.get(a, a) if i == 0 else a for i, a in enumerate(argv)])
+    command, *rest = sys.argv[1:] or ["--help"]
+    run({"ceilings": "tiers"}.get(command, command), rest)

@@ -87,7 +87,7 @@ def test_bench_runs_without_the_tier_and_compression_packages(tmp_path: Path) ->
     )
     script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu_decode.py"
     code = (
-        f"import runpy, sys; {block}; "
+        f"import runpy, sys; {block}; sys.path.insert(0, {str(script.parent)!r}); "
         f"sys.argv = [{str(script)!r}, '--device', 'cpu', '--models', 'synthetic:tiny', '--kv-cache-memory', "
         f"'16MiB', '--parts', 'batch1', '--json', {str(tmp_path / 'out.json')!r}]; "
         f"runpy.run_path({str(script)!r}, run_name='__main__')"

@@ -105,6 +105,12 @@ class Blocks:
     def batches(self, size: int) -> list[range]:
         return [range(i, min(i + size, self.n)) for i in range(0, self.n, size)]
 
+    def decode(self, i: int, data: bytes) -> torch.Tensor:
+        """Block ``i``'s stored object, verified against its key and tokens and decoded."""
+        return decode_block(
+            data, key=self.keys[i], fingerprint=FINGERPRINT, layout=self.layout, tokens=self.tokens[i]
+        )
+
 
 def make_blocks(layout: KVLayout, total: int, seed: int) -> Blocks:
     n = max(1, total // layout.bytes_per_block)
@@ -166,13 +172,7 @@ def op_decode(blocks: Blocks, codec: CodecConfig) -> Callable[[], int]:
 
     def run() -> int:
         for i, data in enumerate(objects):
-            decode_block(
-                data,
-                key=blocks.keys[i],
-                fingerprint=FINGERPRINT,
-                layout=blocks.layout,
-                tokens=blocks.tokens[i],
-            )
+            blocks.decode(i, data)
         return 0
 
     return run
@@ -186,13 +186,7 @@ def op_get_decode(tier: Tier, blocks: Blocks, batch: int) -> Callable[[], int]:
                 if data is None:
                     misses += 1
                     continue
-                decode_block(
-                    data,
-                    key=blocks.keys[i],
-                    fingerprint=FINGERPRINT,
-                    layout=blocks.layout,
-                    tokens=blocks.tokens[i],
-                )
+                blocks.decode(i, data)
         return misses
 
     return run
