@@ -297,3 +297,17 @@ def test_step_handoff_out_of_range_is_refused_before_the_model_loads() -> None:
     result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--step-handoff", "-1"])
     assert isinstance(result.exception, ValueError)
     assert "step_handoff must be between 0 and 10" in str(result.exception) and "-1" in str(result.exception)
+
+
+def test_a_cpu_server_leaves_a_core_to_its_event_loop(server: KvtierServer) -> None:
+    import os
+
+    from kvtier.server.serve import torch_threads_for_server
+
+    assert torch_threads_for_server("cpu", {}, 2) == 1
+    assert torch_threads_for_server("cpu", {}, 16) == 15
+    assert torch_threads_for_server("cpu", {}, 1) == 1 and torch_threads_for_server("cpu", {}, None) == 1
+    assert torch_threads_for_server("cpu", {"OMP_NUM_THREADS": "2"}, 8) is None  # the user's choice wins
+    assert torch_threads_for_server("cuda", {}, 16) is None
+    expected = torch_threads_for_server("cpu", os.environ, os.cpu_count())
+    assert f"KV blocks, {expected if expected is not None else 'default'} torch threads)" in server.output()

@@ -9,13 +9,15 @@ them in the engine), and the app's lifespan ends the engine loop and flushes the
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from kvtier.config import EngineConfig
-from kvtier.engine.engine import Engine
+from kvtier.engine.engine import Engine, resolve_device
 from kvtier.model.bert import is_encoder_folder
 from kvtier.server.app import ServerSettings, create_app
 from kvtier.server.loop import EngineLoop
@@ -53,16 +55,32 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
         _serve(create_embedding_app(embedder, settings, config.model.model), settings, log_level)
         embedder.close()
         return
+    threads = torch_threads_for_server(resolve_device(config.model.device).type, os.environ, os.cpu_count())
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     engine = Engine(config)
     app = create_app(engine, settings)
     log.warning(
-        "kvtier serving %s on http://%s:%d (%d KV blocks)",
+        "kvtier serving %s on http://%s:%d (%d KV blocks, %s torch threads)",
         app.state.kvtier.model_names[0],
         settings.host,
         settings.port,
         engine.num_blocks,
+        threads if threads is not None else "default",
     )
     _serve(app, settings, log_level)
+
+
+def torch_threads_for_server(device_type: str, env: Mapping[str, str], cpus: int | None) -> int | None:
+    """A CPU engine leaves one core to the HTTP event loop: with torch's default (every core), each of
+    its parallel regions waits for the thread the loop just took the core from. On this 2-core machine
+    that made the server 3-7x slower than with one thread (docs/benchmarks.md "Serving"). None: keep
+    torch's choice (a GPU engine, or OMP_NUM_THREADS set by the user)."""
+    if device_type != "cpu" or "OMP_NUM_THREADS" in env:
+        return None
+    return max(1, (cpus or 1) - 1)
 
 
 def _serve(app: Any, settings: ServerSettings, log_level: str) -> None:
