@@ -62,6 +62,7 @@ def bench_prefix_ttft(args: argparse.Namespace) -> None:
     engine.pool.reset_cache()
     run_one(engine, prefix, one)  # the prefix once: its full blocks get keys
     warm = [run_one(engine, prefix + s, one) for s in progress(tails, "warm prompts")]
+    loaded = _loaded_from_tiers(engine, prefix, tails, one)
 
     flops = FlopModel.of(engine)
     weight_bytes = decode_weight_bytes(engine)
@@ -79,7 +80,9 @@ def bench_prefix_ttft(args: argparse.Namespace) -> None:
 
     summary: dict[str, Any] = {}
     rows = []
-    for name, runs in (("cold", cold), ("warm", warm)):
+    for name, runs in (("cold", cold), ("warm", warm), ("tier", loaded)):
+        if not runs:
+            continue
         cached = [t.output.num_cached_tokens for t in runs]
         computed = [len(t.output.prompt_token_ids) - c for t, c in zip(runs, cached, strict=True)]
         useful = [flops.tokens(t.output.num_cached_tokens, len(t.output.prompt_token_ids), 1) for t in runs]
@@ -120,14 +123,77 @@ def bench_prefix_ttft(args: argparse.Namespace) -> None:
         "floor / TTFT",
     ]
     print_table(headers, rows)
-    ratio = summary["cold"]["ttft_engine_median_s"] / summary["warm"]["ttft_engine_median_s"]
-    wall_ratio = summary["cold"]["ttft_wall_median_s"] / summary["warm"]["ttft_wall_median_s"]
+    if loaded:
+        summary["tier_load"] = _tier_load_summary(engine, loaded, summary["cold"]["ttft_engine_median_s"])
+    ratio = summary["cold"]["ttft_engine_median_s"] / max(summary["warm"]["ttft_engine_median_s"], 1e-9)
+    wall_ratio = summary["cold"]["ttft_wall_median_s"] / max(summary["warm"]["ttft_wall_median_s"], 1e-9)
     summary["speedup"] = ratio
     summary["speedup_wall"] = wall_ratio
     print(f"\ncold / warm TTFT: {ratio:.1f}x (engine metric), {wall_ratio:.1f}x (wall)")
+    if loaded:
+        t = summary["tier_load"]
+        h2d = t["pinned_h2d_bytes_per_s"]
+        ceiling = ""
+        if h2d:
+            share = fraction(t["bytes_per_s"], h2d)
+            ceiling = f" ({share} of a pinned host-to-device copy, {h2d / 1e9:.1f} GB/s)"
+        print(
+            f"tier: the device pool emptied before each prompt, its prefix loaded from "
+            f"{engine.config.tiers.tiers}: TTFT {t['ttft_of_cold']:.1%} of cold; "
+            f"{t['loaded_bytes'] / 1e6:.0f} MB loaded at >= {t['bytes_per_s'] / 1e9:.1f} GB/s"
+            f"{ceiling} (the whole TTFT counted as load time)"
+        )
     print(
         f"cold = {'pool reset before each prompt' if args.cold_mode == 'reset' else 'prefix caching off'}; "
         "warm = the prefix ran once, then prompts sharing it; the same suffixes in both. "
         "floor = max(useful FLOPs / matmul rate, weight + KV bytes / copy bandwidth)."
     )
     finish(args, ctx, title, summary)
+
+
+def _loaded_from_tiers(
+    engine: Engine, prefix: list[int], tails: list[list[int]], params: SamplingParams
+) -> list[Timeline]:
+    """With tiers below the pool: each prompt again after the device pool forgot the prefix, so
+    its blocks come from the tiers (written through as they were computed)."""
+    if engine.hierarchy is None:
+        return []
+    runs = []
+    for s in progress(tails, "prompts loaded from the tiers"):
+        engine.hierarchy.flush()  # every block of the prefix is stored
+        engine.pool.reset_cache()
+        runs.append(run_one(engine, prefix + s, params))
+    return runs
+
+
+def _tier_load_summary(engine: Engine, runs: list[Timeline], cold_ttft: float) -> dict[str, Any]:
+    loaded = statistics.median(int(t.output.metrics.get("num_loaded_tokens", 0)) for t in runs)
+    ttft = statistics.median(t.engine_ttft for t in runs)
+    loaded_bytes = loaded * engine.layout.bytes_per_token
+    return {
+        "loaded_tokens_median": loaded,
+        "loaded_bytes": loaded_bytes,
+        "ttft_of_cold": ttft / cold_ttft,
+        "bytes_per_s": loaded_bytes / ttft if ttft else 0.0,
+        "pinned_h2d_bytes_per_s": _pinned_h2d_bandwidth(engine),
+    }
+
+
+def _pinned_h2d_bandwidth(engine: Engine) -> float | None:
+    """Bytes per second of a 1 GiB copy from page-locked host memory to the device (best of 3)."""
+    if engine.device.type != "cuda":
+        return None
+    import time
+
+    import torch
+
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device=engine.device)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(engine.device)
+        t = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(engine.device)
+        best = min(best, time.perf_counter() - t)
+    return host.numel() / best
