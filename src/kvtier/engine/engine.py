@@ -25,6 +25,7 @@ from kvtier.config import EngineConfig
 from kvtier.engine import shutdown
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
+from kvtier.engine.memory import cuda_pool_budget
 from kvtier.engine.output import EngineStats, check_stop, finish_text, make_output
 from kvtier.engine.request import (
     FinishReason,
@@ -163,8 +164,15 @@ class Engine:
         if ps.kv_cache_memory is not None:
             budget = ps.kv_cache_memory
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * ps.gpu_memory_utilization)
+            ss = self.config.scheduler
+            budget = cuda_pool_budget(
+                self.model,
+                self.layout,
+                self.device,
+                ps.gpu_memory_utilization,
+                ss.max_num_batched_tokens,
+                ss.max_num_seqs,
+            )
         else:
             # No more than the engine can ever use: max_num_seqs sequences of max_model_len tokens.
             ss, mc = self.config.scheduler, self.loaded.config
@@ -338,6 +346,11 @@ class Engine:
             return outputs
         try:
             launched = self._launch(sched)
+        except torch.OutOfMemoryError as e:  # the step was too large for the memory left
+            outputs += self._collect()
+            if self._shrink_steps(e):
+                return outputs  # the same requests go on next step, in smaller steps
+            return outputs + self._run_alone(sched, e)
         except Exception as e:  # not KeyboardInterrupt: an interrupted generate() aborts its own
             outputs += self._collect()
             return outputs + self._run_alone(sched, e)
@@ -346,6 +359,25 @@ class Engine:
         if not self.config.scheduler.overlap_steps:
             outputs += self._collect()
         return outputs
+
+    def _shrink_steps(self, error: torch.OutOfMemoryError) -> bool:
+        """A step ran out of device memory (the pool is fixed: only activations grow): halve the
+        tokens a step may take, so the requests go on in smaller steps instead of failing. False
+        when steps are as small as they can be."""
+        limits = self.scheduler.limits
+        smallest = self.config.pool.block_size
+        if limits.max_num_batched_tokens <= smallest:
+            return False
+        limits.max_num_batched_tokens = max(smallest, limits.max_num_batched_tokens // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.oom_steps += 1
+        log.warning(
+            "a step ran out of device memory (%s); steps now take at most %d tokens",
+            str(error).split(".")[0],
+            limits.max_num_batched_tokens,
+        )
+        return True
 
     def _can_overlap(self, step: InFlight) -> bool:
         """Whether the next step may be scheduled before ``step``'s tokens are known: not when

@@ -56,6 +56,7 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     finished: int = 0
+    oom_steps: int = 0  # steps that ran out of device memory (the step budget was halved)
     # the step loop's own costs: wall time in step(), of it waiting for the device, and (CUDA) the
     # device's time in steps and idle between them (the host was late: what overlap must hide)
     step_seconds: float = 0.0

@@ -1,0 +1,92 @@
+"""How much device memory the KV pool may take: what is left after the weights, the CUDA context
+and the largest step's activations, measured at start-up rather than guessed.
+
+The pool is allocated once and never grows, so whatever a step needs on top must be free when it
+runs. The largest step is a prefill of ``max_num_batched_tokens`` tokens sampling ``max_num_seqs``
+rows (the vocabulary projection of every sampled row is the largest single tensor of a small
+model); running it once on a scratch pool and reading the allocator's peak gives its real size,
+kernels' workspaces included. Decode graphs, captured after the pool, need much less (their batch
+is at most ``max_num_seqs`` rows of one token).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.cache.keys import KVLayout
+from kvtier.model.attention import AttentionMetadata
+from kvtier.model.llama import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def peak_step_bytes(model: CausalLM, layout: KVLayout, num_tokens: int, num_rows: int) -> int:
+    """Bytes the largest step allocates beyond what is allocated now (CUDA): one sequence of
+    ``num_tokens`` new tokens whose last ``num_rows`` rows are sampled, on a scratch pool."""
+    device = next(model.parameters()).device
+    bs = layout.block_size
+    blocks = -(-num_tokens // bs)
+    shape = (layout.num_layers, 2, blocks, bs, layout.num_kv_heads, layout.head_dim)
+    dtype = getattr(torch, layout.dtype)
+    if dtype.itemsize == 1:  # fp8: zeros made as bytes (the same bits), as the pool's own are
+        scratch = torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
+    else:
+        scratch = torch.zeros(shape, dtype=dtype, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+
+    def on_device(data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=device)
+
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device),
+        query_start_loc=on_device([0, num_tokens], torch.int32),
+        context_lens=on_device([num_tokens], torch.int32),
+        block_tables=torch.arange(blocks, dtype=torch.int32, device=device).view(1, blocks),
+        query_lens_host=[num_tokens],
+        context_lens_host=[num_tokens],
+        num_decodes=0,
+    )
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    rows = torch.arange(num_tokens - min(num_rows, num_tokens), num_tokens, device=device)
+    logits = model(ids, torch.arange(num_tokens, device=device), scratch, meta, rows)
+    torch.sort(logits.softmax(-1), dim=-1, descending=True)  # the sampler's top-p temporaries
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del logits, scratch
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def cuda_pool_budget(
+    model: CausalLM,
+    layout: KVLayout,
+    device: torch.device,
+    utilization: float,
+    num_tokens: int,
+    num_rows: int,
+) -> int:
+    """Bytes for the KV pool: ``utilization`` of the device's memory, less what is in use now
+    (weights, CUDA context, other processes) and the largest step's measured activations."""
+    activations = peak_step_bytes(model, layout, num_tokens, num_rows)
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    budget = int(total * utilization) - used - activations
+    gib = 2**30
+    log.info(
+        "KV pool budget %.2f GiB: %.0f%% of %.1f GiB, less %.2f GiB in use and %.2f GiB for a "
+        "%d-token step's activations",
+        budget / gib, 100 * utilization, total / gib, used / gib, activations / gib, num_tokens,
+    )  # fmt: skip
+    if budget <= 0:
+        raise ValueError(
+            f"no device memory is left for the KV pool: gpu_memory_utilization={utilization} of "
+            f"{total / 2**30:.1f} GiB, {(total - free) / 2**30:.1f} GiB in use, and a step of "
+            f"{num_tokens} tokens needs {activations / 2**30:.2f} GiB: raise gpu_memory_utilization, "
+            f"lower max_num_batched_tokens, or set kv_cache_memory"
+        )
+    return budget
