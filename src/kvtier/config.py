@@ -48,7 +48,7 @@ class PoolSettings:
     kv_cache_memory: int | None = (
         None  # bytes for the device pool; None: see gpu_memory_utilization / cpu default
     )
-    gpu_memory_utilization: float = 0.9  # of the device's memory: weights + the largest step + pool (CUDA)
+    gpu_memory_utilization: float = 0.9  # of the memory free after weights, less the largest step (CUDA)
     cpu_kv_cache_fraction: float = 0.25  # fraction of available RAM when kv_cache_memory is None (CPU)
     eviction_policy: str = "lru"
     enable_prefix_caching: bool = True

@@ -1,5 +1,5 @@
-"""How much device memory the KV pool may take: what is left after the weights, the CUDA context
-and the largest step's activations, measured at start-up rather than guessed.
+"""How much device memory the KV pool may take: a share of what is free after the weights, less
+the largest step's activations, measured at start-up rather than guessed.
 
 The pool is allocated once and never grows, so whatever a step needs on top must be free when it
 runs. The largest step is a prefill of ``max_num_batched_tokens`` tokens sampling ``max_num_seqs``
@@ -70,23 +70,21 @@ def cuda_pool_budget(
     num_tokens: int,
     num_rows: int,
 ) -> int:
-    """Bytes for the KV pool: ``utilization`` of the device's memory, less what is in use now
-    (weights, CUDA context, other processes) and the largest step's measured activations."""
+    """Bytes for the KV pool: ``utilization`` of the device memory still free (after the weights,
+    the CUDA context, and other engines or processes), less the largest step's measured
+    activations (they must fit beside the pool: it never shrinks)."""
     activations = peak_step_bytes(model, layout, num_tokens, num_rows)
     free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    budget = int(total * utilization) - used - activations
+    budget = int((free - activations) * utilization)
     gib = 2**30
     log.info(
-        "KV pool budget %.2f GiB: %.0f%% of %.1f GiB, less %.2f GiB in use and %.2f GiB for a "
-        "%d-token step's activations",
-        budget / gib, 100 * utilization, total / gib, used / gib, activations / gib, num_tokens,
+        "KV pool budget %.2f GiB: %.0f%% of the %.1f GiB free less %.2f GiB for a %d-token step",
+        budget / gib, 100 * utilization, free / gib, activations / gib, num_tokens,
     )  # fmt: skip
     if budget <= 0:
         raise ValueError(
-            f"no device memory is left for the KV pool: gpu_memory_utilization={utilization} of "
-            f"{total / 2**30:.1f} GiB, {(total - free) / 2**30:.1f} GiB in use, and a step of "
-            f"{num_tokens} tokens needs {activations / 2**30:.2f} GiB: raise gpu_memory_utilization, "
-            f"lower max_num_batched_tokens, or set kv_cache_memory"
+            f"no device memory is left for the KV pool: {free / gib:.2f} of {total / gib:.1f} GiB "
+            f"are free, and a step of {num_tokens} tokens needs {activations / gib:.2f} GiB: free "
+            f"memory, lower max_num_batched_tokens, or set kv_cache_memory"
         )
     return budget
