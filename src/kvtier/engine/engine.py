@@ -1,10 +1,14 @@
 """Engine: add_request / step / abort / close, and the step loop.
 
+Kept in one file because the step loop's parts (launch, collect, postprocess, finish, the
+failure paths) share the engine's state (the step in flight, the requests, their detokenizers)
+and read as one sequence; set-up, pool sizing (``memory.py``), KV movement (``kv_transfer.py``),
+outputs (``output.py``) and the front (``llm.py``) live elsewhere.
+
 The engine owns one model, one block pool and one scheduler. ``step`` is
-``install loads -> schedule -> write down -> run -> postprocess``: it returns the outputs of the
-requests that moved. Bad input raises ``InvalidRequestError`` from ``add_request`` before anything
-is allocated, so one bad request never disturbs the others. Moving KV to and from the tiers lives
-in ``kv_transfer.py``; stop checks and outputs in ``output.py``; the ``LLM`` front in ``llm.py``.
+``install loads -> schedule -> write down -> launch -> postprocess the step before``: it returns
+the outputs of the requests that moved. Bad input raises ``InvalidRequestError`` from
+``add_request`` before anything is allocated, so one bad request never disturbs the others.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from kvtier.config import EngineConfig
 from kvtier.engine import shutdown
 from kvtier.engine.detokenizer import DetokenizerState
 from kvtier.engine.kv_transfer import KVTransfer
-from kvtier.engine.memory import cuda_pool_budget
+from kvtier.engine.memory import max_model_len, pool_blocks
 from kvtier.engine.output import EngineStats, check_stop, finish_text, make_output
 from kvtier.engine.request import (
     FinishReason,
@@ -56,7 +60,6 @@ __all__ = ["LLM", "Engine", "EngineStats", "Prompt", "StreamDelta", "resolve_dev
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-MIN_CPU_KV_BYTES = 64 << 20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,9 +101,9 @@ class Engine:
         self.model.set_kv_scales(self.kv_scales)
         kv_dtype = "float8_e4m3fn" if self.kv_scales is not None else str(mc.dtype).removeprefix("torch.")
         self.layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, ps.block_size, kv_dtype)
-        self.num_blocks = self._num_blocks()
+        max_len = max_model_len(config, mc)
+        self.num_blocks = pool_blocks(config, self.model, self.layout, self.device, max_len)
         self.pool = BlockPool(self.num_blocks, ps.block_size, ps.eviction_policy, ps.enable_prefix_caching)
-        max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         limits = SchedulerLimits(
             ss.max_num_batched_tokens, ss.max_num_seqs, max_len, ss.enable_chunked_prefill
         )
@@ -158,34 +161,6 @@ class Engine:
         if salt not in self._roots:
             self._roots[salt] = root_key(self.fingerprint, self.layout, salt)
         return self._roots[salt]
-
-    def _num_blocks(self) -> int:
-        ps = self.config.pool
-        if ps.kv_cache_memory is not None:
-            budget = ps.kv_cache_memory
-        elif self.device.type == "cuda":
-            ss = self.config.scheduler
-            budget = cuda_pool_budget(
-                self.model,
-                self.layout,
-                self.device,
-                ps.gpu_memory_utilization,
-                ss.max_num_batched_tokens,
-                ss.max_num_seqs,
-            )
-        else:
-            # No more than the engine can ever use: max_num_seqs sequences of max_model_len tokens.
-            ss, mc = self.config.scheduler, self.loaded.config
-            max_len = min(ss.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-            usable = ss.max_num_seqs * -(-max_len // ps.block_size) * self.layout.bytes_per_block
-            budget = min(usable, max(MIN_CPU_KV_BYTES, int(_available_ram() * ps.cpu_kv_cache_fraction)))
-        num = budget // self.layout.bytes_per_block
-        if num < 1:
-            raise ValueError(
-                f"kv_cache_memory={budget} bytes holds no block: "
-                f"one block takes {self.layout.bytes_per_block} bytes"
-            )
-        return int(num)
 
     # -- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -535,17 +510,6 @@ def _reads_history(req: Request) -> bool:
     """Its sampling reads every token it has (penalties): the last one must be on the host."""
     p = req.params
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def __getattr__(name: str) -> Any:

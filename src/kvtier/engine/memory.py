@@ -1,5 +1,6 @@
-"""How much device memory the KV pool may take: a share of what is free after the weights, less
-the largest step's activations, measured at start-up rather than guessed.
+"""How many blocks the KV pool gets. On the CPU: what max_num_seqs sequences of the whole context
+can use, at most a share of the available RAM. On CUDA: a share of the memory free after the
+weights, less the largest step's activations, measured at start-up rather than guessed.
 
 The pool is allocated once and never grows, so whatever a step needs on top must be free when it
 runs. The largest step is a prefill of ``max_num_batched_tokens`` tokens sampling ``max_num_seqs``
@@ -16,10 +17,52 @@ import logging
 import torch
 
 from kvtier.cache.keys import KVLayout
+from kvtier.config import EngineConfig
 from kvtier.model.attention import AttentionMetadata
 from kvtier.model.llama import CausalLM
+from kvtier.model.registry import ModelConfig
 
 log = logging.getLogger(__name__)
+
+MIN_CPU_KV_BYTES = 64 << 20
+
+
+def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    """The context the engine allows: the setting, at most the model's own."""
+    return min(config.scheduler.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+
+def pool_blocks(
+    config: EngineConfig, model: CausalLM, layout: KVLayout, device: torch.device, max_len: int
+) -> int:
+    """Blocks of the pool: ``kv_cache_memory`` when set, else sized for the device (see above)."""
+    ps, ss = config.pool, config.scheduler
+    if ps.kv_cache_memory is not None:
+        budget = ps.kv_cache_memory
+    elif device.type == "cuda":
+        budget = cuda_pool_budget(
+            model, layout, device, ps.gpu_memory_utilization, ss.max_num_batched_tokens, ss.max_num_seqs
+        )
+    else:  # no more than the engine can ever use: max_num_seqs sequences of max_len tokens
+        usable = ss.max_num_seqs * -(-max_len // ps.block_size) * layout.bytes_per_block
+        budget = min(usable, max(MIN_CPU_KV_BYTES, int(available_ram() * ps.cpu_kv_cache_fraction)))
+    num = budget // layout.bytes_per_block
+    if num < 1:
+        raise ValueError(
+            f"kv_cache_memory={budget} bytes holds no block: one block takes {layout.bytes_per_block} bytes"
+        )
+    return int(num)
+
+
+def available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
 
 
 @torch.inference_mode()
