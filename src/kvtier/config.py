@@ -96,6 +96,7 @@ class TierSettings:
     disk_capacity: int = 16 << 30
     disk_codec: str = "none"
     disk_fsync: bool = False
+    disk_max_entries: int = 0  # objects the disk index holds (~300 B each); 0: capacity // smallest object
     redis_url: str | None = None  # redis://, rediss:// (TLS), redis+cluster://
     redis_codec: str = "none+lz4"
     redis_ttl: int | None = None  # seconds
@@ -202,6 +203,10 @@ class EngineConfig:
             )
         if t.selective_hits < 0:
             raise ConfigError(f"selective_hits must be >= 0, got {t.selective_hits}")
+        if t.disk_max_entries < 0:
+            raise ConfigError(
+                f"disk_max_entries must be >= 0 (0: derived from disk_capacity), got {t.disk_max_entries}"
+            )
         for name in ("host_capacity", "disk_capacity"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 bytes, got {getattr(t, name)}")

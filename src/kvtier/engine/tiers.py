@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from kvtier.cache.codec import secret_from_env
+from kvtier.cache.codec import header_length, secret_from_env
+from kvtier.cache.codec.quantization import raw_length
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import KVLayout, tier_namespace
 from kvtier.cache.tiers import open_tier
@@ -29,6 +30,7 @@ def make_tier(
         capacity, policy = settings.host_capacity, settings.tier_policy
         return open_tier("host", layout, namespace, capacity, policy, pin_memory=pin_memory)
     if name == "disk":
+        max_entries = settings.disk_max_entries or disk_max_entries(settings, namespace, layout)
         return open_tier(
             "disk",
             settings.resolved_disk_path(),
@@ -36,13 +38,33 @@ def make_tier(
             settings.disk_capacity,
             settings.tier_policy,
             fsync=settings.disk_fsync,
-            expected_entries=max(1, settings.disk_capacity // layout.bytes_per_block),
+            expected_entries=max(1, min(max_entries, settings.disk_capacity // layout.bytes_per_block)),
+            max_entries=max_entries,
         )
     if name in ("redis", "memcached"):
         url, ttl, timeout = (getattr(settings, f"{name}_{part}") for part in ("url", "ttl", "timeout"))
         assert url  # TierSettings.enabled checked it
         return open_tier(name, url, namespace, ttl_seconds=ttl, timeout_seconds=timeout)
     raise ConfigError(f"unknown tier {name!r}")
+
+
+# KV blocks compress by less than this (random-looking mantissas); a folder of better-compressing
+# objects reaches the entry bound before its capacity, and evicts by it.
+_COMPRESSION_ALLOWANCE = 4
+_MIN_MAX_ENTRIES = 1024  # as DiskTier's own default (engine/ imports no tier module)
+
+
+def disk_max_entries(settings: TierSettings, namespace: str, layout: KVLayout) -> int:
+    """How many objects the disk index may hold: the capacity over the smallest object the disk
+    codec makes (header + quantized payload, over the compression allowance), so that a folder of this
+    model's blocks meets its capacity first (the namespace stands in for the header's fingerprint:
+    a few bytes longer with a secret, which that object's HMAC outweighs)."""
+    codec = parse_codec(settings.disk_codec)
+    payload = raw_length(layout, codec.quantization)
+    if codec.compression != "none":
+        payload //= _COMPRESSION_ALLOWANCE
+    smallest = header_length(namespace, layout, has_hmac=False) + max(1, payload)
+    return max(_MIN_MAX_ENTRIES, settings.disk_capacity // smallest)
 
 
 def build_hierarchy(

@@ -27,8 +27,16 @@ Several processes. Each process keeps its own in-memory index (key -> size, in p
 rebuilt at start-up by one ``os.scandir`` pass (policy order = file modification time, oldest first).
 The files are the truth and the index a hint: a ``get`` whose file another process evicted is a miss
 and drops the key from the index; ``lookup`` and ``get`` of a key that is not indexed check the
-file, and adopt it when another process wrote it. Capacity is enforced by each process on what it
-indexes; evictions unlink files.
+file, and adopt it when another process wrote it. Capacity holds for the folder, across processes
+(``disk_ledger.py``); evictions unlink files.
+
+Index memory. The index holds at most ``max_entries`` objects (about ``ENTRY_BYTES`` of memory each),
+as nginx's ``keys_zone`` bounds its cache's keys: a new entry beyond it (a write, an adopted object,
+a start-up scan of a fuller folder) evicts the policy's victim, file included, exactly as capacity
+does. Without the bound, capacity alone bounded it, and a codec that makes small objects (or a
+folder of tiny ones) could make the index cost more memory than the KV it describes. The default is
+``capacity // 4096`` (a file smaller than a 4 KiB filesystem block still uses one), at least 1,024;
+the engine passes ``capacity // its smallest object`` (``engine/tiers.py``).
 
 Reads. Each object is one ``open``, ``fstat``, one ``read`` straight into a new ``bytes`` of the
 file's size, ``close``. ``get`` opens a batch's files in order on the calling thread and asks the
@@ -73,6 +81,11 @@ from kvtier.cache.tiers.sized_index import SizedIndex
 _SCAN_THREADS = 8
 _RESYNC_MIN_S = 1.0  # a full rescan at most this often, when the folder is full of others' objects
 _READ_THREADS = 8
+# Memory per index entry, measured on CPython 3.11 with LRU (key bytes, dict slots, size int, the
+# policy's ordered-dict node), about 290 B: tests/test_disk_index_bound.py measures it.
+ENTRY_BYTES = 300
+MIN_MAX_ENTRIES = 1024
+_DEFAULT_OBJECT_BYTES = 4096  # without a hint: one filesystem block per object
 _OPEN_PER_THREAD = 4  # files a get holds open (queued or being read) per read thread, at most
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: not available
 
@@ -95,13 +108,15 @@ class DiskTier(LiveStats, Tier):
         temp_max_age_s: float = 60.0,
         read_threads: int | None = None,
         create: bool = True,
+        max_entries: int | None = None,
     ) -> None:
         """``expected_entries`` sizes the ghost lists / queues of adaptive policies (s3fifo, arc);
         None lets the policy choose. ``temp_max_age_s``: temp files older than this are debris of a
         crash and removed at start-up. ``read_threads``: the threads that read objects not in the
         page cache (None: 8); 0 reads everything on the calling thread. ``create``: make the namespace
         folder now (False: only when the first object is written, so that a tier opened to look at
-        a cache, as ``kvtier cache`` does, leaves no trace)."""
+        a cache, as ``kvtier cache`` does, leaves no trace). ``max_entries``: the most objects the
+        in-memory index holds (None: ``capacity // 4096``, at least 1,024; see the module docstring)."""
         check_namespace(namespace)  # one safe folder name: no separators, no leading dot
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
@@ -109,6 +124,11 @@ class DiskTier(LiveStats, Tier):
             read_threads = _READ_THREADS
         if read_threads < 0:
             raise ValueError(f"read_threads must be >= 0, got {read_threads}")
+        if max_entries is None:
+            max_entries = max(MIN_MAX_ENTRIES, capacity_bytes // _DEFAULT_OBJECT_BYTES)
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
+        self._max_entries = max_entries  # (a policy's history sized by its peak stays under it too)
         self._root = os.fspath(root)
         self._namespace = namespace
         self._dir = os.path.join(self._root, namespace)
@@ -126,7 +146,8 @@ class DiskTier(LiveStats, Tier):
         # Re-entrant: clear() and _make_room() unlink under the lock, and unlink counts errors under it.
         self._lock = threading.RLock()
         self._stats = TierStats()
-        for name in ("dropped", "adopted", "temp_cleaned", "scan_entries", "scan_seconds", "resyncs"):
+        for name in ("dropped", "adopted", "temp_cleaned", "scan_entries", "scan_seconds", "resyncs",
+                     "entry_evictions"):  # fmt: skip
             self._stats.extra[name] = 0.0
         if create:
             try:
@@ -156,6 +177,10 @@ class DiskTier(LiveStats, Tier):
     @property
     def used_bytes(self) -> int:
         return self._index.used
+
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
 
     def path_of(self, key: BlockKey) -> str:
         """The file that holds ``key`` (whether or not it exists)."""
@@ -252,13 +277,11 @@ class DiskTier(LiveStats, Tier):
                     self._stats.extra["dropped"] += 1
                 continue
             # The write itself runs outside the lock: readers (the engine thread) never wait on I/O.
-            ok = self._write_file(path, key, data)
+            ok = self._write_file(path, key, data)  # indexes it (in _commit)
             with self._lock:
                 self._stats.puts += 1
-                if not ok:
-                    continue
-                self._index.add(key, size)
-                self._stats.bytes_written += size
+                if ok:
+                    self._stats.bytes_written += size
         with self._lock:
             self._stats.write_seconds += time.perf_counter() - t0
 
@@ -624,9 +647,17 @@ class DiskTier(LiveStats, Tier):
         self._index.remove(key)
 
     def _adopt(self, key: BlockKey, size: int) -> None:
-        """Index a file another process wrote (if it still fits; else evict others for it)."""
+        """Index a file another process wrote; a full index first evicts its victim (as a write
+        would: the adopted object is the one in use now)."""
         if key in self._index or size > self._capacity:
             return
+        if len(self._index) >= self._max_entries:
+            try:
+                with self._ledger.locked() as entry:  # the victim's unlink happens under it
+                    entry.total = self._evict_until(entry.total, 0, entries=1)
+            except OSError:
+                self._count_error()
+                self._index.used = self._evict_until(self._index.used, 0, entries=1)
         self._index.add(key, size)
         self._stats.extra["adopted"] += 1
 
@@ -639,18 +670,18 @@ class DiskTier(LiveStats, Tier):
             try:
                 with self._ledger.locked() as entry:
                     old = files.size_or_zero(path)
-                    entry.total = self._evict_until(entry.total, size - old)
+                    entry.total = self._evict_until(entry.total, size - old, entries=1)
                     if entry.total + size - old > self._capacity:
                         self._stats.extra["dropped"] += 1
                         return False
                     os.replace(tmp, path)
                     entry.total += size - old
-                    return True
             except OSError:  # no ledger (unwritable folder?): bound what this process indexed
                 self._count_error()
-                self._index.used = self._evict_until(self._index.used, size)
+                self._index.used = self._evict_until(self._index.used, size, entries=1)
                 os.replace(tmp, path)
-                return True
+            self._index.add(key, size)
+            return True
 
     def _reserve(self, size: int) -> bool:
         """Make the folder's total (the ledger, all processes) hold ``size`` more bytes, evicting in
@@ -668,19 +699,23 @@ class DiskTier(LiveStats, Tier):
             self._index.used = self._evict_until(self._index.used, size)
             return self._index.used + size <= self._capacity
 
-    def _evict_until(self, total: int, size: int) -> int:
-        while total + size > self._capacity:
+    def _evict_until(self, total: int, size: int, entries: int = 0) -> int:
+        """Evict in policy order until ``size`` more bytes fit ``total`` (the folder's, or this
+        process's) and ``entries`` more index entries fit ``max_entries``; returns the new total."""
+        while total + size > self._capacity or len(self._index) + entries > self._max_entries:
             victim = self._index.evict()
             if victim is None:
                 if time.monotonic() - self._resynced_at < _RESYNC_MIN_S:
                     break
                 total = self._resync()
-                if total + size <= self._capacity or not self._index:
+                if not self._index:
                     break
-                continue
+                continue  # the loop's test again: it may fit now, or evict what the rescan indexed
             key, old = victim
             if old is not None:
                 self._stats.evictions += 1
+                if total + size <= self._capacity:  # the bytes fit: this one went for its index entry
+                    self._stats.extra["entry_evictions"] += 1
                 if self._unlink(self.path_of(key)):  # gone already: whoever removed it gave it back
                     total -= old
         return total
