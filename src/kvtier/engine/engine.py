@@ -139,7 +139,6 @@ class Engine:
         self._ids = itertools.count()
         self.stats = EngineStats()
         self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet
-        self._launched_at = 0.0
         self._last_ready: torch.cuda.Event | None = None  # the end of the last step read back
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -363,6 +362,7 @@ class Engine:
         """Start the batch on the device; the requests' counts move on as if it had run."""
         began = time.perf_counter()
         launched = self.runner.launch(sched.chunks, self._in_flight)
+        launched.launched_at = began
         launched.launch_seconds = time.perf_counter() - began
         for c in sched.chunks:
             c.request.num_computed_tokens = c.end
@@ -370,7 +370,6 @@ class Engine:
                 c.request.num_pending += 1
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
-        self._launched_at = time.perf_counter()
         return launched
 
     def _collect(self) -> list[RequestOutput]:
@@ -381,22 +380,27 @@ class Engine:
         try:
             waited = time.perf_counter()
             result = self.runner.collect(step)
-            step.wait_seconds = time.perf_counter() - waited
+            done = time.perf_counter()
+            step.wait_seconds = done - waited
             self.stats.wait_seconds += step.wait_seconds
-            self._time_device(step)
+            num_tokens = sum(c.num_new_tokens for c in step.chunks)
+            busy = self._time_device(step, num_tokens)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
             failed: list[RequestOutput] = []
             for c in step.chunks:
                 if self._owns(c.request):
                     failed += self._fail_with(c.request, e)
             return failed
-        if self.hierarchy is not None:  # the step's time is real: collect ended in a host sync
-            num_tokens = sum(c.num_new_tokens for c in step.chunks)
-            self.hierarchy.observe_step(num_tokens, time.perf_counter() - self._launched_at)
+        if self.hierarchy is not None:
+            # What the step cost the device (CUDA events), else its launch to the end of its read
+            # back (the CPU computes in launch). Not the time since the latest launch: with overlap
+            # that is the next step's, and the cost model would learn steps as nearly free.
+            self.hierarchy.observe_step(num_tokens, busy or done - step.launched_at)
         return self._postprocess(step.chunks, result)
 
-    def _time_device(self, step: InFlight) -> None:
-        """Add the step's device time, and the device's idle time since the step before ended."""
+    def _time_device(self, step: InFlight, num_tokens: int) -> float:
+        """Add the step's device time, and the device's idle time since the step before ended.
+        Returns the device time (0 without CUDA events)."""
         busy = idle = 0.0
         if step.begin is not None and step.ready is not None:
             busy = step.begin.elapsed_time(step.ready) / 1e3
@@ -406,9 +410,9 @@ class Engine:
         self.stats.device_busy_seconds += busy
         self.stats.device_idle_seconds += idle
         if self.stats.step_trace is not None:
-            tokens = sum(c.num_new_tokens for c in step.chunks)
-            row = (len(step.chunks), tokens, step.launch_seconds, step.wait_seconds, busy, idle)
+            row = (len(step.chunks), num_tokens, step.launch_seconds, step.wait_seconds, busy, idle)
             self.stats.step_trace.append(row)
+        return busy
 
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """The batch failed to launch: run each chunk by itself, so the request at fault fails with

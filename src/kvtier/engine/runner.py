@@ -38,6 +38,7 @@ class InFlight:
     logprobs: _PendingLogprobs | None = None
     kept_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # return_logits rows
     begin: torch.cuda.Event | None = None  # recorded before the step's first work (CUDA)
+    launched_at: float = 0.0  # perf_counter when its launch began
     launch_seconds: float = 0.0  # host time to launch it
     wait_seconds: float = 0.0  # host time waiting for it to finish
 
@@ -99,6 +100,8 @@ class ModelRunner:
             self.graphs.capture()
 
     def _to_device(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(data, list):
+            return to_device_async(data, dtype, self.device)
         return self._host(data, dtype).to(self.device, non_blocking=True)
 
     def _host(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
