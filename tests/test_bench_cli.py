@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kvtier.bench.report import markdown_tables
@@ -40,6 +41,19 @@ def test_decode_on_a_tiny_model_reports_against_the_copy_ceiling(tmp_path: Path)
     assert doc["results"]["median"]["decode_tokens"] == 3
     headers, rows = markdown_tables((tmp_path / "decode.md").read_text())[0]
     assert headers[0] == "run" and [r[0] for r in rows] == ["run 1", "median"]
+
+
+@pytest.mark.slow
+def test_throughput_runs_the_hf_peer_on_the_same_workload(tmp_path: Path) -> None:
+    """Hugging Face's continuous batching runs the same prompts and output lengths after kvtier."""
+    args = ["throughput", "--model", "synthetic:tiny", "--num-requests", "4", "--min-len", "8"]
+    out = run([*args, "--max-len", "24", "--hf-peer", "--no-ceilings", "--json", str(tmp_path / "t.json")])
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    peer = results["hf_peer"]
+    assert "error" not in peer, peer
+    assert peer["output_tokens"] == results["output_tokens"] == results["expected_output_tokens"]
+    assert peer["kvtier_over_hf"] == results["output_tokens_per_s"] / peer["output_tokens_per_s"]
+    assert "HF continuous batching" in out
 
 
 def test_help_lists_each_commands_options() -> None:

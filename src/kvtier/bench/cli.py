@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-len", type=int, default=100, help="shortest input and output")
     t.add_argument("--max-len", type=int, default=None, help="longest input and output (1024 CUDA, 256 CPU)")
     t.add_argument("--warmup-requests", type=int, default=4)
+    t.add_argument(
+        "--hf-peer",
+        action="store_true",
+        help="then run Hugging Face's continuous batching on the same weights and workload",
+    )
     p = sub.add_parser("prefix", parents=[engine], help="TTFT with a cached prefix vs cold")
     p.add_argument("--prefix-len", type=int, default=2048)
     p.add_argument("--min-suffix", type=int, default=16)

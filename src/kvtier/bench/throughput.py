@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
@@ -108,7 +109,34 @@ def bench_throughput(args: argparse.Namespace) -> None:
             f"\nTTFT median {results['ttft_median_s']:.2f} s, p90 {results['ttft_p90_s']:.2f} s "
             "(every request queued at the start)"
         )
+    if args.hf_peer:
+        from kvtier.bench.hf_batch import hf_copy_on_host, hf_peer
+
+        device = engine.device
+        try:
+            model = hf_copy_on_host(engine)
+        except Exception as e:  # a peer that cannot start is reported, not fatal
+            results["hf_peer"] = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            engine.close()
+            del engine, final  # the pool and the graphs go: the peer gets the device's memory
+            gc.collect()
+            results["hf_peer"] = hf_peer(model, device, prompts, [o for _, o in lens])
+        _print_peer(results)
     finish(args, ctx, title, results)
+
+
+def _print_peer(results: dict[str, Any]) -> None:
+    peer = results["hf_peer"]
+    if "error" in peer:
+        print(f"\nHF peer failed: {peer['error']}")
+        return
+    peer["kvtier_over_hf"] = results["output_tokens_per_s"] / peer["output_tokens_per_s"]
+    print(
+        f"\nHF continuous batching (same weights, prompts and output lengths, same run): "
+        f"{peer['output_tokens_per_s']:.1f} output tok/s ({peer['output_tokens']} tokens in "
+        f"{peer['elapsed_s']:.1f} s); kvtier is {peer['kvtier_over_hf']:.1f}x"
+    )
 
 
 def _loop_times(engine: Engine) -> dict[str, float]:
