@@ -206,3 +206,37 @@ def test_a_long_decode_phase_keeps_the_prefill_fit() -> None:
         n = rng.randint(1, 4)
         cost.observe(n, true(n) * rng.uniform(0.97, 1.03))
         assert cost.recompute_s(2048, 2048) == pytest.approx(20e-6 * 2048, rel=0.2)
+
+
+def test_a_measured_host_bandwidth_turns_a_recompute_into_a_load() -> None:
+    """The estimate of a tier learns only from loads it makes: from a seed far below the real copy
+    rate a long prefix is always recomputed and the seed is never corrected. A measured seed (what
+    the engine gives the host tier at start) makes the same plan load."""
+    h, _, keys = _hierarchy(4)
+    try:
+        tokens = 4 * LAYOUT.block_size
+        h.step_cost.per_token_s = 1e-6
+        h.costs[0].latency_s = 0.0
+        h.costs[0].bandwidth_bps = 0.5 * (4 * BB) / h.step_cost.recompute_s(tokens, h.step_tokens)
+        assert h.plan(keys).num_blocks == 0  # at the seed, loading looks twice as dear
+        h.seed_bandwidth(4 * (4 * BB) / h.step_cost.recompute_s(tokens, h.step_tokens))
+        plan = h.plan(keys)
+        assert plan.num_blocks == 4
+        assert plan.predicted_load_s == pytest.approx(plan.predicted_recompute_s / 4)
+    finally:
+        h.close()
+
+
+def test_an_engine_with_a_host_tier_starts_from_the_measured_copy_rate() -> None:
+    from kvtier.cache.hierarchy import SEED_COSTS
+    from kvtier.config import EngineConfig
+    from kvtier.engine.engine import Engine
+
+    engine = Engine(EngineConfig.load({"model": "synthetic:tiny", "device": "cpu", "tiers": "host"}))
+    try:
+        assert engine.hierarchy is not None
+        measured = engine.hierarchy.costs[0].bandwidth_bps
+        assert measured != SEED_COSTS["host"].bandwidth_bps
+        assert measured > 1e8  # a memory copy, not a guess: even a loaded CPU copies 100 MB/s
+    finally:
+        engine.close()

@@ -207,6 +207,8 @@ def check_prompt_ids(prompt: Any, vocab_size: int) -> list[int]:
         )
     if not isinstance(prompt, (list, tuple)):
         raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {_show(prompt)}")
+    if prompt and all(type(t) is int for t in prompt) and min(prompt) >= 0 and max(prompt) < vocab_size:
+        return list(prompt)  # the common case, checked at C speed: 1.7 us a token otherwise
     ids: list[int] = []
     for i, t in enumerate(prompt):
         if not _is_int(t):

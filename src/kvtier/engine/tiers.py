@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -91,7 +92,7 @@ def build_hierarchy(
     namespace = tier_namespace(fingerprint, secret)  # another secret: another namespace, never a fight
     tiers = [make_tier(n, settings, namespace, layout, pin_memory=cuda) for n in names]
     codecs = [parse_codec(codec_text[n]) if n in codec_text else None for n in names]
-    return KVHierarchy(
+    hierarchy = KVHierarchy(
         tiers,
         codecs,
         layout,
@@ -105,6 +106,30 @@ def build_hierarchy(
         always_load=settings.load_policy == "always",
         write_queue_bytes=settings.write_queue_bytes,
     )
+    if "host" in names:
+        hierarchy.seed_bandwidth(host_copy_bandwidth(device))
+    return hierarchy
+
+
+HOST_COPY_PROBE_BYTES = 64 << 20  # long enough to reach the copy's rate, ~1 ms on a GPU
+
+
+def host_copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a copy from host memory to ``device`` (page-locked on CUDA, as the host
+    tier's slab is), best of three: what a load from the host tier can reach."""
+    cuda = device.type == "cuda"
+    src = torch.empty(HOST_COPY_PROBE_BYTES, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty_like(src, device=device)
+    best = float("inf")
+    for _ in range(3):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return HOST_COPY_PROBE_BYTES / best
 
 
 MAINTENANCE_NAMESPACE = "kvtier-maintenance"  # never written: maintenance works across namespaces
