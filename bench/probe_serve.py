@@ -1,5 +1,10 @@
 """One-off: where a streamed chat request's time goes in `kvtier serve` (issue 11's TTFT breakdown).
 
+Why a script and not a `kvtier bench` command: it is instrumentation, not a benchmark. It monkeypatches
+the server's internals (EngineLoop's thread mode, ``--engine-process off``: the stamps of every stage
+must be taken in one process), which change with them; it is kept to re-run the breakdown of
+docs/benchmarks.md "Serving", and fails loudly (AttributeError) once the internals it wraps move.
+
     python bench/probe_serve.py server --port P [kvtier serve flags]   # an instrumented server
     python bench/probe_serve.py client --port P [--conversations ...]   # load it, print the breakdown
 
@@ -248,7 +253,7 @@ def server(argv: list[str]) -> None:
         threading.Thread(target=sampler, daemon=True, name="sampler").start()
     from kvtier.cli import main
 
-    sys.argv = ["kvtier", "serve", *argv]
+    sys.argv = ["kvtier", "serve", "--engine-process", "off", *argv]  # the stamps need one process
     main()
 
 

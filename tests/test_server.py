@@ -310,4 +310,5 @@ def test_a_cpu_server_leaves_a_core_to_its_event_loop(server: KvtierServer) -> N
     assert torch_threads_for_server("cpu", {"OMP_NUM_THREADS": "2"}, 8) is None  # the user's choice wins
     assert torch_threads_for_server("cuda", {}, 16) is None
     expected = torch_threads_for_server("cpu", os.environ, os.cpu_count())
-    assert f"KV blocks, {expected if expected is not None else 'default'} torch threads)" in server.output()
+    threads = expected if expected is not None else "default"
+    assert f"KV blocks, {threads} torch threads, engine process " in server.output()  # the default mode

@@ -167,6 +167,13 @@ def serve(
             "(0: never; default 1 on CPU, 0 on CUDA)"
         ),
     ] = None,
+    engine_process: Annotated[
+        str,
+        typer.Option(
+            help="run the engine in its own process: on | off (a thread of the HTTP process) | auto (on)",
+            envvar="KVTIER_ENGINE_PROCESS",
+        ),
+    ] = "auto",
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -183,6 +190,7 @@ def serve(
         max_pending_requests=max_pending_requests,
         shutdown_timeout_s=shutdown_timeout,
         step_handoff=step_handoff,
+        engine_process=engine_process,
     )
     run_server(engine_config, settings, log_level)
 
@@ -231,6 +239,13 @@ def bench_serve(
     api_key: Annotated[str | None, typer.Option(help="API key for --url")] = None,
     offline: Annotated[bool, typer.Option(help="also run the workload on an in-process engine")] = False,
     launch: Annotated[bool, typer.Option(help="also start `kvtier serve` with the engine settings")] = False,
+    launch_as: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FLAGS: also start `kvtier serve FLAGS` (run 'server-NAME'), e.g. "
+            "'thread=--engine-process off'; repeat it to compare builds in the same rounds"
+        ),
+    ] = None,
     conversations: int = 32,
     turns: int = 4,
     system_prompts: Annotated[int, typer.Option(help="distinct shared system prompts")] = 2,
@@ -274,13 +289,19 @@ def bench_serve(
         conversations, turns, system_prompts, system_words, user_words, max_tokens, concurrency,
         request_rate, ignore_eos,
     )  # fmt: skip
+    variants = [_variant(v) for v in launch_as or []]
     runs: dict[str, list[Any]] = {}
+    loads: list[float] = []
     for r in range(repeat):  # alternated, so that each pair of runs sees the same machine load
         wr = dataclasses.replace(w, seed=w.seed + r)  # new system prompts: each repeat starts cold
         if offline:
             runs.setdefault("offline", []).append(bs.offline(wr, engine_config))
         if launch:
             runs.setdefault("server", []).append(bs.served(wr, engine_config, client=client))
+        for name, flags in variants:
+            runs.setdefault(f"server-{name}", []).append(
+                bs.served(wr, engine_config, client=client, extra_args=flags)
+            )
         if url:
             model = served_model or _first_model(url, api_key)
             root = url.rstrip("/")
@@ -288,12 +309,20 @@ def bench_serve(
             runs.setdefault("url", []).append(
                 asyncio.run(bs.run_http(wr, root, model, api_key, client=client))
             )
+        loads.append(_load_average()[0] if _load_average() else float("nan"))
     if not runs:
-        raise typer.BadParameter("nothing to run: give --url, --launch and/or --offline")
+        raise typer.BadParameter("nothing to run: give --url, --launch, --launch-as and/or --offline")
     body = bs.report(runs, w)
-    body["machine"] = {"load_average": _load_average(), "torch_threads": threads or "default"}
+    body["machine"] = {
+        "load_average": _load_average(),
+        "load_1min_per_round": loads,
+        "torch_threads": threads or "default",
+    }
     console.print(bs.table(body))
-    console.print(f"[dim]load average at the end: {body['machine']['load_average']}[/dim]")
+    console.print(
+        f"[dim]load average at the end: {body['machine']['load_average']}; 1-min load after each round: "
+        f"{' '.join(f'{x:.1f}' for x in loads)}[/dim]"
+    )
     if json_out:
         with open(json_out, "w") as f:
             json.dump(body, f, indent=1)
@@ -301,6 +330,15 @@ def bench_serve(
         from kvtier.bench.svg import plot_svg
 
         plot_svg(body, plot)
+
+
+def _variant(spec: str) -> tuple[str, list[str]]:
+    import shlex
+
+    name, sep, flags = spec.partition("=")
+    if not sep or not name.strip():
+        raise typer.BadParameter(f"--launch-as takes NAME=FLAGS, got {spec!r}")
+    return name.strip(), shlex.split(flags)
 
 
 def _first_model(url: str, api_key: str | None) -> str:

@@ -407,10 +407,14 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 3
 
 
 def served(
-    w: Workload, config: Any, startup_timeout: float = 300.0, client: str = "lean"
+    w: Workload,
+    config: Any,
+    startup_timeout: float = 300.0,
+    client: str = "lean",
+    extra_args: Sequence[str] = (),
 ) -> tuple[list[Sample], float]:
     """The workload on a fresh ``kvtier serve`` subprocess with ``config`` (written to a YAML file
-    for it): a cold cache, like a fresh offline engine."""
+    for it) and ``extra_args``: a cold cache, like a fresh offline engine."""
     import dataclasses
     import os
     import socket
@@ -427,6 +431,7 @@ def served(
         yaml.safe_dump({name: dataclasses.asdict(part) for name, part in config.parts().items()}, f)
     cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--config", f.name, "--port", str(port)]
     cmd += ["--log-level", "warning", "--max-pending-requests", str(max(1024, 4 * w.conversations))]
+    cmd += list(extra_args)
     proc = subprocess.Popen(cmd, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:

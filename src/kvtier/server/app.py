@@ -14,22 +14,23 @@ import copy
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry
 
 import kvtier
 from kvtier.engine.engine import Engine
 from kvtier.engine.request import InvalidRequestError
-from kvtier.metrics import CONTENT_TYPE_LATEST, EngineMetrics, render
+from kvtier.metrics import CONTENT_TYPE_LATEST
 from kvtier.server import completions as cmpl
 from kvtier.server.auth import AuthError, Tenants, cache_salt
 from kvtier.server.loop import EngineLoop, QueueFull, ShuttingDown
+from kvtier.server.outputs import EngineInfo
+from kvtier.server.proc_loop import EngineAddFailed, ProcessEngineLoop
 from kvtier.server.protocol import (
     BadParam,
     ChatCompletionRequest,
@@ -54,15 +55,28 @@ class ServerSettings:
     # None: 1.0 on a CPU engine (the threads only contend for the interpreter lock), 0 on CUDA (the
     # loop writes while the GPU computes the next step: waiting would idle the GPU)
     step_handoff: float | None = None
+    # where the engine runs: "on", its own process (the HTTP process only parses, formats and
+    # streams); "off", a thread of this process; "auto": see engine_process_for
+    engine_process: str = "auto"
 
     def __post_init__(self) -> None:
         if self.step_handoff is not None and not 0 <= self.step_handoff <= 10:
             raise ValueError(f"step_handoff must be between 0 and 10 (times a step), got {self.step_handoff}")
+        if self.engine_process not in ENGINE_PROCESS_CHOICES:
+            choices = ", ".join(ENGINE_PROCESS_CHOICES)
+            raise ValueError(f"engine_process must be one of {choices}, got {self.engine_process!r}")
+
+    def engine_process_for(self, device_type: str) -> bool:
+        """auto: on (docs/architecture.md "Server processes" says why, with the measurement)."""
+        return self.engine_process != "off"
 
     def handoff_for(self, device_type: str) -> float:
         if self.step_handoff is None:
             return 1.0 if device_type == "cpu" else 0.0
         return self.step_handoff
+
+
+ENGINE_PROCESS_CHOICES = ("auto", "on", "off")
 
 
 class UnknownModel(Exception):
@@ -71,17 +85,16 @@ class UnknownModel(Exception):
 
 @dataclass
 class ServerState:
-    engine: Engine
+    info: EngineInfo
     settings: ServerSettings
-    loop: EngineLoop
+    loop: EngineLoop | ProcessEngineLoop
     tenants: Tenants
     tokenizer: Any  # the HTTP side's own copy: a tokenizer object is not safe to share across threads
     model_names: list[str]
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.scheduler.limits.max_model_len
+        return self.info.max_model_len
 
     def token_text(self, token_id: int) -> str:
         return _token_text(self.tokenizer, token_id)
@@ -93,21 +106,24 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """The app over an engine in this process, driven by a thread (``engine_process=off``)."""
     settings = settings or ServerSettings()
-    registry = CollectorRegistry()
+    loop = EngineLoop(engine, settings.max_pending_requests, settings.handoff_for(engine.device.type))
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    return create_app_for(loop, EngineInfo.of(engine), tokenizer, settings)
+
+
+def create_app_for(
+    loop: EngineLoop | ProcessEngineLoop, info: EngineInfo, tokenizer: Any, settings: ServerSettings
+) -> FastAPI:
+    """The app over either loop: a thread over an Engine here, or the engine's own process."""
     state = ServerState(
-        engine=engine,
+        info=info,
         settings=settings,
-        loop=EngineLoop(
-            engine,
-            settings.max_pending_requests,
-            EngineMetrics(registry),
-            settings.handoff_for(engine.device.type),
-        ),
+        loop=loop,
         tenants=Tenants.build(settings.api_key, settings.api_keys_file),
-        tokenizer=copy.deepcopy(engine.tokenizer),
-        model_names=[settings.served_model_name or engine.loaded.name],
-        registry=registry,
+        tokenizer=tokenizer,
+        model_names=[settings.served_model_name or info.model_name],
     )
 
     @asynccontextmanager
@@ -168,6 +184,10 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     async def engine_failure(_: Request, e: cmpl.EngineFailure) -> JSONResponse:
         return _error(500, "internal_error", str(e))
 
+    @app.exception_handler(EngineAddFailed)
+    async def add_failed(_: Request, e: EngineAddFailed) -> JSONResponse:
+        return _error(500, "internal_error", str(e))
+
     @app.exception_handler(ShuttingDown)
     async def stopping(_: Request, e: ShuttingDown) -> JSONResponse:
         return _error(503, "server_unavailable", str(e), **retry)
@@ -201,7 +221,7 @@ def encode(state: ServerState, prompt: str | list[int], param: str) -> list[int]
         if state.tokenizer is None:
             raise BadParam("this model has no tokenizer: send token ids", param)
         return list(state.tokenizer.encode(prompt, add_special_tokens=True))
-    vocab = state.engine.loaded.config.vocab_size
+    vocab = state.info.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise BadParam(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
@@ -286,8 +306,8 @@ def _models(state: ServerState) -> Any:
 
 def _health(state: ServerState) -> Any:
     async def health() -> Response:
-        if state.loop.fatal is not None:
-            return _error(503, "server_unavailable", f"the engine loop failed: {state.loop.fatal}")
+        if (why := state.loop.unavailable()) is not None:
+            return _error(503, "server_unavailable", why)
         return JSONResponse({"status": "ok", "pending_requests": state.loop.num_pending})
 
     return health
@@ -295,8 +315,7 @@ def _health(state: ServerState) -> Any:
 
 def _metrics(state: ServerState) -> Any:
     async def metrics() -> Response:
-        await state.loop.refresh_metrics()
-        return Response(render(state.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await state.loop.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from kvtier.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from kvtier.engine.request import SamplingParams, TokenLogprob
 from kvtier.server.loop import RequestStream
+from kvtier.server.outputs import Delta
 from kvtier.server.protocol import BadParam, envelope, error_body, new_id, usage
 
 if TYPE_CHECKING:
@@ -95,24 +96,50 @@ def release_all(job: Job) -> None:
 async def collect(job: Job, request: Request) -> dict[str, Any]:
     """Wait for every completion; a client that disconnects meanwhile cancels this (and aborts)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
-    finals: list[list[RequestOutput]] = []
+    finals: list[list[Finished]] = []
     try:
         for stream in job.streams:
-            outs = []
-            while (out := await stream.queue.get()) is not None:
-                _raise_if_failed(stream, out)
-                outs.append(out)
+            done: dict[int, Finished] = {}
+            while (d := await stream.queue.get()) is not None:
+                _raise_if_failed(stream, d)
+                done.setdefault(d.completion, Finished(d.completion)).add(d)
             _raise_if_failed(stream)
-            finals.append(sorted(outs, key=lambda o: o.outputs[0].index))
+            finals.append([done[i] for i in sorted(done)])
     finally:
         watcher.cancel()
         release_all(job)
     choices = []
     for p, outs in enumerate(finals):
-        for out in outs:
-            c = out.outputs[0]
-            choices.append(_choice(job, p * job.n + c.index, c, c.text, c.logprobs or [], c.finish_reason))
+        for f in outs:
+            text = "".join(f.text)
+            choices.append(_choice(job, p * job.n + f.index, text, f.logprobs, f.finish_reason))
     return envelope(job.kind, job.rid, job.model, choices, usage=_usage(finals))
+
+
+@dataclass
+class Finished:
+    """One completion, put together from its deltas."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    served_from: str = "model"
+
+    def add(self, d: Delta) -> None:
+        self.text.append(d.text)
+        self.logprobs += d.logprobs or []
+        self.count(d)
+
+    def count(self, d: Delta) -> None:
+        """What the usage needs (a stream sends the text and logprobs as they come: not kept)."""
+        self.num_tokens += len(d.token_ids)
+        self.finish_reason = d.finish_reason
+        self.num_prompt_tokens, self.num_cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
+        self.served_from = d.served_from
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -127,39 +154,33 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
     content), its last (finish, usage, [DONE]) and a handler that fell behind by several steps each
     cost one write, not one per event."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
-    finals: list[list[RequestOutput]] = []
+    finals: list[list[Finished]] = []
     pending: list[str] = []
     try:
         for p, stream in enumerate(job.streams):
-            sent_text: dict[int, int] = {}
-            sent_tokens: dict[int, int] = {}
-            outs: list[RequestOutput] = []
+            seen: dict[int, Finished] = {}  # completion index -> its counts (text is not kept)
             while True:
                 if pending and stream.queue.empty():
                     yield "".join(pending)
                     pending.clear()
-                if (out := await stream.queue.get()) is None:
+                if (d := await stream.queue.get()) is None:
                     break
-                if out.error:  # headers are sent: the error goes in the stream, as vLLM does
-                    pending += [_sse(error_body(f"the request failed: {out.error}", "internal_error", 500))]
+                if d.error:  # headers are sent: the error goes in the stream, as vLLM does
+                    pending += [_sse(error_body(f"the request failed: {d.error}", "internal_error", 500))]
                     yield "".join([*pending, "data: [DONE]\n\n"])
                     return
-                c = out.outputs[0]
-                index = p * job.n + c.index
-                first = c.index not in sent_text
-                t0, k0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-                text, lps = c.text[t0:], (c.logprobs or [])[k0:]
-                sent_text[c.index], sent_tokens[c.index] = max(t0, len(c.text)), len(c.token_ids)
-                if out.finished:
-                    outs.append(out)
+                index = p * job.n + d.completion
+                first = d.completion not in seen
+                seen.setdefault(d.completion, Finished(d.completion)).count(d)
+                lps = d.logprobs or []
                 if first and job.chat:  # sent with the first token, as OpenAI does: a client's TTFT
                     role = {"role": "assistant", "content": ""}
                     pending.append(_sse(_chunk(job, [_delta_choice(job, index, role, None, None)])))
                 # the first token always makes a chunk, even before it makes text (a partial character)
-                if text or out.finished or (lps and job.want_logprobs) or (first and not job.chat):
-                    pending.append(_sse(_chunk(job, [_choice(job, index, c, text, lps, c.finish_reason)])))
+                if d.text or d.finished or (lps and job.want_logprobs) or (first and not job.chat):
+                    pending.append(_sse(_chunk(job, [_choice(job, index, d.text, lps, d.finish_reason)])))
             _raise_if_failed(stream)
-            finals.append(outs)
+            finals.append([seen[i] for i in sorted(seen)])
         if job.include_usage:
             pending.append(_sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals))))
         yield "".join([*pending, "data: [DONE]\n\n"])
@@ -183,7 +204,6 @@ def _sse(body: dict[str, Any]) -> str:
 def _choice(
     job: Job,
     index: int,
-    c: CompletionOutput,
     text: str,
     lps: list[TokenLogprob],
     finish_reason: str | None,
@@ -241,20 +261,20 @@ def _top_dict(text: Any, top: list[tuple[int, float]]) -> dict[str, float]:
     return out
 
 
-def _usage(finals: list[list[RequestOutput]]) -> dict[str, Any]:
-    prompt = sum(len(outs[0].prompt_token_ids) for outs in finals if outs)
+def _usage(finals: list[list[Finished]]) -> dict[str, Any]:
+    prompt = sum(outs[0].num_prompt_tokens for outs in finals if outs)
     cached = sum(outs[0].num_cached_tokens for outs in finals if outs)
-    completion = sum(len(o.outputs[0].token_ids) for outs in finals for o in outs)
+    completion = sum(f.num_tokens for outs in finals for f in outs)
     body = usage(prompt, completion, cached)
-    served = {str(s) for outs in finals for o in outs if (s := getattr(o, "served_from", None))}
-    if served:  # the result cache's answer (when the engine has one): where the completion came from
+    served = {f.served_from for outs in finals for f in outs}
+    if served:  # "model", or the result cache's answer: where the completions came from
         body["kvtier_served_from"] = served.pop() if len(served) == 1 else "mixed"
     return body
 
 
-def _raise_if_failed(stream: RequestStream, out: RequestOutput | None = None) -> None:
-    if out is not None and out.error:
-        raise EngineFailure(f"the request failed: {out.error}")
+def _raise_if_failed(stream: RequestStream, d: Delta | None = None) -> None:
+    if d is not None and d.error:
+        raise EngineFailure(f"the request failed: {d.error}")
     if stream.error is not None:
         raise EngineFailure(f"the engine failed: {stream.error}")
 

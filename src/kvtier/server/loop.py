@@ -27,9 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from kvtier.engine.engine import Engine
 from kvtier.engine.request import RequestOutput, SamplingParams
-from kvtier.metrics import EngineMetrics
+from kvtier.metrics import EngineMetrics, render
+from kvtier.server.outputs import Delta, DeltaTracker
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,18 @@ class ShuttingDown(Exception):
     """The server stops accepting requests (HTTP 503)."""
 
 
+class EngineUnavailable(ShuttingDown):
+    """The engine is gone (its thread failed or its process died): HTTP 503 naming why."""
+
+
 @dataclass
 class RequestStream:
-    """What a handler reads: every RequestOutput of one request's completions, then None at the end."""
+    """What a handler reads: every Delta of one request's completions, then None at the end."""
 
     request_id: str
     ids: list[str]
     final_only: bool = False  # deliver only finished outputs (a non-streaming handler needs no more)
-    queue: asyncio.Queue[RequestOutput | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Delta | None] = field(default_factory=asyncio.Queue)
     unfinished: set[str] = field(default_factory=set)
     error: BaseException | None = None
 
@@ -65,17 +72,18 @@ class EngineLoop:
         self,
         engine: Engine,
         max_pending: int,
-        metrics: EngineMetrics | None = None,
         handoff: float = 1.0,
     ) -> None:
         self.engine = engine
         self.max_pending = max_pending
-        self.metrics = metrics
+        self.registry = CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry)
         self.handoff = handoff  # the most a step's outputs are waited for, as a fraction of the step
         self._delivered = threading.Event()
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # child request id -> its stream (engine thread)
+        self._tracker = DeltaTracker()  # engine thread
         self._pending = 0  # accepted, unfinished requests (event-loop thread)
         self._accepting = True
         self._stop = False
@@ -105,7 +113,9 @@ class EngineLoop:
         final_only: bool = False,
     ) -> RequestStream:
         """Add a request; raises QueueFull, ShuttingDown, or the engine's InvalidRequestError."""
-        if not self._accepting or self.fatal is not None:
+        if self.fatal is not None:
+            raise EngineUnavailable(f"the engine loop failed: {self.fatal}")
+        if not self._accepting:
             raise ShuttingDown("the server is shutting down")
         if self._pending >= self.max_pending:
             raise QueueFull(f"the server has {self._pending} requests in flight, its limit: retry later")
@@ -114,7 +124,9 @@ class EngineLoop:
 
         def add() -> None:
             try:
-                ids = self.engine.add_request(token_ids, params, request_id, cache_salt=salt)
+                ids = self.engine.add_request(
+                    token_ids, params, request_id, cache_salt=salt, stream=not final_only
+                )
             except BaseException as e:  # InvalidRequestError, or a bug: the handler reports it
                 self._reply(done.set_exception, e)
                 return
@@ -138,9 +150,18 @@ class EngineLoop:
         if not stream.finished:
             self._send(lambda: self._abort(stream))
 
+    def unavailable(self) -> str | None:
+        """Why no request can be served now (/health's 503), or None."""
+        return f"the engine loop failed: {self.fatal}" if self.fatal is not None else None
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text of a fresh metrics snapshot."""
+        await self.refresh_metrics()
+        return render(self.registry)
+
     async def refresh_metrics(self) -> None:
         """A fresh metrics snapshot, made on the engine thread between two steps."""
-        if self.metrics is None or not self._thread.is_alive():
+        if not self._thread.is_alive():
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -204,12 +225,12 @@ class EngineLoop:
         """Hand the outputs to the event loop; whether there were any for it."""
         if not outputs:
             return False
-        batch: list[tuple[RequestStream, RequestOutput]] = []
+        batch: list[tuple[RequestStream, Delta]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None or (stream.final_only and not out.finished):
                 continue
-            batch.append((stream, out))
+            batch.append((stream, self._tracker.delta(out)))
             if out.finished:
                 del self._streams[out.request_id]
         if not batch:
@@ -219,7 +240,7 @@ class EngineLoop:
         self._event_loop.call_soon_threadsafe(self._deliver, batch)
         return True
 
-    def _deliver(self, batch: list[tuple[RequestStream, RequestOutput]]) -> None:
+    def _deliver(self, batch: list[tuple[RequestStream, Delta]]) -> None:
         """On the event loop: wake the handlers; once they ran (they were scheduled first, and each
         writes before it awaits again), let the engine thread go on."""
         _deliver(batch)
@@ -230,6 +251,7 @@ class EngineLoop:
         self.engine.abort(stream.request_id)
         for rid in stream.ids:
             self._streams.pop(rid, None)
+            self._tracker.forget(rid)
 
     def _abort_id(self, request_id: str) -> None:
         stream = next((s for s in self._streams.values() if s.request_id == request_id), None)
@@ -238,11 +260,10 @@ class EngineLoop:
 
     def _update_metrics(self) -> None:
         self._last_metrics = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.update(self.engine)
+        self.metrics.update(self.engine)
 
 
-def _deliver(batch: list[tuple[RequestStream, RequestOutput]]) -> None:
+def _deliver(batch: list[tuple[RequestStream, Delta]]) -> None:
     for stream, out in batch:
         if out.finished:
             stream.unfinished.discard(out.request_id)

@@ -19,8 +19,9 @@ import uvicorn
 from kvtier.config import EngineConfig
 from kvtier.engine.engine import Engine, resolve_device
 from kvtier.model.bert import is_encoder_folder
-from kvtier.server.app import ServerSettings, create_app
+from kvtier.server.app import ServerSettings, create_app, create_app_for
 from kvtier.server.loop import EngineLoop
+from kvtier.server.proc_loop import ProcessEngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class _Server(uvicorn.Server):
     """uvicorn's server, telling the engine loop to refuse new requests the moment a signal comes."""
 
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop | ProcessEngineLoop) -> None:
         super().__init__(config)
         self.engine_loop = loop
 
@@ -55,22 +56,34 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
         _serve(create_embedding_app(embedder, settings, config.model.model), settings, log_level)
         embedder.close()
         return
-    threads = torch_threads_for_server(resolve_device(config.model.device).type, os.environ, os.cpu_count())
-    if threads is not None:
-        import torch
+    device_type = resolve_device(config.model.device).type
+    threads = torch_threads_for_server(device_type, os.environ, os.cpu_count())
+    if settings.engine_process_for(device_type):
+        loop = ProcessEngineLoop(config, settings.max_pending_requests, log_level, threads)
+        app = create_app_for(loop, loop.info, loop.tokenizer, settings)
+        where = f"engine process {loop.process.pid}"
+    else:
+        if threads is not None:
+            import torch
 
-        torch.set_num_threads(threads)
-    engine = Engine(config)
-    app = create_app(engine, settings)
+            torch.set_num_threads(threads)
+        app = create_app(Engine(config), settings)
+        where = "engine thread"
+    info = app.state.kvtier.info
     log.warning(
-        "kvtier serving %s on http://%s:%d (%d KV blocks, %s torch threads)",
+        "kvtier serving %s on http://%s:%d (%d KV blocks, %s torch threads, %s)",
         app.state.kvtier.model_names[0],
         settings.host,
         settings.port,
-        engine.num_blocks,
+        info.num_blocks,
         threads if threads is not None else "default",
+        where,
     )
-    _serve(app, settings, log_level)
+    try:
+        _serve(app, settings, log_level)
+    finally:
+        if isinstance(app.state.kvtier.loop, ProcessEngineLoop):  # uvicorn failed before its lifespan
+            app.state.kvtier.loop.shutdown()
 
 
 def torch_threads_for_server(device_type: str, env: Mapping[str, str], cpus: int | None) -> int | None:

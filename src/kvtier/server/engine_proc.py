@@ -1,0 +1,178 @@
+"""The engine's own process (``engine_process=on``): vLLM V1's EngineCore, over the public Engine API.
+
+Why a process: an engine thread and the HTTP event loop in one interpreter take turns on its lock;
+every socket write of the loop waited for a torch call of the engine and the other way round, so the
+server's steps ran ~2x the offline engine's on a CPU (docs/benchmarks.md "Serving"). Here the engine
+has an interpreter of its own and the HTTP process only formats and streams.
+
+The child is started with ``spawn`` (a fresh interpreter: safe with CUDA, which a forked child of a
+process that touched it is not). Two one-way pipes carry pickled tuples:
+
+- HTTP -> engine: ``("add", request_id, token ids as int32 bytes, SamplingParams, salt, final_only)``,
+  ``("abort", request_id)``, ``("metrics", seq)``, ``("shutdown",)``.
+- engine -> HTTP: ``("ready", EngineInfo, tokenizer)`` once; then per loop turn at most one
+  ``("step", acks, deltas, metrics)``: the adds it took (``(request_id, error or None)``), every
+  completion's ``Delta`` of the step, and the Prometheus text of the metrics asked for; at the end
+  ``("closed", every write stored)`` or ``("failed", message)``.
+
+A thread reads the command pipe into a queue, so the HTTP side never waits for a step to end to hand
+over a request; the engine thread takes everything queued between two steps (requests that arrive
+together join one batch). The child ignores SIGINT and SIGTERM: the HTTP process drains and then
+says ``shutdown``, and a child whose parent died sees its pipe close and shuts down the same way
+(tiers flushed, exit 0).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kvtier.config import EngineConfig
+from kvtier.engine.request import InvalidRequestError
+from kvtier.server.outputs import Delta, DeltaTracker, EngineInfo
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL_S = 1.0  # the child's metrics snapshot is refreshed at least this often while busy
+_EOF = ("eof",)
+
+
+def run_engine_process(
+    commands: Connection, outputs: Connection, config: EngineConfig, log_level: str, threads: int | None
+) -> None:
+    """The child's main: build the engine, say ready, serve commands until shutdown or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the HTTP process drains first, then says shutdown
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(levelname)s %(name)s (engine process): %(message)s",
+    )
+    try:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        from kvtier.engine.engine import Engine
+
+        engine = Engine(config)
+    except BaseException as e:  # a model that does not load: the HTTP process reports it and exits
+        outputs.send(("failed", f"the engine did not start: {type(e).__name__}: {e}"))
+        sys.exit(1)
+    outputs.send(("ready", EngineInfo.of(engine), engine.tokenizer))
+    core = EngineCore(engine, outputs)
+    reader = threading.Thread(target=core.read, args=(commands,), name="kvtier-commands", daemon=True)
+    reader.start()
+    sys.exit(core.run())
+
+
+class EngineCore:
+    def __init__(self, engine: Any, outputs: Connection) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from kvtier.metrics import EngineMetrics
+
+        self.engine = engine
+        self.outputs = outputs
+        self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.tracker = DeltaTracker()
+        self.registry = CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry)
+        self._last_metrics = 0.0
+
+    def read(self, commands: Connection) -> None:
+        """The reader thread: commands into the inbox until the HTTP side closes its end."""
+        try:
+            while True:
+                self.inbox.put(commands.recv())
+        except (EOFError, OSError):
+            self.inbox.put(_EOF)
+
+    def run(self) -> int:
+        """Step while there is work; between steps, take every queued command. The exit status."""
+        try:
+            stop = False
+            while not stop:
+                acks: list[tuple[str, str | None]] = []
+                metrics: list[tuple[int, bytes]] = []
+                busy = self.engine.has_unfinished()
+                # idle: block for the next command (the metrics still refresh once a second)
+                stop = self._take(acks, metrics, block=not busy)
+                deltas = self._step() if self.engine.has_unfinished() and not stop else []
+                if time.monotonic() - self._last_metrics > METRICS_INTERVAL_S:
+                    self._update_metrics()
+                if acks or deltas or metrics:
+                    self.outputs.send(("step", acks, deltas, metrics))
+            return self._close()
+        except BaseException as e:  # a bug in the engine: say so (every request fails), then exit
+            log.exception("the engine process failed")
+            with contextlib.suppress(OSError):
+                self.outputs.send(("failed", f"the engine failed: {type(e).__name__}: {e}"))
+            return 1
+
+    def _take(
+        self, acks: list[tuple[str, str | None]], metrics: list[tuple[int, bytes]], block: bool
+    ) -> bool:
+        """Apply the queued commands (waiting for one when ``block``); whether to stop."""
+        try:
+            command = self.inbox.get(timeout=METRICS_INTERVAL_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            kind = command[0]
+            if kind == "add":
+                acks.append(self._add(*command[1:]))
+            elif kind == "abort":
+                self._abort(command[1])
+            elif kind == "metrics":
+                self._update_metrics()
+                from kvtier.metrics import render
+
+                metrics.append((command[1], render(self.registry)))
+            else:  # "shutdown", or the HTTP process is gone
+                return True
+            try:
+                command = self.inbox.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _add(
+        self, request_id: str, tokens: bytes, params: Any, salt: str | None, final_only: bool
+    ) -> tuple[str, str | None]:
+        ids = array.array("i")
+        ids.frombytes(tokens)
+        try:
+            self.engine.add_request(ids.tolist(), params, request_id, cache_salt=salt, stream=not final_only)
+        except InvalidRequestError as e:
+            return request_id, f"invalid: {e}"
+        except Exception as e:  # its own failure only: the others keep running
+            log.exception("adding request %s failed", request_id)
+            return request_id, f"failed: {type(e).__name__}: {e}"
+        return request_id, None
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.tracker.forget(request_id)
+
+    def _step(self) -> list[Delta]:
+        return [self.tracker.delta(out) for out in self.engine.step()]
+
+    def _update_metrics(self) -> None:
+        self._last_metrics = time.monotonic()
+        self.metrics.update(self.engine)
+
+    def _close(self) -> int:
+        """Abort what is left, store what the tiers should keep (Engine.close), say so."""
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+        ok = self.engine.close()
+        with contextlib.suppress(OSError):  # the HTTP process is gone: nobody to tell
+            self.outputs.send(("closed", ok))
+        return 0

@@ -1,0 +1,139 @@
+"""`kvtier serve` with the engine in its own process (the default): what that process layout adds.
+
+A dead engine process makes the server unhealthy and fails requests cleanly (no hang); SIGTERM drains
+and the engine process flushes its tiers and exits; the metrics are the engine process's counters;
+an engine process whose HTTP process was killed shuts itself down. Real servers on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from tests.kvtier_servers import KvtierServer
+
+MODEL = "synthetic:tiny"
+SERVER_ARGS = ("--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", "1024")
+LONG: dict[str, Any] = {"model": MODEL, "prompt": "a long one", "max_tokens": 1000, "ignore_eos": True}
+
+
+def engine_pid(server: KvtierServer) -> int:
+    m = re.search(r"engine process (\d+)\)", server.output())
+    assert m, server.output()
+    return int(m.group(1))
+
+
+def gone(pid: int, timeout: float = 60.0) -> bool:
+    """Whether ``pid`` exits (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_engine_process_fails_requests_and_health() -> None:
+    server = KvtierServer(*SERVER_ARGS)
+    try:
+        pid = engine_pid(server)
+        results: dict[str, httpx.Response] = {}
+
+        def non_streamed() -> None:
+            results["r"] = httpx.post(server.url + "/v1/completions", json=LONG, timeout=60)
+
+        waiter = threading.Thread(target=non_streamed)
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json={**LONG, "stream": True}, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")  # it runs
+            waiter.start()
+            time.sleep(0.5)  # the non-streamed one is in the engine too
+            os.kill(pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]  # ends: the server closes it
+        assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2], rest[-3:]
+        assert "engine process exited with code -9" in rest[-2]
+        waiter.join(60)
+        assert results["r"].status_code == 500, results["r"].text
+        assert "engine process exited with code -9" in results["r"].json()["error"]["message"]
+        health = httpx.get(server.url + "/health", timeout=10)
+        assert health.status_code == 503 and "exited with code -9" in health.json()["error"]["message"]
+        start = time.monotonic()
+        refused = httpx.post(server.url + "/v1/completions", json={**LONG, "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and "exited with code -9" in refused.json()["error"]["message"]
+        assert time.monotonic() - start < 5  # refused at once, not after a timeout
+        assert httpx.get(server.url + "/metrics", timeout=10).status_code == 200  # the last snapshot
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_metrics_are_the_engine_process_counters() -> None:
+    server = KvtierServer(*SERVER_ARGS)
+    try:
+        before = server.wait_idle()
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for i in range(3):
+            c.completions.create(
+                model=MODEL, prompt=f"count me {i}", max_tokens=5, extra_body={"ignore_eos": True}
+            )
+        after = server.wait_idle()
+
+        def grew(name: str) -> float:
+            return after[f"kvtier:{name}"] - before[f"kvtier:{name}"]
+
+        assert grew("requests_finished_total") == 3
+        assert grew("generated_tokens_total") == 15
+        assert grew("time_to_first_token_seconds_count") == 3
+        assert grew("e2e_request_latency_seconds_count") == 3
+        assert grew("prompt_tokens_total") == sum(len(f"count me {i}") for i in range(3))
+        assert grew("engine_steps_total") >= 5
+        assert after["kvtier:pool_blocks_in_use"] == 0
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_sigterm_drains_then_the_engine_process_flushes_and_exits(tmp_path: Path) -> None:
+    tiers = {"KVTIER_TIERS": "disk", "KVTIER_DISK_PATH": str(tmp_path / "cache")}
+    server = KvtierServer(*SERVER_ARGS, "--shutdown-timeout", "60", env=tiers)
+    pid = engine_pid(server)
+    body = {"model": MODEL, "prompt": "persist me " * 20, "max_tokens": 200, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        server.terminate()  # in flight: it must still finish
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"completion_tokens":200' in rest[-2], rest[-3:]
+    assert server.wait(90) == 0, server.output()
+    assert gone(pid, 10), "the engine process outlived its server"
+    assert "Traceback" not in server.output(), server.output()
+    again = KvtierServer(*SERVER_ARGS, env=tiers)  # a fresh process: what the first one stored below
+    try:
+        c = openai.OpenAI(base_url=again.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        out = c.completions.create(model=MODEL, prompt=body["prompt"], max_tokens=2)
+        assert out.usage is not None and out.usage.prompt_tokens_details is not None
+        assert (out.usage.prompt_tokens_details.cached_tokens or 0) >= 16 * 13  # every full block
+    finally:
+        assert again.stop() == 0, again.output()
+
+
+def test_an_engine_process_whose_server_was_killed_exits() -> None:
+    server = KvtierServer(*SERVER_ARGS)
+    pid = engine_pid(server)
+    server.proc.kill()
+    server.proc.wait(30)
+    assert gone(pid), "the engine process kept running without its HTTP process"
