@@ -59,8 +59,9 @@ if not SMALL:
     ]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-span", "split-keys"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_paged_prefill_matches_reference(case: tuple) -> None:
+def test_paged_prefill_matches_reference(case: tuple, split: bool) -> None:
     from kvtier.model.kernels.paged_prefill import paged_prefill
 
     rows, heads, kv_heads, dim, page, window, dtype = case
@@ -79,7 +80,36 @@ def test_paged_prefill_matches_reference(case: tuple) -> None:
     lens = torch.tensor([1, *ctx], dtype=torch.int32, device=DEVICE)
     tables = torch.cat([table[:1], table])
     out = torch.full_like(q, float("nan"))
-    paged_prefill(q, pool, tables, qsl, lens, 1, rows, max(qlens), dim**-0.5, window, out)
+    # split: the host says where the rows' tokens are, so a batch of few tiles may split its keys
+    where = {"token_span": (0, sum(qlens)), "max_context": max(ctx)} if split else {}
+    paged_prefill(q, pool, tables, qsl, lens, 1, rows, max(qlens), dim**-0.5, window, out, **where)
     assert not out.isnan().any()
     ref = reference_prefill(q, pool, table, qlens, ctx, dim**-0.5, window)
     assert rel_err(out.cpu(), ref) < (2e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_a_short_extend_over_a_long_prefix_splits_its_keys(window: int | None) -> None:
+    """A few new tokens after a long cached prefix (a follow-up turn): one row, one tile, so the
+    keys are split across programs; the merged result equals the reference. Decode rows in front
+    (one token each) put the extend's tokens at an offset."""
+    from kvtier.model.kernels.paged_prefill import _splits, paged_prefill
+
+    rng = random.Random(7)
+    heads, kv_heads, dim, page, dtype = 4, 2, 16, 8, torch.float32
+    decodes, qlen, cached = 2, 5, 300 if SMALL else 3000
+    ctx = [17, 9, qlen + cached]
+    pool, table = random_pool(rng, ctx, page, kv_heads, dim, dtype)
+    q = torch.randn((decodes + qlen, heads, dim)).to(dtype).to(DEVICE)
+    qsl = torch.tensor([0, 1, 2, 2 + qlen], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    span = (decodes, qlen)
+    assert _splits(1, kv_heads, heads, 16, 64, span, ctx[-1], q.device) > 1
+    out = torch.full_like(q, float("nan"))
+    paged_prefill(
+        q, pool, table, qsl, lens, decodes, 1, qlen, dim**-0.5, window, out,
+        token_span=span, max_context=ctx[-1],
+    )  # fmt: skip
+    assert out[:decodes].isnan().all()  # the decode rows' outputs are not the prefill's to write
+    ref = reference_prefill(q[decodes:], pool, table[decodes:], [qlen], ctx[decodes:], dim**-0.5, window)
+    assert rel_err(out[decodes:].cpu(), ref) < 2e-5

@@ -298,6 +298,8 @@ class TritonPagedAttention:
                 sliding_window,
                 out,
                 kv_scales,
+                token_span=(nd, sum(meta.query_lens_host[nd:])),  # decode rows: one token each
+                max_context=max(meta.context_lens_host[nd:]),
             )
         elif meta.num_rows > nd:
             prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scales, out)

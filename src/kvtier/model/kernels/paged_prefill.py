@@ -7,6 +7,11 @@ row and one KV head, with all the query heads of its GQA group: the tile's rows 
 pairs, ``BLOCK_M * GROUP_PAD`` of them, so every K/V tile read serves the whole group. Keys run
 from the row's window start to the tile's last query position; the causal and window masks are
 applied per element, so tiles need no alignment with the pool's pages.
+
+A short extend over a long cached prefix (a 26-token follow-up to a 4k prompt) has few tiles: 16
+programs for the 8B, each walking all 4k keys, 123 us a layer on an H200 where the bytes allow
+~5. Such a batch also splits each tile's keys into ``NUM_SPLITS`` spans (split-K, as the decode
+kernel does) and merges the spans' partial softmaxes with the decode kernel's combine step.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.model.kernels.paged_decode import LOG2E, dot_precision, fp8_scales
+from kvtier.model.kernels.paged_decode import (
+    LOG2E,
+    _combine_kernel,
+    choose_splits,
+    dot_precision,
+    fp8_scales,
+)
 
 
 # Triton compiles one variant per "divisible by 16 / equal to 1" class of each integer argument:
 # these change with every batch (the number of decode rows before the prefill rows, the block
 # table's width), so specialising on them compiled new variants mid-serving (0.4 s each).
-@triton.jit(do_not_specialize=["window", "row_offset", "stride_bt"])
+@triton.jit(do_not_specialize=["window", "row_offset", "stride_bt", "token_offset"])
 def _prefill_kernel(
     q_ptr,
     k_cache,
@@ -30,6 +41,9 @@ def _prefill_kernel(
     query_start,
     context_lens,
     out_ptr,
+    mid_o,
+    mid_lse,
+    token_offset,
     k_scale,
     v_scale,
     sm_scale,
@@ -50,11 +64,13 @@ def _prefill_kernel(
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     FP8: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0) + row_offset
-    tile = tl.program_id(1)
+    tile = tl.program_id(1) // NUM_SPLITS
+    split = tl.program_id(1) % NUM_SPLITS
     kvh = tl.program_id(2)
     q_lo = tl.load(query_start + row)
     qlen = tl.load(query_start + row + 1) - q_lo
@@ -76,6 +92,10 @@ def _prefill_kernel(
         last = tl.minimum(first_pos + tile * BLOCK_M + BLOCK_M, ctx)  # keys [lo, last)
         lo = tl.where(window > 0, tl.maximum(first_pos + tile * BLOCK_M - window + 1, 0), 0)
         lo = (lo // BLOCK_N) * BLOCK_N
+        if NUM_SPLITS > 1:  # this program's span of the tile's keys, whole BLOCK_N tiles each
+            span = tl.cdiv(tl.cdiv(last - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+            lo = lo + split * span
+            last = tl.minimum(last, lo + span)
         m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_M * GROUP_PAD, D_PAD], tl.float32)
@@ -102,13 +122,24 @@ def _prefill_kernel(
             l_sum = l_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        o = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-        o_off = (q_lo + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
-        tl.store(
-            out_ptr + o_off[:, None] + d[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=rmask[:, None] & dmask[None, :],
-        )
+        empty = l_sum == 0.0
+        o = acc / tl.where(empty, 1.0, l_sum)[:, None]
+        if NUM_SPLITS == 1:
+            o_off = (q_lo + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
+            tl.store(
+                out_ptr + o_off[:, None] + d[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=rmask[:, None] & dmask[None, :],
+            )
+        else:
+            # mid_o: [tokens, q heads, splits, D_PAD] float32 from the first prefill token on;
+            # mid_lse: [tokens, q heads, splits]; the combine kernel's layout
+            num_heads = tl.num_programs(2) * GROUP
+            base = ((q_lo + tok - token_offset).to(tl.int64) * num_heads + kvh * GROUP + g) * NUM_SPLITS
+            base = base + split
+            tl.store(mid_o + base[:, None] * D_PAD + d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+            lse = tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l_sum)))
+            tl.store(mid_lse + base, lse, mask=rmask)
 
 
 def paged_prefill(
@@ -124,10 +155,15 @@ def paged_prefill(
     sliding_window: int | None,
     out: torch.Tensor,
     kv_scales: torch.Tensor | None = None,
+    token_span: tuple[int, int] | None = None,
+    max_context: int | None = None,
 ) -> torch.Tensor:
     """Rows ``first_row .. first_row + num_rows`` of the batch: their queries ``q[query_start_loc[r]
     : query_start_loc[r + 1]]`` (q: [T, heads, D]) sit at the last positions of their contexts and
     see every key up to their own position (the window's last ones when set). Writes ``out`` rows.
+
+    ``token_span`` (first token of those rows, their token count) and ``max_context`` (their
+    longest context), known on the host, let a batch of few query tiles split its keys.
     """
     _, heads, dim = q.shape
     _, _, page, kv_heads, _ = kv_layer.shape
@@ -142,8 +178,14 @@ def paged_prefill(
     d_pad = max(16, triton.next_power_of_2(dim))
     block_n = 64 if d_pad <= 128 else 32
     k_cache, v_cache = kv_layer[0], kv_layer[1]
-    grid = (num_rows, triton.cdiv(max_query_len, block_m), kv_heads)
-    _prefill_kernel[grid](
+    tiles = triton.cdiv(max_query_len, block_m)
+    splits = _splits(num_rows * tiles, kv_heads, heads, d_pad, block_n, token_span, max_context, q.device)
+    token_offset, num_tokens = token_span or (0, 0)
+    mid_o = mid_lse = out  # unused with one split
+    if splits > 1:
+        mid_o = torch.empty((num_tokens, heads, splits, d_pad), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((num_tokens, heads, splits), dtype=torch.float32, device=q.device)
+    _prefill_kernel[(num_rows, tiles * splits, kv_heads)](
         q,
         k_cache,
         v_cache,
@@ -151,6 +193,9 @@ def paged_prefill(
         query_start_loc,
         context_lens,
         out,
+        mid_o,
+        mid_lse,
+        token_offset,
         k_scale,
         v_scale,
         scale * LOG2E,
@@ -171,8 +216,44 @@ def paged_prefill(
         PAGE=page,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        NUM_SPLITS=splits,
         FP8=fp8,
         PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )
+    if splits > 1:
+        span = out[token_offset : token_offset + num_tokens]
+        _combine_kernel[(num_tokens, heads)](
+            mid_o,
+            mid_lse,
+            span,
+            span.stride(0),
+            span.stride(1),
+            HEAD_DIM=dim,
+            D_PAD=d_pad,
+            NUM_SPLITS=splits,
+        )
     return out
+
+
+SPLIT_WORKSPACE_BYTES = 64 << 20  # the partial results of a split batch, at most
+
+
+def _splits(
+    programs: int,
+    kv_heads: int,
+    heads: int,
+    d_pad: int,
+    block_n: int,
+    token_span: tuple[int, int] | None,
+    max_context: int | None,
+    device: torch.device,
+) -> int:
+    """Key splits per tile: enough programs to fill the GPU (one when the tiles already do, or when
+    the host did not say where the rows' tokens are), within the workspace bound."""
+    if token_span is None or max_context is None:
+        return 1
+    n = choose_splits(programs, kv_heads, max_context, block_n, device)
+    while n > 1 and token_span[1] * heads * n * (d_pad + 1) * 4 > SPLIT_WORKSPACE_BYTES:
+        n //= 2
+    return n
