@@ -39,6 +39,9 @@ class ModelSettings:
     seed: int = 0  # synthetic weights
     attention_backend: str = "auto"  # auto (triton on CUDA when installed, else torch), torch, triton
     cuda_graph_max_batch: int = 256  # decode CUDA graphs up to this batch (CUDA + triton); 0: none
+    # CUDA graphs of a step that is one short prefill / extend (a follow-up turn on a cached
+    # prefix), up to this many new tokens; 0: none
+    cuda_graph_extend_tokens: int = 128
 
 
 @dataclass
@@ -183,8 +186,9 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_cache_fraction must be in (0, 1], got {p.cpu_kv_cache_fraction}")
         if p.kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {p.kv_cache_dtype!r}")
-        if self.model.cuda_graph_max_batch < 0:
-            raise ConfigError(f"cuda_graph_max_batch must be >= 0, got {self.model.cuda_graph_max_batch}")
+        for name in ("cuda_graph_max_batch", "cuda_graph_extend_tokens"):
+            if getattr(self.model, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self.model, name)}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self._validate_results()

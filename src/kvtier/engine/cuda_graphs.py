@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step, one per bucketed batch size, captured at start-up.
+"""CUDA graphs of the decode step, one per bucketed batch size, and of a short extend step, one per
+bucketed token count, captured at start-up.
 
 A batch-1 decode step of a small model is a few hundred kernels of a few microseconds each; launched
 one by one from Python the launches, not the GPU, set the pace. A graph replays them all with one
@@ -10,6 +11,12 @@ Batches larger than the largest bucket, and any batch with a prefill row, run ea
 The decode kernel's grid is frozen at capture, so each graph is captured for the longest context
 the engine allows (``decode_splits`` for that length); the kernel cuts each row's own keys into
 those splits, so short rows do not pay for it.
+
+A step that is one prefill row of a few tokens (a follow-up turn whose prefix is cached) is also a
+few hundred launches: on the H200's host, ~80 us each, 25-35 ms for the 8B where the device needs
+~8. ``ExtendGraphs`` replays it. The row's tokens are padded to the bucket: padding tokens write
+no K/V (slot -1), the prefill kernel masks them out of attention (it reads the row's real length
+from ``query_start``), and only the last real token's logits are taken.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.greedy: dict[int, torch.Tensor] = {}  # each row's argmax, computed in the graph too
         self.capture_seconds = 0.0
+        self.pool: Any = None  # the graphs' memory pool, once captured
 
     @property
     def max_batch(self) -> int:
@@ -129,6 +137,7 @@ class DecodeGraphs:
                 self.greedy[b] = argmax_rows(self.logits[b])
             pool = graph.pool()
             self.graphs[b] = graph
+        self.pool = pool
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         log.info(
@@ -160,3 +169,105 @@ class DecodeGraphs:
             self.ids.index_copy_(0, fill.rows, fill.tokens)
         self.graphs[b].replay()
         return self.logits[b][:batch], self.greedy[b][:batch]
+
+
+EXTEND_BUCKETS = (16, 32, 64, 128, 256)
+
+
+class ExtendGraphs:
+    """Graphs of a step that is a single prefill / extend row of up to ``max_tokens`` new tokens."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        max_tokens: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.max_model_len = max_model_len
+        self.buckets = [b for b in EXTEND_BUCKETS if b <= max_tokens] or (
+            [max_tokens] if max_tokens > 1 else []
+        )
+        n = self.buckets[-1] if self.buckets else 0
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.row = torch.zeros(3, dtype=torch.int32, device=device)  # query start 0, query end, context
+        self.logits_row = torch.zeros(1, dtype=torch.int64, device=device)  # the last real token
+        self.block_tables = torch.zeros(
+            (1, -(-max_model_len // kv_cache.shape[3])), dtype=torch.int32, device=device
+        )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1] if self.buckets else 0
+
+    def bucket(self, tokens: int) -> int | None:
+        return next((b for b in self.buckets if b >= tokens), None)
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:tokens],
+            query_start_loc=self.row[:2],
+            context_lens=self.row[2:3],
+            block_tables=self.block_tables,
+            query_lens_host=[tokens],  # the grid's tiles, for the bucket's every token
+            context_lens_host=[self.max_model_len],  # the key splits, for the longest context
+            num_decodes=0,
+        )
+
+    @torch.inference_mode()
+    def capture(self, pool: Any = None) -> float:
+        """Capture every bucket, largest first, into ``pool`` (the decode graphs'). Returns seconds."""
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        for t in reversed(self.buckets):
+            self.row.copy_(torch.tensor([0, t, t], dtype=torch.int32))
+            self.logits_row.fill_(t - 1)
+            args = (self.ids[:t], self.positions[:t], self.kv_cache, self._meta(t), self.logits_row)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.model(*args)  # compiles this shape's kernels outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.logits[t] = self.model(*args)
+                self.greedy[t] = argmax_rows(self.logits[t])
+            pool = graph.pool()
+            self.graphs[t] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        log.info(
+            "captured %d extend CUDA graphs (tokens %s) in %.2f s",
+            len(self.buckets),
+            self.buckets,
+            self.capture_seconds,
+        )
+        return self.capture_seconds
+
+    def run(
+        self, tokens: torch.Tensor, row: torch.Tensor, block_table: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens``: host [4, bucket] int64 (ids, positions, slots with -1 for padding, and the
+        last real token's index first in the fourth); ``row``: host [3] int32 (0, new tokens, context
+        length); ``block_table``: host [1, width]. Returns the last real token's [1, vocab] float32
+        logits and its argmax."""
+        t = tokens.shape[1]
+        self.ids[:t].copy_(tokens[0], non_blocking=True)
+        self.positions[:t].copy_(tokens[1], non_blocking=True)
+        self.slots[:t].copy_(tokens[2], non_blocking=True)
+        self.logits_row.copy_(tokens[3, :1], non_blocking=True)
+        self.row.copy_(row, non_blocking=True)
+        self.block_tables[:, : block_table.shape[1]].copy_(block_table, non_blocking=True)
+        self.graphs[t].replay()
+        self.replays += 1
+        return self.logits[t], self.greedy[t]

@@ -121,6 +121,7 @@ class Engine:
             self.device,
             max_model_len=max_len,
             graph_max_batch=min(ms.cuda_graph_max_batch, ss.max_num_seqs),
+            graph_extend_tokens=min(ms.cuda_graph_extend_tokens, ss.max_num_batched_tokens),
         )
         self.kv = (
             KVTransfer(self.hierarchy, self.pool, self.runner.kv_cache)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kvtier.cache.keys import KVLayout
-from kvtier.engine.cuda_graphs import DecodeGraphs, argmax_rows
+from kvtier.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, argmax_rows
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
@@ -83,8 +83,10 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int | None = None,
         graph_max_batch: int = 0,
+        graph_extend_tokens: int = 0,
     ) -> None:
-        """``graph_max_batch`` > 0 captures decode graphs up to that batch (CUDA + Triton backend only)."""
+        """``graph_max_batch`` > 0 captures decode graphs up to that batch, ``graph_extend_tokens`` > 0
+        graphs of a one-row extend step up to that many tokens (CUDA + Triton backend only)."""
         self.model = model
         self.layout = layout
         self.device = device
@@ -93,11 +95,15 @@ class ModelRunner:
         self._pin = device.type == "cuda"
         self.tables = BlockTables()
         self.graphs: DecodeGraphs | None = None
+        self.extend_graphs: ExtendGraphs | None = None
         graphable = device.type == "cuda" and isinstance(model.attention_backend, TritonPagedAttention)
+        max_len = max_model_len or model.config.max_position_embeddings
         if graph_max_batch > 0 and graphable:
-            max_len = max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, max_len, device)
             self.graphs.capture()
+        if graph_extend_tokens > 1 and graphable and model.fused:
+            self.extend_graphs = ExtendGraphs(model, self.kv_cache, graph_extend_tokens, max_len, device)
+            self.extend_graphs.capture(self.graphs.pool if self.graphs is not None else None)
 
     def _to_device(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(data, list):
@@ -185,6 +191,35 @@ class ModelRunner:
             fill=fill,
         )
 
+    def _extend_graph_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the extend graph of a step that is one prefill row of few tokens: (logits of its
+        last token, greedy token); None when the step is not one."""
+        g = self.extend_graphs
+        if g is None or len(chunks) != 1 or chunks[0].is_decode or chunks[0].num_new_tokens > g.max_tokens:
+            return None
+        c = chunks[0]
+        start, n, bs = c.start, c.num_new_tokens, self.layout.block_size
+        b = g.bucket(n)
+        assert b is not None
+        known = c.request.token_ids(start, start + n)
+        if len(known) != n:  # a token still on the device: only decodes read those (eager path)
+            return None
+        pos = np.arange(start, start + n)
+        table = self.tables.row(c.request)
+        tokens = np.zeros((4, b), dtype=np.int64)
+        tokens[0, :n] = known
+        tokens[1, :n] = pos
+        tokens[2] = -1
+        tokens[2, :n] = table[pos // bs].astype(np.int64) * bs + pos % bs
+        tokens[3, 0] = n - 1
+        row = np.array([0, n, start + n], dtype=np.int32)
+        width = -(-(start + n) // bs)
+        return g.run(
+            self._host(tokens, torch.int64),
+            self._host(row, torch.int32),
+            self._host(np.ascontiguousarray(table[:width][None, :]), torch.int32),
+        )
+
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], previous: InFlight | None = None) -> InFlight:
         """Start one step on the device and return without waiting for it. A decode whose input is
@@ -193,7 +228,7 @@ class ModelRunner:
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
-        replayed = self._graph_logits(chunks, fill)
+        replayed = self._graph_logits(chunks, fill) or self._extend_graph_logits(chunks)
         if replayed is not None:
             logits, greedy = replayed
         else:
