@@ -24,6 +24,7 @@ from kvtier.cache.policy import POLICIES
 from kvtier.model.attention import ATTENTION_BACKENDS
 
 ENV_PREFIX = "KVTIER_"
+DECODE_GEMV_MODES = ("auto", "on", "off")  # kernels/gemv.GEMV_MODES (that module needs triton)
 EXPLICIT_EMPTY = ("disk_path",)  # an empty value is refused, not read as "use the default"
 
 
@@ -42,6 +43,10 @@ class ModelSettings:
     # CUDA graphs of a step that is one short prefill / extend (a follow-up turn on a cached
     # prefix), up to this many new tokens; 0: none
     cuda_graph_extend_tokens: int = 128
+    # fused path's projections with at most decode_gemv_max_m rows: the small-M Triton kernel
+    # (kernels/gemv.py) instead of F.linear. auto: on CUDA only; on: wherever triton runs; off: never
+    decode_gemv: str = "auto"
+    decode_gemv_max_m: int = 8
 
 
 @dataclass
@@ -189,6 +194,12 @@ class EngineConfig:
         for name in ("cuda_graph_max_batch", "cuda_graph_extend_tokens"):
             if getattr(self.model, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self.model, name)}")
+        if self.model.decode_gemv not in DECODE_GEMV_MODES:
+            raise ConfigError(
+                f"decode_gemv must be one of {', '.join(DECODE_GEMV_MODES)}, got {self.model.decode_gemv!r}"
+            )
+        if not 0 <= self.model.decode_gemv_max_m <= 64:
+            raise ConfigError(f"decode_gemv_max_m must be in [0, 64], got {self.model.decode_gemv_max_m}")
         if s.max_num_batched_tokens < 1 or s.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self._validate_results()

@@ -15,6 +15,9 @@ Parts (``--parts`` picks some; all by default):
   agree      greedy agreement and logit error over 64 prompts: Triton + graphs vs the torch
              reference on the same device (bf16), and an fp8 pool vs bf16
   profile    kernel time by name for one eager batch-1 step (what a graph replays) (CUDA)
+  gemv       every projection shape of each model at M = 1..64 rows: F.linear (default BLAS,
+             cuBLASLt) and the small-M Triton kernel's configs, checked against float32, per call
+             under CUDA-graph replay; fraction of bandwidth; per-step sums (CUDA)
 
 Never asserts on time; prints a line per measurement and a table per part, and writes everything
 to --json (or DIR/gpu-decode.json with --out DIR). One broken part does not lose the others' figures.
@@ -45,8 +48,8 @@ from kvtier.engine.llm import LLM
 from kvtier.engine.request import SamplingParams
 
 MODELS = ("synthetic:llama-3.2-1b", "synthetic:llama-3.1-8b")
-PART_NAMES = ("ceiling", "batch1", "batch64", "agree", "attention", "profile", "hf")
-CUDA_ONLY = ("attention", "profile")
+PART_NAMES = ("ceiling", "batch1", "batch64", "agree", "attention", "profile", "hf", "gemv")
+CUDA_ONLY = ("attention", "profile", "gemv")
 
 
 @dataclass
@@ -77,6 +80,21 @@ class GpuDecodeRun:
         return self.llm(model, **kw).engine
 
     def llm(self, model: str, **kw: Any) -> LLM:
+        return LLM(**self.settings(model, **kw))
+
+    def gemv_engine(self, model: str, **kw: Any) -> Engine:
+        """An engine whose fused path runs the small-M projection kernel (decode_gemv=on), set on
+        the model before the engine captures its graphs (works whether or not the engine passes
+        the setting on itself)."""
+        from kvtier.config import EngineConfig
+        from kvtier.model.loader import load_model
+
+        cfg = EngineConfig.load(self.settings(model, decode_gemv="on", **kw))
+        loaded = load_model(model, self.dev, getattr(torch, self.dtype), cfg.model.seed)
+        loaded.model.use_fused_kernels(gemv="on", gemv_max_m=cfg.model.decode_gemv_max_m)
+        return Engine(cfg, loaded)
+
+    def settings(self, model: str, **kw: Any) -> dict[str, Any]:
         settings: dict[str, Any] = dict(
             model=model,
             device=str(self.dev),
@@ -88,7 +106,7 @@ class GpuDecodeRun:
         settings.update(kw)
         if self.kv_cache_memory is not None:
             settings["kv_cache_memory"] = self.kv_cache_memory
-        return LLM(**settings)
+        return settings
 
 
 # -- ceiling -----------------------------------------------------------------------------------------
@@ -129,14 +147,17 @@ def part_batch1(run: GpuDecodeRun) -> None:
             ("triton+graphs", {}),
             ("triton eager", {"cuda_graph_max_batch": 0}),
         ]
+        if run.dev.type == "cuda":  # the fused path (pre-fused for the kernel) needs Triton attention
+            variants.insert(1, ("triton+graphs+gemv", {"gemv": True}))
         if model == run.models[0]:  # the reference is slow: the smaller model only
             variants.append(("torch reference", {"attention_backend": "torch"}))
         for name, kw in variants:
             t0 = time.perf_counter()
-            eng = run.engine(model, **kw)
+            eng = run.gemv_engine(model) if kw.pop("gemv", False) else run.engine(model, **kw)
             start_s = time.perf_counter() - t0
             r = decode_tps(run, eng, runs=3 if "graphs" in name else 1)
             r["engine_start_s"] = start_s
+            r["gemv"] = list(getattr(eng.model, "gemv", (0, False)))
             if eng.runner.graphs is not None:
                 r["graph_capture_s"] = eng.runner.graphs.capture_seconds
                 r["graph_buckets"] = eng.runner.graphs.buckets
@@ -357,6 +378,7 @@ def parts() -> dict[str, Callable[[GpuDecodeRun], None]]:
         "batch64": part_batch64,
         "agree": part_agree,
         "profile": gpu_timing.part_profile,
+        "gemv": gpu_timing.part_gemv,
     }
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvtier.bench.report import print_table
 from kvtier.engine.request import SamplingParams
 
 if TYPE_CHECKING:
@@ -187,3 +188,200 @@ def part_profile(run: GpuDecodeRun) -> None:
         del eng
         run.free()
     run.results["profile"] = out
+
+
+# -- small-M projections -----------------------------------------------------------------------------
+GEMV_MS = (1, 2, 4, 8, 16, 32, 64)
+L2_FLUSH_BYTES = 256 << 20  # weight copies per timed graph: more than the H200's 50 MB L2, so every
+# call streams its weight from memory, as a decode step does (it never re-reads a projection)
+
+
+def projection_shapes(model: str) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, calls per decode step) of each projection of the fused path."""
+    from kvtier.model.loader import SYNTHETIC_MODELS
+
+    spec = SYNTHETIC_MODELS[model.removeprefix("synthetic:")]
+    h, inter, layers = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
+    heads, kv = spec["num_attention_heads"], spec["num_key_value_heads"]
+    d = spec.get("head_dim", h // heads)
+    return [
+        ("qkv", (heads + 2 * kv) * d, h, layers),
+        ("o", h, heads * d, layers),
+        ("gate_up", 2 * inter, h, layers),
+        ("down", h, inter, layers),
+        ("lm_head", spec["vocab_size"], h, 1),
+    ]
+
+
+def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
+    """The auto config and a few neighbours (tile sizes, split counts, warps) to learn the table."""
+    from kvtier.model.kernels.gemv import GemvConfig, choose_config
+
+    auto = choose_config(m, n, k, sms)
+    out = [auto]
+    if auto.dot:
+        for bn, bk in ((16, 128), (64, 64), (16, 256)) if m <= 16 else ((16, 128), (64, 64)):
+            out.append(GemvConfig(bn, bk, auto.split_k, 4, True))
+    else:
+        for bn, bk in ((4, 512), (8, 256), (16, 256), (2, 1024), (16, 128)):
+            if triton_next_pow2(m) * bn * bk <= 8192:
+                out.append(GemvConfig(bn, bk, auto.split_k, 4, False))
+        out.append(GemvConfig(16, 128, auto.split_k, 4, True))
+    for split in (auto.split_k // 2, auto.split_k * 2, auto.split_k * 4):
+        if split >= 1:
+            out.append(GemvConfig(auto.block_n, auto.block_k, split, auto.num_warps, auto.dot))
+    out.append(GemvConfig(auto.block_n, auto.block_k, auto.split_k, 8, auto.dot))
+    return list(dict.fromkeys(out))
+
+
+def triton_next_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+def time_calls(fn: Any, copies: list[torch.Tensor], dev: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds per call of ``fn(w)`` over the weight copies, back to back in one CUDA graph (launch
+    gaps as in a decode graph), and the graph's output of the first copy."""
+    outs: list[torch.Tensor] = []
+
+    def body() -> None:
+        outs.clear()
+        outs.extend(fn(w) for w in copies)
+
+    total = graph_time(body, dev, reps=10)
+    return total / len(copies), outs[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item())
+
+
+def weight_copies(run: GpuDecodeRun, n: int, k: int) -> list[torch.Tensor]:
+    dtype = getattr(torch, run.dtype)
+    nbytes = n * k * torch.finfo(dtype).bits // 8
+    count = max(2, -(-L2_FLUSH_BYTES // nbytes))
+    return [torch.randn(n, k, device=run.dev, dtype=dtype) * 0.02 for _ in range(count)]
+
+
+def gemv_shape(run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int) -> dict[str, Any]:
+    """Every variant at one (M, N, K): checked against F.linear in float32, then timed."""
+    import torch.nn.functional as F
+
+    from kvtier.model.kernels.gemv import gemv
+
+    (n, k), dev = copies[0].shape, run.dev
+    nbytes = copies[0].numel() * copies[0].element_size()
+    x = torch.randn(m, k, device=dev, dtype=copies[0].dtype)
+    ref = F.linear(x.float(), copies[0].float())
+    row: dict[str, Any] = {"m": m, "n": n, "k": k, "weight_bytes": nbytes, "copies": len(copies)}
+    variants: list[tuple[str, Any]] = [("torch", None), ("cublaslt", None)]
+    variants += [(f"triton:{c.name()}", c) for c in gemv_candidates(m, n, k, sms)]
+    default_blas = torch.backends.cuda.preferred_blas_library()
+    for name, cfg in variants:
+        try:
+            if name == "cublaslt":
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+
+            def fn(w: torch.Tensor, cfg: Any = cfg) -> torch.Tensor:
+                return F.linear(x, w) if cfg is None else gemv(x, w, None, cfg)
+
+            err = rel_err(fn(copies[0]), ref)
+            t, graph_out = time_calls(fn, copies, dev)
+            graph_err = rel_err(graph_out, ref)
+            ok = max(err, graph_err) < 2e-2
+            row[name] = {"us": t * 1e6, "err": err, "graph_err": graph_err, "ok": ok}
+        except Exception as e:  # a config that does not compile or run: recorded, not fatal
+            row[name] = {"error": repr(e)[:300], "ok": False}
+        finally:
+            torch.backends.cuda.preferred_blas_library(default_blas)
+    triton = {k: v for k, v in row.items() if k.startswith("triton:") and v.get("ok")}
+    row["auto"] = f"triton:{gemv_candidates(m, n, k, sms)[0].name()}"
+    if triton:
+        best = min(triton, key=lambda k: triton[k]["us"])
+        row["best_triton"] = best
+    return row
+
+
+def part_gemv(run: GpuDecodeRun) -> None:
+    """Each projection of each model at M = 1..64 rows: F.linear (torch's default BLAS and
+    cuBLASLt) and the small-M Triton kernel (auto config and neighbours), per call under CUDA-graph
+    replay, as a fraction of the copy bandwidth; and per decode step summed over the layers."""
+    from kvtier.model.kernels.gemv import num_sms
+
+    sms = num_sms(run.dev.index or 0)
+    bw = run.bw()
+    out: dict[str, Any] = {"bandwidth": bw, "sms": sms, "models": {}}
+    table = []
+    for model in run.models:
+        rows = []
+        for proj, n, k, calls in projection_shapes(model):
+            copies = weight_copies(run, n, k)
+            for m in GEMV_MS:
+                r = gemv_shape(run, copies, m, sms)
+                r.update(proj=proj, calls_per_step=calls)
+                rows.append(r)
+                us = {
+                    v: r[v]["us"]
+                    for v in ("torch", "cublaslt", r["auto"], r.get("best_triton", ""))
+                    if r.get(v, {}).get("us")
+                }
+                table.append(
+                    [model.removeprefix("synthetic:"), proj, str(m), f"{n}x{k}"]
+                    + [f"{us[v]:.1f}" if v in us else "-" for v in ("torch", "cublaslt", r["auto"])]
+                    + [
+                        f"{us[r['best_triton']]:.1f} {r['best_triton'][7:]}" if "best_triton" in r else "-",
+                        f"{r['weight_bytes'] / (min(us.values()) / 1e6) / bw:.0%}" if us else "-",
+                    ]
+                )
+                run.log(f"gemv {model} {proj} M={m}: " + ", ".join(f"{v} {t:.1f} us" for v, t in us.items()))
+                bad = {
+                    v: r[v].get("error") or r[v].get("err")
+                    for v in r
+                    if isinstance(r[v], dict) and not r[v]["ok"]
+                }
+                if bad:
+                    run.log(f"   FAILED (not timed or wrong): {bad}")
+            del copies
+            run.free()
+        out["models"][model] = {"rows": rows, "per_step": step_sums(rows)}
+    run.results["gemv"] = out
+    print_table(
+        [
+            "model",
+            "proj",
+            "M",
+            "NxK",
+            "torch us",
+            "cublasLt us",
+            "triton auto us",
+            "triton best",
+            "best of bw",
+        ],
+        table,
+    )
+    steps = [
+        [m.removeprefix("synthetic:"), str(M)]
+        + [f"{s[v]:.3f}" for v in ("torch", "cublaslt", "auto", "best_triton", "best")]
+        for m, res in out["models"].items()
+        for M, s in res["per_step"].items()
+    ]
+    print_table(
+        ["model", "M", "torch ms", "cublasLt ms", "auto ms", "best triton ms", "best of all ms"], steps
+    )
+
+
+def step_sums(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Milliseconds of projections per decode step, per M, for each variant (weights x calls)."""
+    sums: dict[int, dict[str, float]] = {}
+    for r in rows:
+        s = sums.setdefault(r["m"], {v: 0.0 for v in ("torch", "cublaslt", "auto", "best_triton", "best")})
+        t = {
+            "torch": r["torch"].get("us"),
+            "cublaslt": r["cublaslt"].get("us"),
+            "auto": r[r["auto"]].get("us") if r[r["auto"]].get("ok") else None,
+            "best_triton": r[r["best_triton"]]["us"] if "best_triton" in r else None,
+        }
+        nan = float("nan")
+        for v, us in t.items():
+            s[v] += (us if us is not None else nan) * r["calls_per_step"] / 1e3
+        s["best"] += min(u for u in t.values() if u is not None) * r["calls_per_step"] / 1e3
+    return sums

@@ -53,6 +53,7 @@ class Attention(nn.Module):
         self.qkv_weight: torch.Tensor | None = None  # fused path: q, k, v weights in one tensor
         self.qkv_bias: torch.Tensor | None = None
         self.kv_scales: torch.Tensor | None = None  # fp8 pool: [2, kv_heads] float32
+        self.gemv = (0, False)  # fused path: (max rows, auto) of kernels/gemv.linear; 0 rows: F.linear
 
     def fuse(self) -> None:
         """One [q; k; v] weight; the three Linear weights become views of it (no extra memory)."""
@@ -106,12 +107,21 @@ class Attention(nn.Module):
 
         t, hq, hk = x.shape[0], self.num_heads, self.num_kv_heads
         assert self.qkv_weight is not None  # only called on the fused path
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, hq + 2 * hk, self.head_dim)
+        qkv = _linear(x, self.qkv_weight, self.qkv_bias, self.gemv).view(t, hq + 2 * hk, self.head_dim)
         rotary_write_kv(
             qkv, hq, rope.positions, rope.cos, rope.sin, kv_layer, meta.slot_mapping, self.kv_scales
         )
         o = backend.attend(qkv[:, :hq], kv_layer, meta, self.scale, self.sliding_window, self.kv_scales)
-        return self.o_proj(o.reshape(t, hq * self.head_dim))
+        return _linear(o.reshape(t, hq * self.head_dim), self.o_proj.weight, self.o_proj.bias, self.gemv)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gemv: tuple[int, bool]) -> torch.Tensor:
+    """The fused path's projections: the small-M kernel where the model enabled it."""
+    if gemv[0] == 0:
+        return F.linear(x, w, b)
+    from kvtier.model.kernels.gemv import linear
+
+    return linear(x, w, b, gemv[0], gemv[1])
 
 
 def _fuse_linears(linears: list[nn.Linear], name: str) -> torch.Tensor:
@@ -165,8 +175,10 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(h, rope, kv_layer, meta, backend)
         norm = self.post_attention_layernorm
         h = add_rmsnorm(a, residual, norm.weight, norm.eps)  # residual += a, in place
-        gate_up = F.linear(h, self.gate_up_weight, self.gate_up_bias)
-        return self.mlp.down_proj(silu_mul(gate_up)), residual
+        m = self.self_attn.gemv
+        gate_up = _linear(h, self.gate_up_weight, self.gate_up_bias, m)
+        down = self.mlp.down_proj
+        return _linear(silu_mul(gate_up), down.weight, down.bias, m), residual
 
 
 class DecoderBody(nn.Module):
@@ -194,18 +206,33 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(hf_config, cfg.head_dim)
         self.attention_backend: AttentionBackend = TorchReferenceAttention()
         self.fused = False
+        self.gemv_mode, self.gemv_max_m = "auto", 8  # the fused path's small-M projections
+        self.gemv = (0, False)  # what they resolved to on this device: see use_fused_kernels
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def use_fused_kernels(self) -> None:
+    def use_fused_kernels(self, gemv: str | None = None, gemv_max_m: int | None = None) -> None:
         """Switch to the fused path (needs the Triton kernels on the model's device). Irreversible:
-        the projection weights become views of their fused tensors."""
+        the projection weights become views of their fused tensors. ``gemv`` (auto|on|off: the
+        ``decode_gemv`` setting) and ``gemv_max_m`` pick the small-M projection kernel for batches
+        of at most that many rows (None keeps the current choice; calling again changes only it)."""
         if not self.fused:
             for layer in self.model.layers:
                 cast(DecoderLayer, layer).fuse()
             self.fused = True
+        from kvtier.model.kernels import triton_installed
+
+        self.gemv_mode = gemv or self.gemv_mode
+        self.gemv_max_m = self.gemv_max_m if gemv_max_m is None else gemv_max_m
+        self.gemv = (0, False)
+        if triton_installed():
+            from kvtier.model.kernels.gemv import resolve
+
+            self.gemv = resolve(self.gemv_mode, self.lm_head.weight.device, self.gemv_max_m)
+        for layer in self.model.layers:
+            cast(DecoderLayer, layer).self_attn.gemv = self.gemv
 
     def set_kv_scales(self, scales: torch.Tensor | None) -> None:
         """fp8 pool: [num_layers, 2, kv_heads] float32 dequantisation scales (None: no scaling)."""
@@ -246,6 +273,5 @@ class CausalLM(nn.Module):
             from kvtier.model.kernels.elementwise import add_rmsnorm
 
             h = add_rmsnorm(x, residual, norm.weight, norm.eps)
-        else:
-            h = norm(x + residual)
-        return self.lm_head(h).float()
+            return _linear(h, self.lm_head.weight, self.lm_head.bias, self.gemv).float()
+        return self.lm_head(norm(x + residual)).float()
