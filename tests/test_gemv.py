@@ -37,7 +37,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, config: Any = None, seed: int = 0) -> None:
+def check(
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    bias: bool,
+    config: Any = None,
+    seed: int = 0,
+) -> None:
     from kvtier.model.kernels.gemv import gemv
 
     gen = torch.Generator().manual_seed(seed)
@@ -117,21 +125,31 @@ def test_choose_config_spreads_small_projections_over_the_sms() -> None:
 
     from kvtier.model.kernels.gemv import choose_config
 
-    for n, k in [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)]:
+    for n, k in [
+        (3072, 2048),
+        (2048, 2048),
+        (16384, 2048),
+        (2048, 8192),
+        (128256, 2048),
+    ]:
         cfg = choose_config(1, n, k, 132)
         programs = triton.cdiv(n, cfg.block_n) * cfg.split_k
-        assert programs >= 4 * 132 or k // (cfg.split_k * cfg.block_k) < 8, (n, k, cfg)
+        assert programs >= 4 * 132 or k // (2 * cfg.split_k) < cfg.block_k, (n, k, cfg)
     assert choose_config(16, 2048, 2048, 132).dot and not choose_config(8, 2048, 2048, 132).dot
 
 
 # -- dispatch and setting ----------------------------------------------------------------------------
-def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from kvtier.model.kernels import gemv as mod
 
     calls: list[int] = []
     real = mod.gemv
     monkeypatch.setattr(
-        mod, "gemv", lambda x, w, b=None, config=None: calls.append(x.shape[0]) or real(x, w, b)
+        mod,
+        "gemv",
+        lambda x, w, b=None, config=None: calls.append(x.shape[0]) or real(x, w, b),
     )
     w, b = torch.randn(30, 20, device=DEVICE), torch.randn(30, device=DEVICE)
     for m in (1, 4, 5):
@@ -140,7 +158,10 @@ def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(monkeypatch: p
         assert torch.equal(mod.linear(x, w, b, 0), F.linear(x, w, b))
     assert calls == [1, 4]  # 5 rows > 4, and max_m 0 never
     mod.linear(torch.randn(2, 20, device=DEVICE), w, b, 8, auto=True)
-    assert calls == [1, 4]  # auto: only shapes in the measured table (none of this size)
+    assert calls == [
+        1,
+        4,
+    ]  # auto: only shapes in the measured table (none of this size)
 
 
 def test_resolve_modes() -> None:
@@ -182,7 +203,17 @@ def test_gemv_bench_part_shapes_and_cpu_skip(tmp_path: Any) -> None:
     assert projection_shapes("synthetic:llama-3.1-8b")[0] == ("qkv", 6144, 4096, 32)
     out = tmp_path / "g.json"
     result = CliRunner().invoke(
-        app, ["bench", "gpu-decode", "--device", "cpu", "--parts", "gemv", "--json", str(out)]
+        app,
+        [
+            "bench",
+            "gpu-decode",
+            "--device",
+            "cpu",
+            "--parts",
+            "gemv",
+            "--json",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["gemv_skipped"] == "needs CUDA"
@@ -216,7 +247,9 @@ def test_decoder_with_gemv_equals_without(tmp_path: Any, monkeypatch: pytest.Mon
     rows: list[int] = []
     real = mod.gemv
     monkeypatch.setattr(
-        mod, "gemv", lambda x, w, b=None, config=None: rows.append(x.shape[0]) or real(x, w, b)
+        mod,
+        "gemv",
+        lambda x, w, b=None, config=None: rows.append(x.shape[0]) or real(x, w, b),
     )
     model.use_fused_kernels(gemv="on", gemv_max_m=16)
     assert model.gemv == (16, False)

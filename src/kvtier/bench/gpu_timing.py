@@ -24,7 +24,10 @@ def cuda_time(fn: Any, dev: torch.device, reps: int = 50) -> float:
     torch.cuda.synchronize(dev)
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a, b = (
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(enable_timing=True),
+        )
         a.record()
         fn()
         b.record()
@@ -51,7 +54,13 @@ def graph_time(fn: Any, dev: torch.device, reps: int = 20) -> float:
 
 # -- attention kernel --------------------------------------------------------------------------------
 def paged_problem(
-    dev: torch.device, rows: int, ctx: int, kv_heads: int, heads: int, dim: int, page: int = 16
+    dev: torch.device,
+    rows: int,
+    ctx: int,
+    kv_heads: int,
+    heads: int,
+    dim: int,
+    page: int = 16,
 ) -> dict[str, Any]:
     nb_row = -(-ctx // page)
     num_blocks = rows * nb_row + 8
@@ -109,7 +118,14 @@ def part_attention(run: GpuDecodeRun) -> None:
             for bn in (32, 64, 128):
                 t = graph_time(
                     lambda s=splits, b=bn, p=p: paged_decode(
-                        p["q"], p["pool"], p["table"], p["lens"], 0.088, None, s, block_n=b
+                        p["q"],
+                        p["pool"],
+                        p["table"],
+                        p["lens"],
+                        0.088,
+                        None,
+                        s,
+                        block_n=b,
                     ),
                     dev,
                 )
@@ -160,7 +176,8 @@ def part_profile(run: GpuDecodeRun) -> None:
         decode_tps(run, eng, new=16, runs=1)  # warm
         rng = random.Random(4)
         (rid,) = eng.add_request(
-            [rng.randrange(100) for _ in range(512)], SamplingParams(max_tokens=40, ignore_eos=True)
+            [rng.randrange(100) for _ in range(512)],
+            SamplingParams(max_tokens=40, ignore_eos=True),
         )
         for _ in range(8):
             eng.step()
@@ -201,7 +218,11 @@ def projection_shapes(model: str) -> list[tuple[str, int, int, int]]:
     from kvtier.model.loader import SYNTHETIC_MODELS
 
     spec = SYNTHETIC_MODELS[model.removeprefix("synthetic:")]
-    h, inter, layers = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
+    h, inter, layers = (
+        spec["hidden_size"],
+        spec["intermediate_size"],
+        spec["num_hidden_layers"],
+    )
     heads, kv = spec["num_attention_heads"], spec["num_key_value_heads"]
     d = spec.get("head_dim", h // heads)
     return [
@@ -214,24 +235,36 @@ def projection_shapes(model: str) -> list[tuple[str, int, int, int]]:
 
 
 def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
-    """The auto config and a few neighbours (tile sizes, split counts, warps) to learn the table."""
-    from kvtier.model.kernels.gemv import GemvConfig, choose_config
+    """The auto config and a few neighbours (tile sizes, split counts, warps, stages)."""
+    from kvtier.model.kernels.gemv import GemvConfig, choose_config, split_for
 
     auto = choose_config(m, n, k, sms)
     out = [auto]
-    if auto.dot:
-        for bn, bk in ((16, 128), (64, 64), (16, 256)) if m <= 16 else ((16, 128), (64, 64)):
-            out.append(GemvConfig(bn, bk, auto.split_k, 4, True))
-    else:
-        for bn, bk in ((4, 512), (8, 256), (16, 256), (2, 1024), (16, 128)):
-            if triton_next_pow2(m) * bn * bk <= 8192:
-                out.append(GemvConfig(bn, bk, auto.split_k, 4, False))
-        out.append(GemvConfig(16, 128, auto.split_k, 4, True))
-    for split in (auto.split_k // 2, auto.split_k * 2, auto.split_k * 4):
+    bm = triton_next_pow2(m)
+    if not auto.dot:
+        for bn, bk, warps in REDUCE_SWEEP:
+            if bm * bn * bk <= 2048 * warps and bk <= triton_next_pow2(k):
+                out.append(GemvConfig(bn, bk, split_for(n, k, bn, bk, sms), warps))
+    for bn, bk, stages in DOT_SWEEP if m <= 16 else DOT_SWEEP[:2]:
+        out.append(GemvConfig(bn, bk, split_for(n, k, bn, bk, sms), 4, True, stages))
+    for split in (auto.split_k // 2, auto.split_k * 2):
         if split >= 1:
             out.append(GemvConfig(auto.block_n, auto.block_k, split, auto.num_warps, auto.dot))
     out.append(GemvConfig(auto.block_n, auto.block_k, auto.split_k, 8, auto.dot))
+    out.append(GemvConfig(auto.block_n, auto.block_k, auto.split_k, auto.num_warps, auto.dot, 1))
     return list(dict.fromkeys(out))
+
+
+REDUCE_SWEEP = [
+    (8, 512, 4),
+    (4, 1024, 4),
+    (4, 2048, 4),
+    (2, 2048, 4),
+    (8, 1024, 8),
+    (4, 2048, 8),
+    (16, 256, 4),
+]
+DOT_SWEEP = [(32, 128, 3), (16, 256, 3), (64, 64, 4), (16, 128, 4)]
 
 
 def triton_next_pow2(m: int) -> int:
@@ -272,7 +305,13 @@ def gemv_shape(run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int) 
     nbytes = copies[0].numel() * copies[0].element_size()
     x = torch.randn(m, k, device=dev, dtype=copies[0].dtype)
     ref = F.linear(x.float(), copies[0].float())
-    row: dict[str, Any] = {"m": m, "n": n, "k": k, "weight_bytes": nbytes, "copies": len(copies)}
+    row: dict[str, Any] = {
+        "m": m,
+        "n": n,
+        "k": k,
+        "weight_bytes": nbytes,
+        "copies": len(copies),
+    }
     variants: list[tuple[str, Any]] = [("torch", None), ("cublaslt", None)]
     variants += [(f"triton:{c.name()}", c) for c in gemv_candidates(m, n, k, sms)]
     default_blas = torch.backends.cuda.preferred_blas_library()
@@ -365,7 +404,16 @@ def part_gemv(run: GpuDecodeRun) -> None:
         for M, s in res["per_step"].items()
     ]
     print_table(
-        ["model", "M", "torch ms", "cublasLt ms", "auto ms", "best triton ms", "best of all ms"], steps
+        [
+            "model",
+            "M",
+            "torch ms",
+            "cublasLt ms",
+            "auto ms",
+            "best triton ms",
+            "best of all ms",
+        ],
+        steps,
     )
 
 
@@ -373,7 +421,10 @@ def step_sums(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     """Milliseconds of projections per decode step, per M, for each variant (weights x calls)."""
     sums: dict[int, dict[str, float]] = {}
     for r in rows:
-        s = sums.setdefault(r["m"], {v: 0.0 for v in ("torch", "cublaslt", "auto", "best_triton", "best")})
+        s = sums.setdefault(
+            r["m"],
+            {v: 0.0 for v in ("torch", "cublaslt", "auto", "best_triton", "best")},
+        )
         t = {
             "torch": r["torch"].get("us"),
             "cublaslt": r["cublaslt"].get("us"),

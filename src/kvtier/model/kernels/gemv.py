@@ -75,10 +75,24 @@ def _gemv_kernel(
                 w = tl.load(w_rows + cols, eviction_policy="evict_first")
                 xv = tl.load(x_rows + cols, eviction_policy="evict_last")
             else:
-                w = tl.load(w_rows + cols, mask=cols < k_hi, other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_rows + cols, mask=cols < k_hi, other=0.0, eviction_policy="evict_last")
+                w = tl.load(
+                    w_rows + cols,
+                    mask=cols < k_hi,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                xv = tl.load(
+                    x_rows + cols,
+                    mask=cols < k_hi,
+                    other=0.0,
+                    eviction_policy="evict_last",
+                )
             if DOT_F32:
-                acc += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                acc += tl.dot(
+                    xv.to(tl.float32),
+                    tl.trans(w.to(tl.float32)),
+                    input_precision="ieee",
+                )
             else:
                 acc += tl.dot(xv.to(w.dtype), tl.trans(w), input_precision=PRECISION)
     else:
@@ -93,8 +107,18 @@ def _gemv_kernel(
                 w = tl.load(w_rows + cols, eviction_policy="evict_first")
                 xv = tl.load(x_rows + cols, eviction_policy="evict_last")
             else:
-                w = tl.load(w_rows + cols, mask=cols < k_hi, other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_rows + cols, mask=cols < k_hi, other=0.0, eviction_policy="evict_last")
+                w = tl.load(
+                    w_rows + cols,
+                    mask=cols < k_hi,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                xv = tl.load(
+                    x_rows + cols,
+                    mask=cols < k_hi,
+                    other=0.0,
+                    eviction_policy="evict_last",
+                )
             acc3 += xv.to(tl.float32) * w.to(tl.float32)
         acc = tl.sum(acc3, axis=2)
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -127,9 +151,11 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     dot: bool = False
+    num_stages: int = 2
 
     def name(self) -> str:
-        return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}{'d' if self.dot else ''}"
+        dot = "d" if self.dot else ""
+        return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}{dot}"
 
 
 @functools.cache
@@ -143,21 +169,29 @@ def block_m(m: int, dot: bool) -> int:
     return max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
 
 
-def choose_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
-    """A config that gives every SM a few programs streaming W: BLOCK_N from M (the product tile
-    of the CUDA-core path is BLOCK_M x BLOCK_N x BLOCK_K registers), then split-K until there are
-    at least four programs per SM (each split keeps >= 4 K-blocks of work)."""
-    dot = m > 8
-    if dot:
-        bn, bk = 32, 128
-    else:
-        bm = triton.next_power_of_2(m)
-        bn, bk = (8, 512) if bm == 1 else (8, 256) if bm <= 2 else (4, 256)
-    tiles = triton.cdiv(n, bn)
-    split = 1
-    while tiles * split < 4 * sms and k // (2 * split * bk) >= 4:
+# CUDA-core path, per BLOCK_M: (BLOCK_N, BLOCK_K) of 8192 products, i.e. 64 float32 registers a
+# thread at 4 warps, and a K block long enough that a program issues all of a row's loads at once
+_REDUCE_TILES = {1: (4, 2048), 2: (4, 1024), 4: (2, 1024), 8: (2, 512)}
+
+
+def split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
+    """Split K (by powers of two) until there are four programs per SM, each split keeping at
+    least one K block."""
+    tiles, split = triton.cdiv(n, block_n), 1
+    while tiles * split < 4 * sms and k // (2 * split) >= block_k:
         split *= 2
-    return GemvConfig(bn, bk, split, 4, dot)
+    return split
+
+
+def choose_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
+    """The default config: M <= 8 on the CUDA cores (``_REDUCE_TILES``), larger M by ``tl.dot``
+    on M padded to 16; split-K where N alone leaves SMs without a few programs."""
+    if m > 8:
+        bn, bk, dot = 32, 128, True
+    else:
+        bn, bk = _REDUCE_TILES[triton.next_power_of_2(m)]
+        bk, dot = min(bk, max(16, triton.next_power_of_2(k))), False
+    return GemvConfig(bn, bk, split_for(n, k, bn, bk, sms), 4, dot)
 
 
 _LOCKS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -175,7 +209,10 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, config: GemvConfig | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, b)`` for x [..., K] with few rows, by the Triton kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -227,6 +264,7 @@ def gemv(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_F32=x.dtype == torch.float32 or x.device.type == "cpu",
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return y.view(*lead, n)
 
@@ -239,7 +277,11 @@ AUTO_FASTER: frozenset[tuple[int, int, int]] = frozenset()
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, max_m: int, auto: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    max_m: int,
+    auto: bool = False,
 ) -> torch.Tensor:
     """The fused path's projection: the small-M kernel for at most ``max_m`` rows (0: never; with
     ``auto`` only the shapes measured faster), ``F.linear`` otherwise."""
