@@ -4,7 +4,7 @@ engine thread (write-back copies, load installs, planning) and on the I/O thread
     python3 bench/profile_chat.py [--switch-interval S] chat [kvtier bench chat arguments]
 
 Runs the chat workload of `kvtier bench chat` (its three configurations) with timers around the
-engine's steps, model execution, write-back copies, load installs and planning, and CPU-time
+engine's steps, model launches and read-backs, write-back copies, load installs and planning, and CPU-time
 counters on the I/O
 threads' writes and loads; prints one PROFILE line per engine (the probe and warm-ups included).
 
@@ -49,7 +49,8 @@ def timed(cls: Any, name: str, label: str, cpu: bool = False) -> None:
                 if cpu:
                     ACC[label + " cpu"] += time.thread_time() - c
 
-    setattr(cls, name, wrapper)
+    static = isinstance(cls.__dict__.get(name), staticmethod)
+    setattr(cls, name, staticmethod(wrapper) if static else wrapper)
 
 
 def main() -> None:
@@ -60,7 +61,8 @@ def main() -> None:
     args, rest = p.parse_known_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    timed(rmod.ModelRunner, "execute", "execute")
+    timed(rmod.ModelRunner, "launch", "launch")
+    timed(rmod.ModelRunner, "collect", "collect")
     timed(emod.Engine, "step", "step", cpu=True)
     timed(kmod.KVTransfer, "flush", "flush_writes")
     timed(kmod.KVTransfer, "install_loads", "install")

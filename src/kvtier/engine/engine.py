@@ -91,7 +91,7 @@ class Engine:
         backend = make_attention_backend(ms.attention_backend, self.device)
         self.model.attention_backend = backend
         if isinstance(backend, TritonPagedAttention):
-            self.model.use_fused_kernels()
+            self.model.use_fused_kernels(gemv=ms.decode_gemv, gemv_max_m=ms.decode_gemv_max_m)
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
         # fp8 pool: scales measured once (before the hierarchy: they are part of the fingerprint)
