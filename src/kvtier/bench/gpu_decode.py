@@ -61,6 +61,13 @@ class GpuDecodeRun:
     dtype: str = "bfloat16"
     kv_cache_memory: int | None = None  # replaces each part's own pool size (small devices, CPU checks)
     results: dict[str, Any] = field(default_factory=dict)
+    json_path: str | None = None  # where save() writes the figures so far
+
+    def save(self) -> None:
+        """Write every figure so far (after each part; long parts also call it as they go, so a
+        run cut by a time limit keeps what it measured)."""
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps(self.results, indent=1, default=str))
 
     def log(self, *a: Any) -> None:
         print(*a, flush=True)
@@ -405,6 +412,7 @@ def bench_gpu_decode(args: argparse.Namespace) -> None:
         parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
     )
     run.results["machine"] = machine_info(dev)
+    run.json_path = args.json
     table = parts()
     for name in args.parts.split(","):
         t = time.perf_counter()
@@ -418,6 +426,5 @@ def bench_gpu_decode(args: argparse.Namespace) -> None:
                 traceback.print_exc()
                 run.results[f"{name}_error"] = repr(e)[:500]
         run.results.setdefault("part_seconds", {})[name] = time.perf_counter() - t
-        if args.json:
-            Path(args.json).write_text(json.dumps(run.results, indent=1, default=str))
+        run.save()
     run.log(json.dumps(run.results.get("part_seconds")))

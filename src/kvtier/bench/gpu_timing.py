@@ -4,8 +4,10 @@ of one eager step by name, with the CUDA-event and CUDA-graph timers they use.""
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -295,8 +297,11 @@ def weight_copies(run: GpuDecodeRun, n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device=run.dev, dtype=dtype) * 0.02 for _ in range(count)]
 
 
-def gemv_shape(run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int) -> dict[str, Any]:
-    """Every variant at one (M, N, K): checked against F.linear in float32, then timed."""
+def gemv_shape(
+    run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int, sweep: bool = True
+) -> dict[str, Any]:
+    """Every variant at one (M, N, K) (without ``sweep``: F.linear both ways and the kernel's
+    auto config only): checked against F.linear in float32, then timed."""
     import torch.nn.functional as F
 
     from kvtier.model.kernels.gemv import gemv
@@ -313,7 +318,9 @@ def gemv_shape(run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int) 
         "copies": len(copies),
     }
     variants: list[tuple[str, Any]] = [("torch", None), ("cublaslt", None)]
-    variants += [(f"triton:{c.name()}", c) for c in gemv_candidates(m, n, k, sms)]
+    configs = gemv_candidates(m, n, k, sms)
+    variants += [(f"triton:{c.name()}", c) for c in (configs if sweep else configs[:1])]
+    row["sweep"] = sweep
     default_blas = torch.backends.cuda.preferred_blas_library()
     for name, cfg in variants:
         try:
@@ -343,19 +350,26 @@ def gemv_shape(run: GpuDecodeRun, copies: list[torch.Tensor], m: int, sms: int) 
 def part_gemv(run: GpuDecodeRun) -> None:
     """Each projection of each model at M = 1..64 rows: F.linear (torch's default BLAS and
     cuBLASLt) and the small-M Triton kernel (auto config and neighbours), per call under CUDA-graph
-    replay, as a fraction of the copy bandwidth; and per decode step summed over the layers."""
+    replay, as a fraction of the copy bandwidth; and per decode step summed over the layers. The
+    config sweep stops after KVTIER_GEMV_SWEEP_S seconds (default 110; compiles dominate), the rest
+    times only the auto config."""
     from kvtier.model.kernels.gemv import num_sms
 
     sms = num_sms(run.dev.index or 0)
     bw = run.bw()
     out: dict[str, Any] = {"bandwidth": bw, "sms": sms, "models": {}}
+    run.results["gemv"] = out
+    budget = float(os.environ.get("KVTIER_GEMV_SWEEP_S", "110"))
+    t0 = time.perf_counter()
     table = []
     for model in run.models:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for proj, n, k, calls in projection_shapes(model):
             copies = weight_copies(run, n, k)
             for m in GEMV_MS:
-                r = gemv_shape(run, copies, m, sms)
+                # the config sweep where the kernel can win (M <= 16), while the time allows
+                sweep = m <= 16 and time.perf_counter() - t0 < budget
+                r = gemv_shape(run, copies, m, sms, sweep)
                 r.update(proj=proj, calls_per_step=calls)
                 rows.append(r)
                 us = {
@@ -381,8 +395,8 @@ def part_gemv(run: GpuDecodeRun) -> None:
                     run.log(f"   FAILED (not timed or wrong): {bad}")
             del copies
             run.free()
-        out["models"][model] = {"rows": rows, "per_step": step_sums(rows)}
-    run.results["gemv"] = out
+            out["models"][model] = {"rows": rows, "per_step": step_sums(rows)}
+            run.save()
     print_table(
         [
             "model",
