@@ -221,6 +221,7 @@ class MemcachedTier(CopiedStats, Tier):
             self._stats.write_seconds += time.perf_counter() - start
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
+        """Applied by the servers when it returns: a write that follows, on any connection, stays."""
         heads = self._head_names(keys)
         self._batched(self._with_chunks(heads, self._chunk_guess), wire.delete_many)
 

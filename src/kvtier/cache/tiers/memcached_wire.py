@@ -186,7 +186,11 @@ def probe(client: PooledClient, names: list[bytes]) -> dict[bytes, bool]:
 
 
 def delete_many(client: PooledClient, names: list[bytes]) -> dict[bytes, bool]:
-    client.delete_many(names, noreply=True)
+    """Delete ``names`` in one pipelined batch and wait for the replies. Not ``noreply``: a block
+    deleted (rejected, partial) is recomputed and written again at once, often on another pooled
+    connection, and memcached serves connections on several threads in no common order, so an
+    unacknowledged delete could be applied after that write and remove it."""
+    client.delete_many(names, noreply=False)
     return {}
 
 
