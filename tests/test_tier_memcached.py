@@ -347,6 +347,30 @@ def test_two_server_ring_spreads_objects_and_survives_one(
         t.put(list(data.items()))
 
 
+def test_a_restart_costs_no_failure_for_the_idle_pooled_connections(
+    memcached_server: MemcachedServer, tiers: list
+) -> None:
+    """Connections opened before a restart are dead after it. Each used to fail its next call,
+    one failure per pooled connection: with three the breaker opened on a server that was up."""
+    t = tier(tiers, memcached_server.url, breaker_failures=3)
+    (key,) = make_keys(1)
+    t.put([(key, b"before")])
+    pool = t._servers[memcached_server.address].client.client_pool
+    held = [pool.get() for _ in range(4)]
+    for client in held:
+        client.version()  # connected
+    for client in held:
+        pool.release(client)
+    assert len(pool.free) == 4
+    memcached_server.kill()
+    memcached_server.start()  # the same port, empty
+    assert t.get([key]) == [None]
+    t.put([(key, b"after")])
+    assert t.get([key]) == [b"after"]
+    extra = t.stats().extra
+    assert t.stats().errors == 0 and extra["breaker_trips"] == 0 and extra["breaker_state"] == 0
+
+
 def test_killed_mid_workload_every_call_returns_promptly(
     memcached_server: MemcachedServer, tiers: list
 ) -> None:

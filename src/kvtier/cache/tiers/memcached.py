@@ -8,7 +8,10 @@ calls for its retry period and then moves its keys, and with them a namespace's 
 server has its own pooled (thread-safe) client and its own ``CircuitBreaker``, the Redis tier's: after
 ``breaker_failures`` failures in a row the server is skipped, without I/O, for a backoff that doubles
 up to ``breaker_max_backoff_seconds``, then probed. A server that answers with an error ("object too
-large") is alive: counted, it does not trip the breaker. Every batch is one round trip per server.
+large") is alive: counted, it does not trip the breaker. A connection found dead (the server restarted)
+is no failure: the pool's idle connections, all from before the restart, are closed and the call is
+retried once on a new one (a server back up used to fail one call per pooled connection, enough to trip
+its breaker). Every batch is one round trip per server.
 
 Object sizes: memcached refuses items above its item size (``-I``, 1 MiB by default), and a KV block of
 an 8B model is 2 MiB in bf16. The limit is read from the servers (``stats settings``: the smallest
@@ -394,9 +397,7 @@ class MemcachedTier(CopiedStats, Tier):
         if not server.breaker.allow():
             return default
         try:
-            if server.breaker.probing:  # back from an outage? a version call says so cheaply, first
-                server.client.version()
-            result = op(server.client)
+            result = wire.run(server.client, op, probe=server.breaker.probing)
         except MemcacheIllegalInputError:  # our bug, not the server's
             server.breaker.release_probe()
             raise

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
 T = TypeVar("T")
 SCHEME = "memcached"
@@ -34,6 +35,8 @@ VERSION_LEN = 8
 MAX_CHUNKS = 1 << 16  # 64k chunks: 64 GiB objects at the default 1 MiB item size
 EPOCH_KEY = b"kvt:epoch"
 REGISTRY_KEY = b"kvt:namespaces"
+# What a call on a pooled connection that died while idle raises: closed by the peer, or reset.
+STALE_ERRORS = (MemcacheUnexpectedCloseError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 # ---------------------------------------------------------------------- URLs and the ring
@@ -192,6 +195,31 @@ def delete_many(client: PooledClient, names: list[bytes]) -> dict[bytes, bool]:
     unacknowledged delete could be applied after that write and remove it."""
     client.delete_many(names, noreply=False)
     return {}
+
+
+def run(client: PooledClient, op: Callable[[PooledClient], T], probe: bool) -> T:
+    """``op(client)``; ``probe``: after a ``version`` call (a server back from an outage says so
+    cheaply, first). A pooled connection that had died idle (the server restarted) raises no
+    failure: the pool's idle connections, all from before that restart, are closed and ``op`` runs
+    once more on a new one."""
+    try:
+        return _run_once(client, op, probe)
+    except STALE_ERRORS:
+        drop_idle_connections(client)
+        return _run_once(client, op, probe)
+
+
+def _run_once(client: PooledClient, op: Callable[[PooledClient], T], probe: bool) -> T:
+    if probe:
+        client.version()
+    return op(client)
+
+
+def drop_idle_connections(client: PooledClient) -> None:
+    """Close the connections idle in ``client``'s pool (those in use stay with their callers)."""
+    pool = client.client_pool
+    for _ in range(len(pool.free)):
+        pool.destroy(pool.get())  # get() hands out the idle ones first; destroy() closes
 
 
 def add_many(client: PooledClient, values: dict[bytes, bytes]) -> dict[bytes, bool]:
