@@ -56,6 +56,27 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
         client.close()
 
 
+def _wait_until_stopped(pid: int, timeout: float = START_TIMEOUT_S) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state (Linux: /proc; elsewhere no wait)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while not all(_thread_state(t) in ("T", "t", "Z", "X", "") for t in tasks.iterdir()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
+        time.sleep(0.001)
+
+
+def _thread_state(task: Path) -> str:
+    """The state letter of /proc/PID/task/TID/stat ('' if the thread is gone)."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]  # the name, in parentheses, may hold spaces
+
+
 class _ServerProcess:
     """A server process this object started on 127.0.0.1:``port``: wait until it answers, stop
     (SIGCONT first: a paused process cannot act on SIGTERM; then terminate, wait, kill), crash
@@ -106,9 +127,12 @@ class _ServerProcess:
             proc.wait()
 
     def pause(self) -> None:
-        """Freeze it (SIGSTOP): connections stay open and nothing answers, as on a hung host."""
+        """Freeze it (SIGSTOP): connections stay open and nothing answers, as on a hung host.
+        Returns once every thread of it has stopped: each stops only when it is next scheduled,
+        and until then a server on a busy machine still answered requests sent after pause()."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        _wait_until_stopped(self.proc.pid)
 
     def resume(self) -> None:
         assert self.proc is not None
