@@ -17,6 +17,7 @@ import redis
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.breaker import MAX_BACKOFF_S, CircuitBreaker
 from kvtier.cache.tiers.redis import RedisTier, parse_url, ping
+from tests.clocks import ManualClock
 
 if TYPE_CHECKING:  # imported at run time by pytest_plugins (so that pytest can rewrite it first)
     from tests.redis_servers import RedisClusterServers, RedisServer
@@ -168,16 +169,21 @@ def test_namespace_isolation_and_drop_other_namespaces(backend: Backend, tiers: 
 
 
 def test_ttl_expiry(redis_server: RedisServer, tiers: list[RedisTier]) -> None:
-    tier = new_tier(tiers, redis_server.url, ttl_seconds=1)
+    # The TTL is read back, not raced: with a 1 s TTL, a loaded machine could expire the objects
+    # before the first lookup after the write.
+    tier = new_tier(tiers, redis_server.url, ttl_seconds=60)
     keys = make_keys(5)
     tier.put(make_items(keys))
     assert tier.lookup(keys) == 5
     c = redis_server.client()
-    assert 0 < c.pttl(b"kvtier:test:" + keys[0].hex().encode()) <= 1000
-    deadline = time.monotonic() + 3.0
-    while tier.lookup(keys) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert tier.lookup(keys) == 0
+    names = [b"kvtier:test:" + k.hex().encode() for k in keys]
+    assert all(0 < c.pttl(n) <= 60_000 for n in names)
+    for n in names:  # expired by the server's clock: misses
+        c.pexpire(n, 1)
+    deadline = time.monotonic() + 30  # expired 1 ms later; the bound only ends a hang
+    while tier.lookup(keys):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert tier.get(keys) == [None] * 5
     c.close()
 
@@ -275,6 +281,7 @@ def test_server_killed_breaker_opens_then_recovers_after_restart(
         breaker_backoff_seconds=0.5,
         breaker_max_backoff_seconds=2.0,
     )
+    clock = tier._breaker._clock = ManualClock()  # the backoffs pass when the test says so
     keys = make_keys(20)
     items = make_items(keys)
     tier.put(items)
@@ -282,7 +289,7 @@ def test_server_killed_breaker_opens_then_recovers_after_restart(
 
     server.kill()
 
-    # each failing operation is a miss, returned within about the timeout
+    # each failing operation is a miss, returned promptly (refused at once; a hang has no bound)
     for op, miss in [
         (lambda: tier.get(keys), [None] * 20),
         (lambda: tier.lookup(keys), 0),
@@ -290,19 +297,17 @@ def test_server_killed_breaker_opens_then_recovers_after_restart(
     ]:
         t0 = time.monotonic()
         assert op() == miss
-        assert time.monotonic() - t0 < 2 * TIMEOUT
+        assert time.monotonic() - t0 < 10 * TIMEOUT  # the margin is for a busy machine
     st = tier.stats()
     assert st.errors == 3
     assert st.extra["breaker_open"] == 1 and st.extra["breaker_trips"] == 1
 
-    # open: no network attempts at all, so 100 operations cost next to nothing (<< 100 * timeout)
-    t0 = time.monotonic()
+    # open: no network attempts at all (a probe would count an error)
     for _ in range(25):
         assert tier.lookup(keys) == 0
         assert tier.get(keys[:2]) == [None, None]
         tier.put(items[:2])
         tier.delete(keys[:2])
-    assert time.monotonic() - t0 < 0.05 * 100 * TIMEOUT
     st = tier.stats()
     assert st.errors == 3  # nothing was attempted
     assert st.extra["breaker_short_circuits"] == 100
@@ -310,17 +315,17 @@ def test_server_killed_breaker_opens_then_recovers_after_restart(
     tier.clear()
 
     # a probe after the backoff fails (server still down): the backoff doubles
-    time.sleep(0.55)
+    clock.now += 0.51
     assert tier.lookup(keys) == 0
     st = tier.stats()
     assert st.errors == 4 and st.extra["breaker_trips"] == 2 and st.extra["breaker_backoff_seconds"] == 1.0
 
-    # back on the same port (empty: no persistence): recovered once the backoff has passed
+    # back on the same port (empty: no persistence): skipped until the backoff has passed, then used
     server.start()
-    restarted = time.monotonic()
-    while tier.lookup(keys[:1]) == 0 and tier.stats().extra["breaker_state"] != 0:
-        assert time.monotonic() - restarted < 1.0 + 0.5, "tier did not recover within the backoff"
-        time.sleep(0.02)
+    clock.now += 0.5
+    assert tier.lookup(keys[:1]) == 0 and tier.stats().extra["breaker_state"] == 1
+    clock.now += 0.51
+    assert tier.lookup(keys[:1]) == 0 and tier.stats().extra["breaker_state"] == 0  # the probe closed it
     tier.put(items)
     assert tier.get(keys) == [d for _, d in items]
     st = tier.stats()
@@ -363,12 +368,19 @@ def test_concurrent_workload_survives_crash_and_restart(
         for t in threads:
             t.join(10)
     assert not errors
-    assert slowest[0] < 2 * TIMEOUT
+    assert slowest[0] < 10 * TIMEOUT  # bounded by the timeout (a hang has no bound); margin for load
     st = tier.stats()
     assert st.errors > 0 and st.extra["breaker_trips"] >= 1
+    # back up: once the breaker lets a probe through (its backoff <= 0.4 s), calls succeed again
     keys = make_keys(3, "after")
-    tier.put([(k, b"v") for k in keys])
-    assert tier.get(keys) == [b"v"] * 3 and tier.stats().extra["breaker_state"] == 0
+    deadline = time.monotonic() + 30
+    while True:
+        tier.put([(k, b"v") for k in keys])
+        if tier.get(keys) == [b"v"] * 3:
+            break
+        assert time.monotonic() < deadline, tier.stats()
+        time.sleep(0.05)
+    assert tier.stats().extra["breaker_state"] == 0
 
 
 def test_cluster_node_killed_then_restarted(tmp_path: Path, tiers: list[RedisTier]) -> None:
