@@ -149,7 +149,7 @@ def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(
     monkeypatch.setattr(
         mod,
         "gemv",
-        lambda x, w, b=None, config=None: calls.append(x.shape[0]) or real(x, w, b),
+        lambda x, w, b=None, config=None: calls.append(x.shape[0]) or real(x, w, b, config),
     )
     w, b = torch.randn(30, 20, device=DEVICE), torch.randn(30, device=DEVICE)
     for m in (1, 4, 5):
@@ -157,11 +157,12 @@ def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(
         assert torch.allclose(mod.linear(x, w, b, 4), F.linear(x, w, b), atol=1e-5)
         assert torch.equal(mod.linear(x, w, b, 0), F.linear(x, w, b))
     assert calls == [1, 4]  # 5 rows > 4, and max_m 0 never
-    mod.linear(torch.randn(2, 20, device=DEVICE), w, b, 8, auto=True)
-    assert calls == [
-        1,
-        4,
-    ]  # auto: only shapes in the measured table (none of this size)
+    x2 = torch.randn(2, 20, device=DEVICE)
+    mod.linear(x2, w, b, 8, auto=True)
+    assert calls == [1, 4], "auto: only shapes in the measured table (none of this size)"
+    monkeypatch.setitem(mod.TUNED, (2, 30, 20), (8, 16, 2, 4, 1, False))
+    assert torch.allclose(mod.linear(x2, w, b, 8, auto=True), F.linear(x2, w, b), atol=1e-5)
+    assert calls == [1, 4, 2], "with the measured config (split-K over 16-long K blocks)"
 
 
 def test_resolve_modes() -> None:
