@@ -135,7 +135,18 @@ def test_choose_config_spreads_small_projections_over_the_sms() -> None:
         cfg = choose_config(1, n, k, 132)
         programs = triton.cdiv(n, cfg.block_n) * cfg.split_k
         assert programs >= 4 * 132 or k // (2 * cfg.split_k) < cfg.block_k, (n, k, cfg)
-    assert choose_config(16, 2048, 2048, 132).dot and not choose_config(8, 2048, 2048, 132).dot
+    assert choose_config(4, 2048, 2048, 132).dot and not choose_config(2, 2048, 2048, 132).dot
+
+
+def test_measured_table_configs_compute_f_linear() -> None:
+    """Every config of the measured table (``TUNED``) at its own M and K (N cut to 40 rows here:
+    the interpreter is slow; the H200 run checked the full shapes)."""
+    from kvtier.model.kernels.gemv import TUNED, tuned_config
+
+    for i, (m, n, k) in enumerate(TUNED):
+        cfg = tuned_config(m, n, k)
+        assert cfg is not None and (not cfg.dot or cfg.block_n >= 16)
+        check(m, min(n, 40), k, torch.bfloat16, bias=i % 2 == 0, config=cfg, seed=i)
 
 
 # -- dispatch and setting ----------------------------------------------------------------------------

@@ -8,8 +8,9 @@ Parts (``--parts`` picks some; all by default):
   attention  the paged decode kernel alone: Triton at each split count, the torch reference
              (gather + SDPA), PyTorch FlexAttention over the paged pool; achieved KV bytes/s (CUDA)
   batch1     batch-1 decode of each model (default synthetic:llama-3.2-1b and synthetic:llama-3.1-8b):
-             torch reference (first model), Triton eager, Triton + CUDA graphs; tok/s and weight
-             bytes / step time / bandwidth
+             torch reference (first model), Triton eager, Triton + CUDA graphs (decode_gemv auto,
+             on, off: the small-M projection kernel on the measured shapes, everywhere, nowhere);
+             tok/s and weight bytes / step time / bandwidth
   hf         Hugging Face static-cache ``generate`` (compiled) on the first model, same weights
   batch64    64 sequences with 1k-token contexts: step time against (weights + KV) / bandwidth
   agree      greedy agreement and logit error over 64 prompts: Triton + graphs vs the torch
@@ -155,7 +156,9 @@ def part_batch1(run: GpuDecodeRun) -> None:
             ("triton eager", {"cuda_graph_max_batch": 0}),
         ]
         if run.dev.type == "cuda":  # the fused path (pre-fused for the kernel) needs Triton attention
+            # default (decode_gemv=auto: the measured shapes), every projection on the kernel, none
             variants.insert(1, ("triton+graphs+gemv", {"gemv": True}))
+            variants.insert(2, ("triton+graphs gemv off", {"decode_gemv": "off"}))
         if model == run.models[0]:  # the reference is slow: the smaller model only
             variants.append(("torch reference", {"attention_backend": "torch"}))
         for name, kw in variants:

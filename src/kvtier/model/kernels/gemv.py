@@ -9,8 +9,8 @@ projections (12.6 MB, 8.4 MB) it leaves most of the H200's 132 SMs idle for part
   flight), and **split-K** where N alone gives too few programs: each split reduces its own span
   of K and the last program of a tile to finish (a per-tile counter, reset by that program) sums the
   splits in a fixed order, adds the bias and writes y: one launch, deterministic;
-- M <= 8: a multiply-and-sum on the CUDA cores (``DOT=False``; the product tile is summed over K
-  once, after the loop); larger M: ``tl.dot`` on M padded to 16;
+- small M (1, 2 by default): a multiply-and-sum on the CUDA cores (``DOT=False``; the product tile
+  is summed over K once, after the loop); larger M: ``tl.dot`` on M padded to 16;
 - float32 accumulation; W loaded with ``evict_first`` (read once), x kept.
 
 ``linear(x, w, b, max_m, auto)`` is what the model calls: the kernel when the model enabled it
@@ -169,9 +169,10 @@ def block_m(m: int, dot: bool) -> int:
     return max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
 
 
-# CUDA-core path, per BLOCK_M: (BLOCK_N, BLOCK_K) of 8192 products, i.e. 64 float32 registers a
-# thread at 4 warps, and a K block long enough that a program issues all of a row's loads at once
-_REDUCE_TILES = {1: (4, 2048), 2: (4, 1024), 4: (2, 1024), 8: (2, 512)}
+# CUDA-core path, per BLOCK_M: (BLOCK_N, BLOCK_K) of 4096 products (32 float32 registers a thread
+# at 4 warps), K blocks long enough that a program issues most of a row's loads at once (the H200
+# run's fastest at M = 1 and 2; at M >= 4 tl.dot with 3 stages was faster than any of these)
+_REDUCE_TILES = {1: (4, 1024), 2: (2, 2048)}
 
 
 def split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
@@ -184,14 +185,15 @@ def split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
-    """The default config: M <= 8 on the CUDA cores (``_REDUCE_TILES``), larger M by ``tl.dot``
-    on M padded to 16; split-K where N alone leaves SMs without a few programs."""
-    if m > 8:
-        bn, bk, dot = 32, 128, True
+    """The default config (``decode_gemv=on`` off the measured table): M <= 2 on the CUDA cores
+    (``_REDUCE_TILES``), larger M by ``tl.dot`` on M padded to 16 (3 stages up to M = 8); split-K
+    where N alone leaves SMs without a few programs."""
+    if m > 2:
+        bn, bk, dot, stages = 32, 128, True, 3 if m <= 8 else 2
     else:
         bn, bk = _REDUCE_TILES[triton.next_power_of_2(m)]
-        bk, dot = min(bk, max(16, triton.next_power_of_2(k))), False
-    return GemvConfig(bn, bk, split_for(n, k, bn, bk, sms), 4, dot)
+        bk, dot, stages = min(bk, max(16, triton.next_power_of_2(k))), False, 2
+    return GemvConfig(bn, bk, split_for(n, k, bn, bk, sms), 4, dot, stages)
 
 
 _LOCKS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -272,9 +274,25 @@ def gemv(
 # -- dispatch ----------------------------------------------------------------------------------------
 GEMV_MODES = ("auto", "on", "off")
 # auto: (M rounded up to a power of two, N, K) -> the config that the H200 run measured fastest,
-# for the shapes where it beat F.linear by >= 3% (bf16, per call under graph replay):
-# (block_n, block_k, split_k, num_warps, num_stages, dot). Empty: auto is F.linear everywhere.
-TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool]] = {}
+# for the shapes where it beat F.linear by >= 3% (bf16, per call under graph replay, F.linear's
+# time -> the kernel's; `kvtier bench gpu-decode --parts gemv`, docs/benchmarks.md):
+# (block_n, block_k, split_k, num_warps, num_stages, dot). Other shapes: F.linear.
+TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool]] = {
+    # synthetic:llama-3.2-1b (Llama 3.2 1B shapes): q/k/v, o, down, LM head (gate/up: cuBLAS)
+    (1, 3072, 2048): (4, 1024, 1, 4, 2, False),  # 6.9 -> 5.2 us
+    (1, 2048, 2048): (4, 2048, 1, 4, 1, False),  # 6.2 -> 4.1 us
+    (2, 2048, 2048): (4, 1024, 1, 4, 2, False),  # 6.2 -> 5.1 us
+    (1, 2048, 8192): (4, 2048, 1, 4, 2, False),  # 14.3 -> 11.1 us
+    (2, 2048, 8192): (2, 2048, 1, 4, 2, False),  # 13.8 -> 11.8 us
+    (1, 128256, 2048): (4, 1024, 1, 4, 2, False),  # 127.2 -> 123.0 us
+    # synthetic:llama-3.1-8b (Llama 3.1 8B shapes)
+    (1, 6144, 4096): (8, 512, 1, 4, 2, False),  # 16.8 -> 15.1 us
+    (1, 4096, 4096): (4, 1024, 1, 4, 2, False),  # 13.6 -> 10.9 us
+    (2, 4096, 4096): (2, 2048, 1, 4, 2, False),  # 13.4 -> 12.8 us
+    (16, 4096, 4096): (32, 128, 8, 4, 2, True),  # 13.9 -> 13.4 us
+    (1, 4096, 14336): (4, 1024, 1, 4, 2, False),  # 33.0 -> 31.0 us
+    (1, 128256, 4096): (16, 256, 1, 4, 2, False),  # 254.2 -> 245.2 us
+}
 
 
 def tuned_config(m: int, n: int, k: int) -> GemvConfig | None:
