@@ -59,6 +59,24 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return (index.gather(1, best) + best * chunk).squeeze(1)
 
 
+def capture_graph(
+    model: CausalLM, args: tuple[Any, ...], stream: torch.cuda.Stream, pool: Any
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    """One step's graph: (graph, its logits, their argmax), read from static buffers after each
+    replay. One eager run first, on the side stream as torch asks: it compiles the kernels of this
+    shape outside the capture."""
+    engine_stream = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(engine_stream)
+    with torch.cuda.stream(stream):
+        model(*args)
+    engine_stream.wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        logits = model(*args)
+        greedy = argmax_rows(logits)
+    return graph, logits, greedy
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -124,17 +142,8 @@ class DecodeGraphs:
         sizes = list(reversed(self.buckets))
         show = sys.stderr.isatty()
         for b in track(sizes, description="capturing CUDA graphs", disable=not show, transient=True):
-            meta = self._meta(b)
-            args = (self.ids[:b], self.positions[:b], self.kv_cache, meta)
-            # One eager run first, on a side stream as torch asks: compiles the kernels for this shape.
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.model(*args)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[b] = self.model(*args)
-                self.greedy[b] = argmax_rows(self.logits[b])
+            args = (self.ids[:b], self.positions[:b], self.kv_cache, self._meta(b))
+            graph, self.logits[b], self.greedy[b] = capture_graph(self.model, args, stream, pool)
             pool = graph.pool()
             self.graphs[b] = graph
         self.pool = pool
@@ -234,14 +243,7 @@ class ExtendGraphs:
             self.row.copy_(torch.tensor([0, t, t], dtype=torch.int32))
             self.logits_row.fill_(t - 1)
             args = (self.ids[:t], self.positions[:t], self.kv_cache, self._meta(t), self.logits_row)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.model(*args)  # compiles this shape's kernels outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[t] = self.model(*args)
-                self.greedy[t] = argmax_rows(self.logits[t])
+            graph, self.logits[t], self.greedy[t] = capture_graph(self.model, args, stream, pool)
             pool = graph.pool()
             self.graphs[t] = graph
         torch.cuda.synchronize(self.device)

@@ -264,17 +264,24 @@ def paged_decode(
         num_warps=4,
     )
     if num_splits > 1:
-        _combine_kernel[(rows, heads)](
-            mid_o,
-            mid_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=dim,
-            D_PAD=d_pad,
-            NUM_SPLITS=num_splits,
-        )
+        combine_splits(mid_o, mid_lse, out)
     return out
+
+
+def combine_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge the per-split partial softmaxes of split-K attention into ``out`` ([rows, heads, D]):
+    mid_o [rows, heads, splits, D_PAD] float32, mid_lse [rows, heads, splits] (log2 sum-exp)."""
+    rows, heads, splits, d_pad = mid_o.shape
+    _combine_kernel[(rows, heads)](
+        mid_o,
+        mid_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=out.shape[2],
+        D_PAD=d_pad,
+        NUM_SPLITS=splits,
+    )
 
 
 @triton.jit

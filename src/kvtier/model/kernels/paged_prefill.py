@@ -22,8 +22,8 @@ import triton.language as tl
 
 from kvtier.model.kernels.paged_decode import (
     LOG2E,
-    _combine_kernel,
     choose_splits,
+    combine_splits,
     dot_precision,
     fp8_scales,
 )
@@ -222,17 +222,7 @@ def paged_prefill(
         num_warps=4,
     )
     if splits > 1:
-        span = out[token_offset : token_offset + num_tokens]
-        _combine_kernel[(num_tokens, heads)](
-            mid_o,
-            mid_lse,
-            span,
-            span.stride(0),
-            span.stride(1),
-            HEAD_DIM=dim,
-            D_PAD=d_pad,
-            NUM_SPLITS=splits,
-        )
+        combine_splits(mid_o, mid_lse, out[token_offset : token_offset + num_tokens])
     return out
 
 
