@@ -77,7 +77,42 @@ def capture_graph(
     return graph, logits, greedy
 
 
-class DecodeGraphs:
+class _StepGraphs:
+    """What both kinds of graphs hold: one graph per bucket, each with static token inputs (ids,
+    positions, K/V slots) for the largest bucket, and its outputs (logits, greedy tokens)."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        buckets: list[int],
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.buckets = buckets
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // kv_cache.shape[3])
+        n = self.largest
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}  # each row's argmax, computed in the graph too
+        self.capture_seconds = 0.0
+
+    @property
+    def largest(self) -> int:
+        return self.buckets[-1] if self.buckets else 0
+
+    def bucket(self, size: int) -> int | None:
+        return next((b for b in self.buckets if b >= size), None)
+
+
+class DecodeGraphs(_StepGraphs):
     def __init__(
         self,
         model: CausalLM,
@@ -86,32 +121,16 @@ class DecodeGraphs:
         max_model_len: int,
         device: torch.device,
     ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.device = device
-        self.buckets = buckets_up_to(max_batch)
-        block_size = kv_cache.shape[3]
-        self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // block_size)
-        n = self.buckets[-1] if self.buckets else 0
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        super().__init__(model, kv_cache, buckets_up_to(max_batch), max_model_len, device)
+        n = self.largest
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.greedy: dict[int, torch.Tensor] = {}  # each row's argmax, computed in the graph too
-        self.capture_seconds = 0.0
         self.pool: Any = None  # the graphs' memory pool, once captured
 
     @property
     def max_batch(self) -> int:
-        return self.buckets[-1] if self.buckets else 0
-
-    def bucket(self, batch: int) -> int | None:
-        return next((b for b in self.buckets if b >= batch), None)
+        return self.largest
 
     def _meta(self, batch: int) -> AttentionMetadata:
         from kvtier.model.kernels.paged_decode import block_n_for, choose_splits
@@ -183,7 +202,7 @@ class DecodeGraphs:
 EXTEND_BUCKETS = (16, 32, 64, 128, 256)
 
 
-class ExtendGraphs:
+class ExtendGraphs(_StepGraphs):
     """Graphs of a step that is a single prefill / extend row of up to ``max_tokens`` new tokens."""
 
     def __init__(
@@ -194,34 +213,16 @@ class ExtendGraphs:
         max_model_len: int,
         device: torch.device,
     ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.device = device
-        self.max_model_len = max_model_len
-        self.buckets = [b for b in EXTEND_BUCKETS if b <= max_tokens] or (
-            [max_tokens] if max_tokens > 1 else []
-        )
-        n = self.buckets[-1] if self.buckets else 0
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        buckets = [b for b in EXTEND_BUCKETS if b <= max_tokens] or ([max_tokens] if max_tokens > 1 else [])
+        super().__init__(model, kv_cache, buckets, max_model_len, device)
         self.row = torch.zeros(3, dtype=torch.int32, device=device)  # query start 0, query end, context
         self.logits_row = torch.zeros(1, dtype=torch.int64, device=device)  # the last real token
-        self.block_tables = torch.zeros(
-            (1, -(-max_model_len // kv_cache.shape[3])), dtype=torch.int32, device=device
-        )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.greedy: dict[int, torch.Tensor] = {}
-        self.capture_seconds = 0.0
+        self.block_tables = torch.zeros((1, self.max_blocks), dtype=torch.int32, device=device)
         self.replays = 0
 
     @property
     def max_tokens(self) -> int:
-        return self.buckets[-1] if self.buckets else 0
-
-    def bucket(self, tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= tokens), None)
+        return self.largest
 
     def _meta(self, tokens: int) -> AttentionMetadata:
         return AttentionMetadata(
