@@ -211,10 +211,10 @@ def test_atheris_finds_nothing(tmp_path: Path) -> None:
     seed = [] if FULL else ["-seed=1"]  # CI: the same inputs every run
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
     # libFuzzer's RSS limit (default 2 GiB) reads the peak RSS, which a child forked from this test
-    # process starts at this process's own RSS (kept across exec): with the suite's engines resident
-    # it reported 13 GB before its first input. The limit counts from there; the decoder's own bound
-    # is checked per input with tracemalloc (atheris_codec.py).
-    rss_limit = f"-rss_limit_mb={_resident_mb() + 2048}"
+    # process starts at this process's own peak (the kernel copies it at fork and keeps it across
+    # exec): after a full suite it reported 13 GB before its first input. The limit counts from
+    # there; the decoder's own bound is checked per input with tracemalloc (atheris_codec.py).
+    rss_limit = f"-rss_limit_mb={_peak_resident_mb() + 2048}"
     proc = subprocess.run(
         [
             sys.executable,
@@ -291,11 +291,11 @@ def test_another_tenants_hits_never_speed_up_a_request(tmp_path: Path, trials: i
     )
 
 
-def _resident_mb() -> int:
-    """This process's resident set size in MiB (Linux /proc; 0 elsewhere)."""
+def _peak_resident_mb() -> int:
+    """This process's peak resident set size in MiB (Linux /proc VmHWM; 0 elsewhere)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return 0
-    line = next((ln for ln in status.splitlines() if ln.startswith("VmRSS:")), "VmRSS: 0 kB")
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), "VmHWM: 0 kB")
     return int(line.split()[1]) // 1024
