@@ -174,6 +174,9 @@ def test_linear_dispatch_uses_the_kernel_only_up_to_the_threshold(
     monkeypatch.setitem(mod.TUNED, (2, 30, 20), (8, 16, 2, 4, 1, False))
     assert torch.allclose(mod.linear(x2, w, b, 8, auto=True), F.linear(x2, w, b), atol=1e-5)
     assert calls == [1, 4, 2], "with the measured config (split-K over 16-long K blocks)"
+    x1 = torch.randn(1, 20, device=DEVICE)
+    assert torch.allclose(mod.linear(x1, w, None, 8, auto=True), F.linear(x1, w), atol=1e-5)
+    assert calls == [1, 4, 2, 1], "auto: any shape at M = 1 (AUTO_ALL_ROWS)"
 
 
 def test_resolve_modes() -> None:

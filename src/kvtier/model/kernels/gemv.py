@@ -276,7 +276,8 @@ GEMV_MODES = ("auto", "on", "off")
 # auto: (M rounded up to a power of two, N, K) -> the config that the H200 run measured fastest,
 # for the shapes where it beat F.linear by >= 3% (bf16, per call under graph replay, F.linear's
 # time -> the kernel's; `kvtier bench gpu-decode --parts gemv`, docs/benchmarks.md):
-# (block_n, block_k, split_k, num_warps, num_stages, dot). Other shapes: F.linear.
+# (block_n, block_k, split_k, num_warps, num_stages, dot). Other shapes: F.linear, except at
+# M <= AUTO_ALL_ROWS (choose_config's config there).
 TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool]] = {
     # synthetic:llama-3.2-1b (Llama 3.2 1B shapes): q/k/v, o, down, LM head (gate/up: cuBLAS)
     (1, 3072, 2048): (4, 1024, 1, 4, 2, False),  # 6.9 -> 5.2 us
@@ -300,15 +301,23 @@ def tuned_config(m: int, n: int, k: int) -> GemvConfig | None:
     return None if t is None else GemvConfig(t[0], t[1], t[2], t[3], t[5], t[4])
 
 
+# auto: every projection at M <= this on the kernel, measured shapes or not. Per call, gate/up at M = 1
+# was 5% slower on the kernel (20.2 vs 19.2 us), but end to end the whole step on the kernel beat
+# the per-shape choice on both models (H200, same run: 1B 1045 vs 978 tok/s, 8B 228 vs 222); the
+# kernel won or tied on every measured shape at M = 1. Not so at M = 2 (gate/up 26 vs 20 us).
+AUTO_ALL_ROWS = 1
+
+
 def linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, max_m: int, auto: bool = False
 ) -> torch.Tensor:
     """The fused path's projection: the small-M kernel for at most ``max_m`` rows (0: never; with
-    ``auto`` only the shapes measured faster, with their measured config), ``F.linear`` otherwise."""
+    ``auto`` only the shapes measured faster, with their measured config, and any shape at M <=
+    ``AUTO_ALL_ROWS``), ``F.linear`` otherwise."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < m <= max_m:
         cfg = tuned_config(m, w.shape[0], w.shape[1])
-        if cfg is not None or not auto:
+        if cfg is not None or not auto or m <= AUTO_ALL_ROWS:
             return gemv(x, w, b, cfg)
     return F.linear(x, w, b)
 
