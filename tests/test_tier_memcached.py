@@ -377,6 +377,12 @@ def test_a_restart_costs_no_failure_for_the_idle_pooled_connections(
     assert t.get([key]) == [None]
     t.put([(key, b"after")])
     assert t.get([key]) == [b"after"]
+    # ...and it was taken for the restart it is: the names use the new server's counters at once
+    raw = memcached_server.client()
+    counters = [raw.get(wire.EPOCH_KEY), raw.get(wire.generation_key(wire.namespace_id("ns")))]
+    assert None not in counters
+    generation = counters[0].strip() + b"." + counters[1].strip()
+    assert head_name(t, key).startswith(wire.head_prefix(wire.namespace_id("ns"), generation))
     extra = t.stats().extra
     assert t.stats().errors == 0 and extra["breaker_trips"] == 0 and extra["breaker_state"] == 0
 

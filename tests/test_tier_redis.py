@@ -399,7 +399,7 @@ def test_cluster_node_killed_then_restarted(tmp_path: Path, tiers: list[RedisTie
             assert tier.lookup(keys) < 60
             assert None in tier.get(keys)
             tier.put(items)
-            assert time.monotonic() - t0 < 3 * TIMEOUT
+            assert time.monotonic() - t0 < 10 * TIMEOUT  # bounded (a hang is not); margin for load
         st = tier.stats()
         assert st.errors >= 3 and st.extra["breaker_trips"] >= 1
 
@@ -429,7 +429,7 @@ def test_nothing_listening_never_raises(tiers: list[RedisTier]) -> None:
         assert tier.keys() == [] and len(tier) == 0 and tier.drop_namespaces(keep=tier.namespace) == 0
         tier.clear()
         assert tier.used_bytes == 0
-        assert time.monotonic() - t0 < 4 * TIMEOUT
+        assert time.monotonic() - t0 < 10 * TIMEOUT  # bounded (a hang is not); margin for load
         st = tier.stats()
         assert st.errors == 2 and st.extra["breaker_open"] == 1 and st.misses == 4
         assert not ping(url)

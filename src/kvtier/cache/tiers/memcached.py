@@ -397,7 +397,7 @@ class MemcachedTier(CopiedStats, Tier):
         if not server.breaker.allow():
             return default
         try:
-            result = wire.run(server.client, op, probe=server.breaker.probing)
+            result = wire.run(server.client, op, server.breaker.probing, self._forget_generation)
         except MemcacheIllegalInputError:  # our bug, not the server's
             server.breaker.release_probe()
             raise
@@ -429,12 +429,16 @@ class MemcachedTier(CopiedStats, Tier):
             log.info("memcached tier %s: reachable again, breaker closed", server.address)
         log.warning("memcached tier %s: error reply: %s", server.address, error)
 
+    def _forget_generation(self) -> None:
+        """A server that comes back (or restarted) has lost its counters: the next call re-reads them."""
+        known = self._generation
+        if known is not None:
+            self._generation = (known[0], -_GENERATION_TTL_S)
+
     def _failed(self, server: _Server, error: BaseException) -> None:
         with self._lock:
             self._stats.errors += 1
-        known = self._generation
-        if known is not None:  # a server that comes back has lost its counters: re-read them first
-            self._generation = (known[0], -_GENERATION_TTL_S)
+        self._forget_generation()
         if server.breaker.record_failure():
             log.warning(
                 "memcached tier %s: %s; breaker open for %.2fs (misses meanwhile)",

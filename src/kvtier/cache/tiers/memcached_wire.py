@@ -197,14 +197,17 @@ def delete_many(client: PooledClient, names: list[bytes]) -> dict[bytes, bool]:
     return {}
 
 
-def run(client: PooledClient, op: Callable[[PooledClient], T], probe: bool) -> T:
+def run(
+    client: PooledClient, op: Callable[[PooledClient], T], probe: bool, restarted: Callable[[], None]
+) -> T:
     """``op(client)``; ``probe``: after a ``version`` call (a server back from an outage says so
     cheaply, first). A pooled connection that had died idle (the server restarted) raises no
-    failure: the pool's idle connections, all from before that restart, are closed and ``op`` runs
-    once more on a new one."""
+    failure: ``restarted()`` is told, the pool's idle connections, all from before that restart,
+    are closed and ``op`` runs once more on a new one."""
     try:
         return _run_once(client, op, probe)
     except STALE_ERRORS:
+        restarted()
         drop_idle_connections(client)
         return _run_once(client, op, probe)
 
