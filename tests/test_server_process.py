@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
+import typer
 
 from tests.kvtier_servers import KvtierServer
 
@@ -137,3 +139,17 @@ def test_an_engine_process_whose_server_was_killed_exits() -> None:
     server.proc.kill()
     server.proc.wait(30)
     assert gone(pid), "the engine process kept running without its HTTP process"
+
+
+def test_engine_process_setting_is_checked_before_the_model_loads() -> None:
+    from typer.testing import CliRunner
+
+    from kvtier.cli import _variant, app
+
+    result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--engine-process", "maybe"])
+    assert isinstance(result.exception, ValueError)
+    assert "engine_process must be one of auto, on, off" in str(result.exception)
+    assert "'maybe'" in str(result.exception)
+    assert _variant("thread=--engine-process off") == ("thread", ["--engine-process", "off"])
+    with pytest.raises(typer.BadParameter, match="NAME=FLAGS"):
+        _variant("--engine-process off")
