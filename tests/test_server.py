@@ -18,13 +18,17 @@ MAX_MODEL_LEN = 1024
 KEYS = {"key-a": "alpha", "key-b": "beta"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvtierServer]:
+@pytest.fixture(scope="module", params=["default", "engine-thread"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KvtierServer]:
+    """Every test against the default layout (the engine in its own process) and the engine thread."""
     keys = Path(tmp_path_factory.mktemp("keys")) / "keys.yaml"
     keys.write_text("".join(f"{k}: {t}\n" for k, t in KEYS.items()))
+    mode = () if request.param == "default" else ("--engine-process", "off")
     srv = KvtierServer(
         "--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", str(MAX_MODEL_LEN),
-        "--api-keys-file", str(keys),
+        "--api-keys-file", str(keys), *mode,
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, srv.output()
@@ -311,4 +315,5 @@ def test_a_cpu_server_leaves_a_core_to_its_event_loop(server: KvtierServer) -> N
     assert torch_threads_for_server("cuda", {}, 16) is None
     expected = torch_threads_for_server("cpu", os.environ, os.cpu_count())
     threads = expected if expected is not None else "default"
-    assert f"KV blocks, {threads} torch threads, engine process " in server.output()  # the default mode
+    where = "engine thread" if "--engine-process" in server.proc.args else "engine process "  # type: ignore[operator]
+    assert f"KV blocks, {threads} torch threads, {where}" in server.output()
