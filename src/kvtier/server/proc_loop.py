@@ -169,7 +169,10 @@ class ProcessEngineLoop:
             self._metrics.pop(seq, None)
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Tell the child to finish (it aborts what is left, flushes its tiers, exits 0); wait for it."""
+        """Tell the child to finish (it aborts what is left, flushes its tiers, exits 0); wait for it.
+        Idempotent: ``kvtier serve`` calls it again after uvicorn, in case its lifespan never ran."""
+        if self._stopping:
+            return
         self._accepting = False
         self._stopping = True
         self._try_send(("shutdown",))
@@ -180,6 +183,8 @@ class ProcessEngineLoop:
             log.error("the engine process did not stop within %.0f s: killed", timeout)
             self.process.kill()
             self.process.join(10)
+        elif self.closed_ok is False:
+            log.warning("the engine process stopped; some queued tier writes did not make it in time")
 
     # -- pipes ------------------------------------------------------------------------------------
     def _send(self, message: tuple[Any, ...]) -> None:
