@@ -23,8 +23,9 @@ import typer
 from tests.kvtier_servers import KvtierServer
 
 MODEL = "synthetic:tiny"
-SERVER_ARGS = ("--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", "1024")
-LONG: dict[str, Any] = {"model": MODEL, "prompt": "a long one", "max_tokens": 1000, "ignore_eos": True}
+SERVER_ARGS = ("--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model-len", "4096")
+# thousands of engine steps: still running when the test kills the engine, on any machine
+LONG: dict[str, Any] = {"model": MODEL, "prompt": "a long one", "max_tokens": 4000, "ignore_eos": True}
 
 
 def engine_pid(server: KvtierServer) -> int:
@@ -47,6 +48,13 @@ def gone(pid: int, timeout: float = 60.0) -> bool:
     return False
 
 
+def running_both(server: KvtierServer, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.metrics()["kvtier:num_requests_running"] < 2:
+        assert time.monotonic() < deadline, "the second request never ran"
+        time.sleep(0.05)
+
+
 def test_a_killed_engine_process_fails_requests_and_health() -> None:
     server = KvtierServer(*SERVER_ARGS)
     try:
@@ -64,7 +72,7 @@ def test_a_killed_engine_process_fails_requests_and_health() -> None:
             lines = r.iter_lines()
             assert next(lines).startswith("data: {")  # it runs
             waiter.start()
-            time.sleep(0.5)  # the non-streamed one is in the engine too
+            running_both(server)  # the non-streamed one is in the engine too
             os.kill(pid, signal.SIGKILL)
             rest = [line for line in lines if line.startswith("data: ")]  # ends: the server closes it
         assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2], rest[-3:]
