@@ -22,6 +22,7 @@ from kvtier.bench.report import fraction, print_table, progress
 from kvtier.config import EngineConfig
 from kvtier.engine.engine import Engine
 from kvtier.engine.request import SamplingParams
+from kvtier.engine.tiers import host_copy_bandwidth
 
 
 def bench_prefix_ttft(args: argparse.Namespace) -> None:
@@ -175,25 +176,8 @@ def _tier_load_summary(engine: Engine, runs: list[Timeline], cold_ttft: float) -
         "loaded_bytes": loaded_bytes,
         "ttft_of_cold": ttft / cold_ttft,
         "bytes_per_s": loaded_bytes / ttft if ttft else 0.0,
-        "pinned_h2d_bytes_per_s": _pinned_h2d_bandwidth(engine),
+        # a 1 GiB copy from page-locked memory: the ceiling of the load (CUDA only)
+        "pinned_h2d_bytes_per_s": (
+            host_copy_bandwidth(engine.device, 1 << 30) if engine.device.type == "cuda" else None
+        ),
     }
-
-
-def _pinned_h2d_bandwidth(engine: Engine) -> float | None:
-    """Bytes per second of a 1 GiB copy from page-locked host memory to the device (best of 3)."""
-    if engine.device.type != "cuda":
-        return None
-    import time
-
-    import torch
-
-    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty_like(host, device=engine.device)
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize(engine.device)
-        t = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(engine.device)
-        best = min(best, time.perf_counter() - t)
-    return host.numel() / best

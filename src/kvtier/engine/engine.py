@@ -43,6 +43,7 @@ from kvtier.engine.request import (
     check_prompt_ids,
     check_request_id,
     check_text,
+    completion_ids,
 )
 from kvtier.engine.results import ResultCache
 from kvtier.engine.runner import InFlight, ModelRunner, StepResult
@@ -209,8 +210,7 @@ class Engine:
             return [base]  # answered: no model work; the next step returns it
         ids: list[str] = []
         first: Request | None = None
-        for i in range(params.n):
-            rid = base if params.n == 1 else f"{base}#{i}"
+        for i, rid in enumerate(completion_ids(base, params.n)):
             child = params
             if params.n > 1 and params.seed is not None:
                 child = dataclasses.replace(params, seed=params.seed + i)

@@ -197,6 +197,11 @@ def check_request_id(request_id: Any) -> str | None:
     return request_id
 
 
+def completion_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a request's ``n`` completions: the request's own id, or ``id#0 .. id#n-1``."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
 def check_prompt_ids(prompt: Any, vocab_size: int) -> list[int]:
     """A list or tuple of token ids in the vocabulary. Anything else (bytes, a dict, a float, a bool,
     None, a number, an array or tensor) is refused rather than coerced into ids."""

@@ -114,11 +114,11 @@ def build_hierarchy(
 HOST_COPY_PROBE_BYTES = 64 << 20  # long enough to reach the copy's rate, ~1 ms on a GPU
 
 
-def host_copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a copy from host memory to ``device`` (page-locked on CUDA, as the host
-    tier's slab is), best of three: what a load from the host tier can reach."""
+def host_copy_bandwidth(device: torch.device, nbytes: int = HOST_COPY_PROBE_BYTES) -> float:
+    """Bytes per second of a copy of ``nbytes`` from host memory to ``device`` (page-locked on CUDA,
+    as the host tier's slab is), best of three: what a load from the host tier can reach."""
     cuda = device.type == "cuda"
-    src = torch.empty(HOST_COPY_PROBE_BYTES, dtype=torch.uint8, pin_memory=cuda)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty_like(src, device=device)
     best = float("inf")
     for _ in range(3):
@@ -129,7 +129,7 @@ def host_copy_bandwidth(device: torch.device) -> float:
         if cuda:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return HOST_COPY_PROBE_BYTES / best
+    return nbytes / best
 
 
 MAINTENANCE_NAMESPACE = "kvtier-maintenance"  # never written: maintenance works across namespaces

@@ -51,6 +51,17 @@ class EngineUnavailable(ShuttingDown):
     """The engine is gone (its thread failed or its process died): HTTP 503 naming why."""
 
 
+def check_admission(unavailable: str | None, accepting: bool, pending: int, max_pending: int) -> None:
+    """Whether a loop takes one more request: raises EngineUnavailable (why it cannot serve),
+    ShuttingDown, or QueueFull (its bound on requests in flight)."""
+    if unavailable is not None:
+        raise EngineUnavailable(unavailable)
+    if not accepting:
+        raise ShuttingDown("the server is shutting down")
+    if pending >= max_pending:
+        raise QueueFull(f"the server has {pending} requests in flight, its limit: retry later")
+
+
 @dataclass
 class RequestStream:
     """What a handler reads: every Delta of one request's completions, then None at the end."""
@@ -113,12 +124,7 @@ class EngineLoop:
         final_only: bool = False,
     ) -> RequestStream:
         """Add a request; raises QueueFull, ShuttingDown, or the engine's InvalidRequestError."""
-        if self.fatal is not None:
-            raise EngineUnavailable(f"the engine loop failed: {self.fatal}")
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down")
-        if self._pending >= self.max_pending:
-            raise QueueFull(f"the server has {self._pending} requests in flight, its limit: retry later")
+        check_admission(self.unavailable(), self._accepting, self._pending, self.max_pending)
         self._pending += 1
         done: asyncio.Future[RequestStream] = asyncio.get_running_loop().create_future()
 

@@ -24,9 +24,9 @@ import time
 from typing import Any
 
 from kvtier.config import EngineConfig
-from kvtier.engine.request import InvalidRequestError, SamplingParams
+from kvtier.engine.request import InvalidRequestError, SamplingParams, completion_ids
 from kvtier.server.engine_proc import run_engine_process
-from kvtier.server.loop import EngineUnavailable, QueueFull, RequestStream, ShuttingDown
+from kvtier.server.loop import EngineUnavailable, RequestStream, check_admission
 from kvtier.server.outputs import Delta, EngineInfo, failed
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,10 @@ class ProcessEngineLoop:
         final_only: bool = False,
     ) -> RequestStream:
         """Add a request; raises QueueFull, ShuttingDown, EngineUnavailable or InvalidRequestError."""
-        if (why := self.unavailable()) is not None:
-            raise EngineUnavailable(why)
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down")
-        if self._pending >= self.max_pending:
-            raise QueueFull(f"the server has {self._pending} requests in flight, its limit: retry later")
+        check_admission(self.unavailable(), self._accepting, self._pending, self.max_pending)
         # the completions' ids are known here (Engine.add_request's rule), so that deltas arriving
         # with the add's answer find their stream
-        n = params.n if isinstance(params.n, int) and params.n > 1 else 1
-        ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        ids = completion_ids(request_id, params.n if isinstance(params.n, int) and params.n > 1 else 1)
         stream = RequestStream(request_id, ids, final_only, unfinished=set(ids))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._adds[request_id] = done
