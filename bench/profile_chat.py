@@ -53,12 +53,39 @@ def timed(cls: Any, name: str, label: str, cpu: bool = False) -> None:
     setattr(cls, name, staticmethod(wrapper) if static else wrapper)
 
 
+started: dict[str, float] = {}  # the current engine's start: wall and process CPU seconds
+
+
+def log_triton_compiles(since: dict[str, float]) -> None:
+    """Print every Triton kernel variant compiled (or loaded from the disk cache) while an engine
+    runs: a compile inside a timed run is a cost that a warmed-up server would not pay."""
+    from triton.runtime import jit
+
+    original = jit.JITFunction._do_compile
+
+    def wrapper(self: Any, key: Any, signature: Any, device: Any, constexprs: Any, *a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return original(self, key, signature, device, constexprs, *a, **k)
+        finally:
+            at = t - since.get("wall", t)
+            took = time.perf_counter() - t
+            print(
+                f"COMPILE {self.__name__} at +{at:.2f}s took {took:.3f}s: {constexprs} key {str(key)[:400]}"
+            )
+
+    jit.JITFunction._do_compile = wrapper  # type: ignore[method-assign]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
     p.add_argument("--cprofile", type=int, default=0, help="print the engine thread's N costliest functions")
     p.add_argument("--sync-debug", action="store_true", help="count CUDA host syncs per call site")
+    p.add_argument("--log-compiles", action="store_true", help="print each Triton compile in a run")
     args, rest = p.parse_known_args()
+    if args.log_compiles:
+        log_triton_compiles(started)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     timed(rmod.ModelRunner, "launch", "launch")
@@ -70,7 +97,6 @@ def main() -> None:
     timed(hmod.KVHierarchy, "_write", "io write", cpu=True)
     timed(hmod.KVHierarchy, "_load", "io load", cpu=True)
     init, close = emod.Engine.__init__, emod.Engine.close
-    started: dict[str, float] = {}
 
     def traced_init(self: emod.Engine, *a: Any, **k: Any) -> None:
         init(self, *a, **k)

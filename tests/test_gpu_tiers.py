@@ -91,10 +91,12 @@ def test_engine_on_cuda_loads_from_host_and_disk_with_the_same_tokens(tmp_path: 
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     rng = random.Random(3)
     prompts = [[rng.randrange(320) for _ in range(100)] for _ in range(6)]
-    cold = LLM("synthetic:tiny", device="cuda", tiers="none", enable_prefix_caching=False)
+    cold = LLM(
+        "synthetic:tiny", device="cuda", tiers="none", enable_prefix_caching=False, kv_cache_memory=64 << 20
+    )
     ref = [o.outputs[0].token_ids for o in cold.generate(prompts, greedy)]
+    block_bytes = cold.engine.layout.bytes_per_block
     cold.close()
-    block_bytes = LLM("synthetic:tiny", device="cuda", tiers="none").engine.layout.bytes_per_block
     for tiers in ("host", "disk"):
         llm = LLM(
             "synthetic:tiny",
@@ -121,7 +123,9 @@ def test_a_step_synchronises_with_the_gpu_once() -> None:
     attention included) may wait for the GPU: each wait stalls the launch-bound engine loop."""
     import warnings
 
-    llm = LLM("synthetic:tiny", device="cuda", tiers="none", max_num_batched_tokens=64)
+    llm = LLM(
+        "synthetic:tiny", device="cuda", tiers="none", max_num_batched_tokens=64, kv_cache_memory=64 << 20
+    )
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # lazily initialised state
     engine = llm.engine
     rng = random.Random(5)
