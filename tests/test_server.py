@@ -293,6 +293,10 @@ def test_side_routes(server: KvtierServer) -> None:
         assert name in text
 
 
+def test_debug_stages_is_off_by_default(server: KvtierServer) -> None:
+    assert httpx.get(server.url + "/debug/stages", timeout=10).status_code == 404  # --trace-stages only
+
+
 def test_step_handoff_out_of_range_is_refused_before_the_model_loads() -> None:
     from typer.testing import CliRunner
 

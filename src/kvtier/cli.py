@@ -174,6 +174,13 @@ def serve(
             envvar="KVTIER_ENGINE_PROCESS",
         ),
     ] = "auto",
+    trace_stages: Annotated[
+        bool,
+        typer.Option(
+            help="stamp each request at every stage (both processes); GET /debug/stages returns them",
+            envvar="KVTIER_TRACE_STAGES",
+        ),
+    ] = False,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -191,6 +198,7 @@ def serve(
         shutdown_timeout_s=shutdown_timeout,
         step_handoff=step_handoff,
         engine_process=engine_process,
+        trace_stages=trace_stages,
     )
     run_server(engine_config, settings, log_level)
 
@@ -268,6 +276,13 @@ def bench_serve(
             "on a shared machine, where a thread that loses its core stalls the others)"
         ),
     ] = None,
+    stages: Annotated[
+        bool,
+        typer.Option(
+            help="launched servers stamp each request at every stage (--trace-stages): "
+            "prints where their TTFT goes"
+        ),
+    ] = False,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -295,20 +310,21 @@ def bench_serve(
     for r in range(repeat):  # alternated, so that each pair of runs sees the same machine load
         wr = dataclasses.replace(w, seed=w.seed + r)  # new system prompts: each repeat starts cold
         if offline:
-            runs.setdefault("offline", []).append(bs.offline(wr, engine_config))
+            runs.setdefault("offline", []).append(bs.offline(wr, engine_config, stages))
         if launch:
-            runs.setdefault("server", []).append(bs.served(wr, engine_config, client=client))
+            runs.setdefault("server", []).append(bs.served(wr, engine_config, client=client, stages=stages))
         for name, flags in variants:
             runs.setdefault(f"server-{name}", []).append(
-                bs.served(wr, engine_config, client=client, extra_args=flags)
+                bs.served(wr, engine_config, client=client, extra_args=flags, stages=stages)
             )
         if url:
             model = served_model or _first_model(url, api_key)
             root = url.rstrip("/")
             asyncio.run(bs.run_http(bs.warmup_workload(wr), root, model, api_key, client=client))  # untimed
-            runs.setdefault("url", []).append(
-                asyncio.run(bs.run_http(wr, root, model, api_key, client=client))
-            )
+            samples, seconds = asyncio.run(bs.run_http(wr, root, model, api_key, client=client))
+            if stages:  # a server started with --trace-stages
+                bs.join_stages(samples, root, api_key)
+            runs.setdefault("url", []).append((samples, seconds))
         loads.append(_load_average()[0] if _load_average() else float("nan"))
     if not runs:
         raise typer.BadParameter("nothing to run: give --url, --launch, --launch-as and/or --offline")
@@ -319,6 +335,10 @@ def bench_serve(
         "torch_threads": threads or "default",
     }
     console.print(bs.table(body))
+    if stages:
+        from kvtier.bench import serve_stages
+
+        console.print(serve_stages.table(body))
     console.print(
         f"[dim]load average at the end: {body['machine']['load_average']}; 1-min load after each round: "
         f"{' '.join(f'{x:.1f}' for x in loads)}[/dim]"

@@ -100,6 +100,9 @@ class Sample:
     cached_tokens: int
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
     error: str | None = None
+    request_id: str = ""  # the server's completion id (its chunks' "id")
+    written_at: float | None = None  # when the client wrote the request (lean client only)
+    stages: dict[str, float] | None = None  # --stages: the server's stamps, the client's at both ends
 
     @property
     def tpot(self) -> float | None:
@@ -181,7 +184,8 @@ async def _stream_turn(open_stream: Any, body: dict[str, Any], c: int, t: int) -
     itl: list[float] = []
     text: list[str] = []
     usage: dict[str, Any] = {}
-    async with open_stream(body) as (status, lines, read):
+    request_id = ""
+    async with open_stream(body) as (status, lines, read, written_at):
         if status != 200:
             answer = await read()
             return Sample(c, t, start, 0, 0, 0, 0, 0, error=f"{status} {answer[:200]!r}"), ""
@@ -196,6 +200,7 @@ async def _stream_turn(open_stream: Any, body: dict[str, Any], c: int, t: int) -
                 continue
             if first is None:
                 first = now
+                request_id = str(chunk.get("id", ""))
             else:
                 itl.append(now - last)
             last = now
@@ -212,25 +217,33 @@ async def _stream_turn(open_stream: Any, body: dict[str, Any], c: int, t: int) -
         int(usage.get("completion_tokens", 0)),
         int(cached),
         itl,
+        request_id=request_id,
+        written_at=written_at,
     )
     return sample, "".join(text)
 
 
-def run_offline(w: Workload, engine: Any) -> tuple[list[Sample], float]:
-    """The workload on ``engine`` in this process: the same Engine API the server drives, no HTTP."""
+def run_offline(w: Workload, engine: Any, stages: bool = False) -> tuple[list[Sample], float]:
+    """The workload on ``engine`` in this process: the same Engine API the server drives, no HTTP.
+    ``stages``: each sample gets the stamps a traced server's would have on this side of the pipe
+    (kvtier/server/stages.py: client_sent, added, first_step_begin/end, client_first; steps)."""
     from kvtier.engine.request import SamplingParams
 
     params = SamplingParams(max_tokens=w.max_tokens, temperature=0.0, ignore_eos=w.ignore_eos)
     # request id -> (its future, its sample, when its text last grew, how long its text is)
     waiters: dict[str, tuple[asyncio.Future[tuple[Sample, str]], Sample, float | None, int]] = {}
     ids = iter(range(1 << 62))
+    step_calls = [0, 0.0]  # step() calls so far, when the latest began
 
     async def turn(c: int, t: int, messages: list[dict[str, str]]) -> tuple[Sample, str]:
         rid = f"bench-{next(ids)}"
         start = time.perf_counter()
         engine.add_request(engine.apply_chat_template(messages), params, rid)
         fut: asyncio.Future[tuple[Sample, str]] = asyncio.get_running_loop().create_future()
-        waiters[rid] = (fut, Sample(c, t, start, 0, 0, 0, 0, 0), None, 0)
+        sample = Sample(c, t, start, 0, 0, 0, 0, 0, request_id=rid)
+        if stages:
+            sample.stages = {"client_sent": start, "added": time.perf_counter(), "steps": -step_calls[0]}
+        waiters[rid] = (fut, sample, None, 0)
         return await fut
 
     def observe(out: Any, now: float) -> None:
@@ -241,6 +254,9 @@ def run_offline(w: Workload, engine: Any) -> tuple[list[Sample], float]:
         if last is None:
             s.ttft = now - s.start
             last = now
+            if s.stages is not None:
+                s.stages["steps"] += step_calls[0]
+                s.stages.update(first_step_begin=step_calls[1], first_step_end=now, client_first=now)
         elif len(text) > sent or out.finished:
             s.itl.append(now - last)
             last = now
@@ -258,6 +274,8 @@ def run_offline(w: Workload, engine: Any) -> tuple[list[Sample], float]:
             if not engine.has_unfinished():
                 await asyncio.sleep(0)  # let the chats add their next turns
                 continue
+            step_calls[0] += 1
+            step_calls[1] = time.perf_counter()
             outs = engine.step()
             now = time.perf_counter()
             for out in outs:
@@ -273,7 +291,18 @@ def run_offline(w: Workload, engine: Any) -> tuple[list[Sample], float]:
             done.set()
             await task
 
-    return asyncio.run(main())
+    if not stages:
+        return asyncio.run(main())
+    from kvtier.bench.serve_stages import add_gc_pauses
+    from kvtier.server.stages import GcPauses
+
+    gc_pauses = GcPauses().install()  # this process's full collections: the engine's, here
+    try:
+        samples, seconds = asyncio.run(main())
+    finally:
+        gc_pauses.uninstall()
+    add_gc_pauses(samples, {"engine": gc_pauses.take()})
+    return samples, seconds
 
 
 # -- summary ---------------------------------------------------------------------------------------
@@ -333,6 +362,10 @@ def report(runs: dict[str, list[tuple[list[Sample], float]]], w: Workload) -> di
             "repeats": summaries,
             "samples": [asdict(s) for s in repeats[-1][0]],
         }
+        if any(s.stages for samples, _ in repeats for s in samples):  # --stages: every repeat's
+            from kvtier.bench import serve_stages
+
+            body["runs"][name]["stages"] = serve_stages.summarize([s for r, _ in repeats for s in r])
     for name in [n for n in runs if n != "offline"] if "offline" in runs else []:
         pairs = list(zip(body["runs"][name]["repeats"], body["runs"]["offline"]["repeats"], strict=False))
         for label, key in (
@@ -386,14 +419,14 @@ def warmup_workload(w: Workload) -> Workload:
     return dataclasses.replace(w, seed=w.seed + 1_000_003, conversations=min(4, w.conversations), turns=1)
 
 
-def offline(w: Workload, config: Any) -> tuple[list[Sample], float]:
+def offline(w: Workload, config: Any, stages: bool = False) -> tuple[list[Sample], float]:
     """The workload on a fresh in-process engine built from ``config`` (cold cache, like a new server)."""
     from kvtier.engine.engine import Engine
 
     engine = Engine(config)
     try:
         run_offline(warmup_workload(w), engine)
-        return run_offline(w, engine)
+        return run_offline(w, engine, stages)
     finally:
         engine.close()
 
@@ -406,15 +439,25 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 3
         return json.loads(r.read())
 
 
+def join_stages(samples: list[Sample], url: str, api_key: str | None = None) -> None:
+    """Give each sample the stamps of a server started with ``--trace-stages`` (GET /debug/stages)."""
+    from kvtier.bench import serve_stages
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    serve_stages.join(samples, get_json(url + "/debug/stages", headers))
+
+
 def served(
     w: Workload,
     config: Any,
     startup_timeout: float = 300.0,
     client: str = "lean",
     extra_args: Sequence[str] = (),
+    stages: bool = False,
 ) -> tuple[list[Sample], float]:
     """The workload on a fresh ``kvtier serve`` subprocess with ``config`` (written to a YAML file
-    for it) and ``extra_args``: a cold cache, like a fresh offline engine."""
+    for it) and ``extra_args``: a cold cache, like a fresh offline engine. ``stages``: the server
+    stamps each request (``--trace-stages``) and each sample gets its stamps."""
     import dataclasses
     import os
     import socket
@@ -431,7 +474,7 @@ def served(
         yaml.safe_dump({name: dataclasses.asdict(part) for name, part in config.parts().items()}, f)
     cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--config", f.name, "--port", str(port)]
     cmd += ["--log-level", "warning", "--max-pending-requests", str(max(1024, 4 * w.conversations))]
-    cmd += list(extra_args)
+    cmd += list(extra_args) + (["--trace-stages"] if stages else [])
     proc = subprocess.Popen(cmd, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -447,7 +490,10 @@ def served(
                     raise RuntimeError(f"kvtier serve did not start within {startup_timeout} s") from None
                 time.sleep(0.2)
         asyncio.run(run_http(warmup_workload(w), url, models[0]["id"], client=client))
-        return asyncio.run(run_http(w, url, models[0]["id"], client=client))
+        samples, seconds = asyncio.run(run_http(w, url, models[0]["id"], client=client))
+        if stages:
+            join_stages(samples, url)
+        return samples, seconds
     finally:
         proc.terminate()
         proc.wait(60)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Response:
     _remaining: int | None  # Content-Length left to read (None: until the connection closes)
     _done: bool = False
     reusable: bool = True
+    written_at: float = 0.0  # time.perf_counter as the request was written (after a connection)
 
     async def lines(self) -> AsyncIterator[str]:
         """The body's lines (without their line ends), each as soon as its bytes arrive."""
@@ -106,8 +108,10 @@ class SSEClient:
                 "Accept: text/event-stream", *(f"{k}: {v}" for k, v in extra.items())]  # fmt: skip
         response: Response | None = None
         try:
+            written_at = time.perf_counter()  # before: the server may read it before write() returns
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)  # one write: one packet
             response = await _read_head(reader)
+            response.written_at = written_at
             yield response
         finally:
             if response is not None and response._done and response.reusable and not writer.is_closing():
@@ -145,7 +149,8 @@ async def _read_head(reader: asyncio.StreamReader) -> Response:
     return response
 
 
-# (status, the body's lines, read the whole body) of one streamed POST to /v1/chat/completions
+# (status, the body's lines, read the whole body, when it was written or None) of one streamed POST
+# to /v1/chat/completions
 Opener = Callable[[dict[str, Any]], Any]
 CHAT = "/v1/chat/completions"
 
@@ -154,15 +159,16 @@ CHAT = "/v1/chat/completions"
 async def open_streamer(
     kind: str, url: str, headers: dict[str, str], timeout: float
 ) -> AsyncIterator[Opener]:
-    """``open(body)``: a context manager giving (status, the body's lines, read the whole body) of one
-    streamed POST to /v1/chat/completions, through the lean client or httpx."""
+    """``open(body)``: a context manager giving (status, the body's lines, read the whole body, when
+    the request was written: None with httpx) of one streamed POST to /v1/chat/completions, through
+    the lean client or httpx."""
     if kind == "lean":
         lean = SSEClient(url, headers)
 
         @asynccontextmanager
-        async def open_lean(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+        async def open_lean(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any, float | None]]:
             async with lean.stream("POST", CHAT, body) as r:
-                yield r.status, r.lines(), r.read
+                yield r.status, r.lines(), r.read, r.written_at
 
         try:
             yield open_lean
@@ -177,8 +183,8 @@ async def open_streamer(
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as hc:
 
         @asynccontextmanager
-        async def open_httpx(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any]]:
+        async def open_httpx(body: dict[str, Any]) -> AsyncIterator[tuple[int, Any, Any, float | None]]:
             async with hc.stream("POST", CHAT, json=body) as r:
-                yield r.status_code, r.aiter_lines(), r.aread
+                yield r.status_code, r.aiter_lines(), r.aread, None
 
         yield open_httpx

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from kvtier.server.protocol import (
     TokenizeRequest,
     error_body,
 )
+from kvtier.server.stages import ARRIVE_KEY, StageLog, StampArrival
 
 
 @dataclass
@@ -58,6 +60,8 @@ class ServerSettings:
     # where the engine runs: "on", its own process (the HTTP process only parses, formats and
     # streams); "off", a thread of this process; "auto": see engine_process_for
     engine_process: str = "auto"
+    # stamp every request at each stage, both processes; GET /debug/stages (kvtier/server/stages.py)
+    trace_stages: bool = False
 
     def __post_init__(self) -> None:
         if self.step_handoff is not None and not 0 <= self.step_handoff <= 10:
@@ -108,7 +112,8 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     """The app over an engine in this process, driven by a thread (``engine_process=off``)."""
     settings = settings or ServerSettings()
-    loop = EngineLoop(engine, settings.max_pending_requests, settings.handoff_for(engine.device.type))
+    stages = StageLog() if settings.trace_stages else None
+    loop = EngineLoop(engine, settings.max_pending_requests, settings.handoff_for(engine.device.type), stages)
     tokenizer = copy.deepcopy(engine.tokenizer)
     return create_app_for(loop, EngineInfo.of(engine), tokenizer, settings)
 
@@ -136,6 +141,9 @@ def create_app_for(
     app.state.kvtier = state
     add_error_handlers(app, settings)
     add_routes(app, state)
+    if loop.stages is not None:
+        app.add_middleware(StampArrival)
+        app.get("/debug/stages")(_stages(state, loop.stages))
     return app
 
 
@@ -250,6 +258,7 @@ async def _respond(job: cmpl.Job, request: Request) -> Any:
 
 def _completions(state: ServerState) -> Any:
     async def create_completion(body: CompletionRequest, request: Request) -> Any:
+        parsed = time.perf_counter()
         tenant = authenticate(state, request)
         check_model(state, body.model)
         prompts = [encode(state, p, "prompt") for p in body.prompts()]
@@ -262,6 +271,7 @@ def _completions(state: ServerState) -> Any:
         job = cmpl.Job(
             state, False, body.model, body.include_usage, body.n, logprobs is not None, body.stream
         )
+        _trace(state, request, job.rid, parsed)
         await cmpl.submit_all(job, prompts, params, cache_salt(tenant, body.cache_salt))
         return await _respond(job, request)
 
@@ -270,6 +280,7 @@ def _completions(state: ServerState) -> Any:
 
 def _chat(state: ServerState) -> Any:
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+        parsed = time.perf_counter()
         tenant = authenticate(state, request)
         check_model(state, body.model)
         ids = apply_chat_template(state, body.chat())
@@ -280,10 +291,31 @@ def _chat(state: ServerState) -> Any:
         params = body.sampling_params(max_tokens, logprobs)
         job = cmpl.Job(state, True, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
         job.rid = job.rid.replace("cmpl-", "chatcmpl-", 1)
+        _trace(state, request, job.rid, parsed)
         await cmpl.submit_all(job, [ids], [params], cache_salt(tenant, body.cache_salt))
         return await _respond(job, request)
 
     return create_chat_completion
+
+
+def _trace(state: ServerState, request: Request, request_id: str, parsed: float) -> None:
+    """--trace-stages: the HTTP side's first stamps (a list of prompts: the engine's stamps are
+    under each prompt's own id, ``<id>-<i>``)."""
+    stages = state.loop.stages
+    if stages is None:
+        return
+    stamps = {"parsed": parsed, "prepared": time.perf_counter()}
+    if (arrive := request.scope.get(ARRIVE_KEY)) is not None:
+        stamps["arrive"] = arrive
+    stages.update(request_id, stamps)
+
+
+def _stages(state: ServerState, stages: StageLog) -> Any:
+    async def debug_stages(request: Request) -> dict[str, Any]:
+        authenticate(state, request)
+        return stages.body()
+
+    return debug_stages
 
 
 def _models(state: ServerState) -> Any:

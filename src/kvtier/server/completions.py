@@ -156,15 +156,20 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
     finals: list[list[Finished]] = []
     pending: list[str] = []
+    stages = job.state.loop.stages  # --trace-stages: the first delta's "got" and "written"
     try:
         for p, stream in enumerate(job.streams):
             seen: dict[int, Finished] = {}  # completion index -> its counts (text is not kept)
             while True:
                 if pending and stream.queue.empty():
+                    if stages is not None:
+                        stages.stamp(job.rid, "written")
                     yield "".join(pending)
                     pending.clear()
                 if (d := await stream.queue.get()) is None:
                     break
+                if stages is not None:
+                    stages.stamp(job.rid, "got")
                 if d.error:  # headers are sent: the error goes in the stream, as vLLM does
                     pending += [_sse(error_body(f"the request failed: {d.error}", "internal_error", 500))]
                     yield "".join([*pending, "data: [DONE]\n\n"])
@@ -183,6 +188,8 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
             finals.append([seen[i] for i in sorted(seen)])
         if job.include_usage:
             pending.append(_sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals))))
+        if stages is not None:  # a stream whose first event leaves with its last
+            stages.stamp(job.rid, "written")
         yield "".join([*pending, "data: [DONE]\n\n"])
     finally:
         watcher.cancel()

@@ -11,8 +11,9 @@ process that touched it is not). Two one-way pipes carry pickled tuples:
 - HTTP -> engine: ``("add", request_id, token ids as int32 bytes, SamplingParams, salt, final_only)``,
   ``("abort", request_id)``, ``("metrics", seq)``, ``("shutdown",)``.
 - engine -> HTTP: ``("ready", EngineInfo, tokenizer)`` once; then per loop turn at most one
-  ``("step", acks, deltas, metrics)``: the adds it took (``(request_id, error or None)``), every
-  completion's ``Delta`` of the step, and the Prometheus text of the metrics asked for; at the end
+  ``("step", acks, deltas, metrics, stamps)``: the adds it took (``(request_id, error or None)``),
+  every completion's ``Delta`` of the step, the Prometheus text of the metrics asked for, and with
+  ``--trace-stages`` the engine's stamps of the requests whose first token this is (else None); at the end
   ``("closed", every write stored)`` or ``("failed", message)``.
 
 A thread reads the command pipe into a queue, so the HTTP side never waits for a step to end to hand
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import logging
 import queue
 import signal
@@ -38,6 +40,7 @@ from typing import Any
 from kvtier.config import EngineConfig
 from kvtier.engine.request import InvalidRequestError
 from kvtier.server.outputs import Delta, DeltaTracker, EngineInfo
+from kvtier.server.stages import EngineStamps, GcPauses
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,12 @@ _EOF = ("eof",)
 
 
 def run_engine_process(
-    commands: Connection, outputs: Connection, config: EngineConfig, log_level: str, threads: int | None
+    commands: Connection,
+    outputs: Connection,
+    config: EngineConfig,
+    log_level: str,
+    threads: int | None,
+    trace_stages: bool = False,
 ) -> None:
     """The child's main: build the engine, say ready, serve commands until shutdown or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
@@ -67,14 +75,26 @@ def run_engine_process(
         outputs.send(("failed", f"the engine did not start: {type(e).__name__}: {e}"))
         sys.exit(1)
     outputs.send(("ready", EngineInfo.of(engine), engine.tokenizer))
-    core = EngineCore(engine, outputs)
+    freeze_startup_heap()
+    core = EngineCore(engine, outputs, EngineStamps() if trace_stages else None)
     reader = threading.Thread(target=core.read, args=(commands,), name="kvtier-commands", daemon=True)
     reader.start()
     sys.exit(core.run())
 
 
+def freeze_startup_heap() -> None:
+    """Take every object alive after start-up (modules, torch's, the model's and the app's Python
+    objects) out of the garbage collector's full (generation-2) passes, as vLLM does. A process that
+    imported torch holds ~200k tracked objects, and a full pass over them took 150-200 ms on this
+    machine: under load one ran every few seconds, stalled the event loop (or the engine) that long,
+    and sat inside the TTFT of every request arriving meanwhile (``kvtier bench serve --stages``:
+    every first turn of a 100-chat burst). Objects created later are still collected."""
+    gc.collect()
+    gc.freeze()
+
+
 class EngineCore:
-    def __init__(self, engine: Any, outputs: Connection) -> None:
+    def __init__(self, engine: Any, outputs: Connection, stamps: EngineStamps | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
         from kvtier.metrics import EngineMetrics
@@ -86,12 +106,18 @@ class EngineCore:
         self.registry = CollectorRegistry()
         self.metrics = EngineMetrics(self.registry)
         self._last_metrics = 0.0
+        self.stamps = stamps  # --trace-stages
+        self.gc = GcPauses().install() if stamps is not None else None
+        self._trace: dict[str, dict[str, float]] = {}  # this turn's finished stamps
 
     def read(self, commands: Connection) -> None:
         """The reader thread: commands into the inbox until the HTTP side closes its end."""
         try:
             while True:
-                self.inbox.put(commands.recv())
+                command = commands.recv()
+                if self.stamps is not None and command[0] == "add":
+                    self.stamps.read_at[command[1]] = time.perf_counter()
+                self.inbox.put(command)
         except (EOFError, OSError):
             self.inbox.put(_EOF)
 
@@ -109,7 +135,7 @@ class EngineCore:
                 if time.monotonic() - self._last_metrics > METRICS_INTERVAL_S:
                     self._update_metrics()
                 if acks or deltas or metrics:
-                    self.outputs.send(("step", acks, deltas, metrics))
+                    self.outputs.send(("step", acks, deltas, metrics, self._take_trace()))
             return self._close()
         except BaseException as e:  # a bug in the engine: say so (every request fails), then exit
             log.exception("the engine process failed")
@@ -128,7 +154,10 @@ class EngineCore:
         while True:
             kind = command[0]
             if kind == "add":
+                taken = time.perf_counter()
                 acks.append(self._add(*command[1:]))
+                if self.stamps is not None and acks[-1][1] is None:
+                    self.stamps.added(command[1], taken)
             elif kind == "abort":
                 self._abort(command[1])
             elif kind == "metrics":
@@ -160,9 +189,28 @@ class EngineCore:
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self.tracker.forget(request_id)
+        if self.stamps is not None:
+            self.stamps.forget(request_id)
 
     def _step(self) -> list[Delta]:
-        return [self.tracker.delta(out) for out in self.engine.step()]
+        begin = time.perf_counter()
+        outputs = self.engine.step()
+        if self.stamps is not None:
+            ids = [out.request_id for out in outputs]
+            self._trace.update(self.stamps.first_outputs(ids, begin, time.perf_counter()))
+        return [self.tracker.delta(out) for out in outputs]
+
+    def _take_trace(self) -> dict[str, Any] | None:
+        if self.gc is not None and self.gc.pauses:
+            self._trace["_gc"] = self.gc.take()  # type: ignore[assignment]
+        if not self._trace:
+            return None
+        trace, self._trace = self._trace, {}
+        out = time.perf_counter()
+        for rid, record in trace.items():
+            if rid != "_gc":
+                record["out"] = out
+        return trace
 
     def _update_metrics(self) -> None:
         self._last_metrics = time.monotonic()

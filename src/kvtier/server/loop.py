@@ -33,6 +33,7 @@ from kvtier.engine.engine import Engine
 from kvtier.engine.request import RequestOutput, SamplingParams
 from kvtier.metrics import EngineMetrics, render
 from kvtier.server.outputs import Delta, DeltaTracker
+from kvtier.server.stages import StageLog
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class EngineLoop:
         engine: Engine,
         max_pending: int,
         handoff: float = 1.0,
+        stages: StageLog | None = None,
     ) -> None:
         self.engine = engine
+        self.stages = stages  # --trace-stages: the HTTP side's stamps (the engine's are not taken here)
         self.max_pending = max_pending
         self.registry = CollectorRegistry()
         self.metrics = EngineMetrics(self.registry)
@@ -141,6 +144,8 @@ class EngineLoop:
                 self._streams[rid] = stream
             self._reply(done.set_result, stream)
 
+        if self.stages is not None:
+            self.stages.stamp(request_id, "sent")
         self._send(add)
         try:
             return await done

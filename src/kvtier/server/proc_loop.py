@@ -28,6 +28,7 @@ from kvtier.engine.request import InvalidRequestError, SamplingParams, completio
 from kvtier.server.engine_proc import run_engine_process
 from kvtier.server.loop import EngineUnavailable, RequestStream, check_admission
 from kvtier.server.outputs import Delta, EngineInfo, failed
+from kvtier.server.stages import StageLog
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,16 @@ class ProcessEngineLoop:
         log_level: str = "warning",
         threads: int | None = None,
         start_timeout: float = 600.0,
+        stages: StageLog | None = None,
     ) -> None:
         self.max_pending = max_pending
+        self.stages = stages  # --trace-stages: the stamps of each request, engine's included
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: safe with CUDA
         commands_in, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=run_engine_process,
-            args=(commands_in, outputs_out, config, log_level, threads),
+            args=(commands_in, outputs_out, config, log_level, threads, stages is not None),
             name="kvtier-engine",
         )
         self.process.start()
@@ -129,6 +132,8 @@ class ProcessEngineLoop:
             self._streams[rid] = stream
         self._pending += 1
         try:
+            if self.stages is not None:
+                self.stages.stamp(request_id, "sent")
             self._send(("add", request_id, array.array("i", token_ids).tobytes(), params, salt, final_only))
             await done
         except BaseException:
@@ -197,6 +202,11 @@ class ProcessEngineLoop:
         try:
             while True:
                 message = self._outputs.recv()
+                if message[0] == "step" and message[4]:  # --trace-stages
+                    read = time.perf_counter()
+                    for rid, record in message[4].items():
+                        if rid != "_gc":
+                            record["p_read"] = read
                 self._to_loop(self._on_message, message)
                 if message[0] in ("closed", "failed"):
                     break
@@ -214,9 +224,14 @@ class ProcessEngineLoop:
     def _on_message(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "step":
-            _, acks, deltas, metrics = message
+            _, acks, deltas, metrics, stamps = message
             for request_id, error in acks:
                 self._answer_add(request_id, error)
+            if stamps and self.stages is not None:
+                self.stages.engine_gc.extend(stamps.pop("_gc", []))
+                routed = time.perf_counter()
+                for request_id, record in stamps.items():
+                    self.stages.update(request_id, {**record, "routed": routed})
             self._route(deltas)
             for seq, text in metrics:
                 self._last_metrics = text

@@ -21,7 +21,9 @@ from kvtier.engine.engine import Engine, resolve_device
 from kvtier.model.bert import is_encoder_folder
 from kvtier.server.app import ServerSettings, create_app, create_app_for
 from kvtier.server.loop import EngineLoop
+from kvtier.server.engine_proc import freeze_startup_heap
 from kvtier.server.proc_loop import ProcessEngineLoop
+from kvtier.server.stages import StageLog
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
     device_type = resolve_device(config.model.device).type
     threads = torch_threads_for_server(device_type, os.environ, os.cpu_count())
     if settings.engine_process_for(device_type):
-        loop = ProcessEngineLoop(config, settings.max_pending_requests, log_level, threads)
+        stages = StageLog() if settings.trace_stages else None
+        loop = ProcessEngineLoop(config, settings.max_pending_requests, log_level, threads, stages=stages)
         app = create_app_for(loop, loop.info, loop.tokenizer, settings)
         where = f"engine process {loop.process.pid}"
     else:
@@ -69,6 +72,7 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
             torch.set_num_threads(threads)
         app = create_app(Engine(config), settings)
         where = "engine thread"
+    freeze_startup_heap()
     info = app.state.kvtier.info
     log.warning(
         "kvtier serving %s on http://%s:%d (%d KV blocks, %s torch threads, %s)",
