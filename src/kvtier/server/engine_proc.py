@@ -198,7 +198,7 @@ class EngineCore:
         if self.stamps is not None:
             ids = [out.request_id for out in outputs]
             self._trace.update(self.stamps.first_outputs(ids, begin, time.perf_counter()))
-        return [self.tracker.delta(out) for out in outputs]
+        return [d for out in outputs if (d := self.tracker.delta(out)) is not None]
 
     def _take_trace(self) -> dict[str, Any] | None:
         if self.gc is not None and self.gc.pauses:

@@ -241,7 +241,8 @@ class EngineLoop:
             stream = self._streams.get(out.request_id)
             if stream is None or (stream.final_only and not out.finished):
                 continue
-            batch.append((stream, self._tracker.delta(out)))
+            if (delta := self._tracker.delta(out)) is not None:  # None: nothing to send (yet)
+                batch.append((stream, delta))
             if out.finished:
                 del self._streams[out.request_id]
         if not batch:

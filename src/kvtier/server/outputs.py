@@ -59,9 +59,17 @@ class DeltaTracker:
     def __init__(self) -> None:
         self._sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, text characters)
 
-    def delta(self, out: RequestOutput) -> Delta:
+    def delta(self, out: RequestOutput) -> Delta | None:
+        """What is new in ``out``; None when a handler would send nothing for it: tokens that made
+        no text (yet: a partial character, text held back while it may begin a stop string, or an
+        id without text), neither the completion's first nor its last, no logprobs asked for. Those
+        tokens ride with the next delta, so neither the pipe nor the event loop carry or wake for
+        them (the synthetic models' byte tokenizer gives text to ~260 of the 8B's 128k ids, so nearly
+        every delta of its H200 run was such)."""
         c = out.outputs[0]
         k0, t0 = self._sent.get(out.request_id, (0, 0))
+        if k0 and len(c.text) <= t0 and not out.finished and c.logprobs is None and out.error is None:
+            return None
         tokens = c.token_ids[k0:]
         text = c.text[t0:] if len(c.text) > t0 else ""
         if out.finished:

@@ -20,8 +20,8 @@ from kvtier.config import EngineConfig
 from kvtier.engine.engine import Engine, resolve_device
 from kvtier.model.bert import is_encoder_folder
 from kvtier.server.app import ServerSettings, create_app, create_app_for
-from kvtier.server.loop import EngineLoop
 from kvtier.server.engine_proc import freeze_startup_heap
+from kvtier.server.loop import EngineLoop
 from kvtier.server.proc_loop import ProcessEngineLoop
 from kvtier.server.stages import StageLog
 
