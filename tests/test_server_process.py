@@ -161,3 +161,55 @@ def test_engine_process_setting_is_checked_before_the_model_loads() -> None:
     assert _variant("thread=--engine-process off") == ("thread", ["--engine-process", "off"])
     with pytest.raises(typer.BadParameter, match="NAME=FLAGS"):
         _variant("--engine-process off")
+
+
+def test_join_window_is_a_share_of_the_device_wait() -> None:
+    """The engine process waits for new requests only out of time step() waits for the device
+    anyway: the smaller of the last two waits, times the setting, at most 50 ms; nothing on a CPU."""
+    from kvtier.server.engine_proc import join_window_s
+
+    assert join_window_s(0.5, 0.020, 0.030) == pytest.approx(0.010)
+    assert join_window_s(0.5, 0.030, 0.004) == pytest.approx(0.002)  # the long step before does not count
+    assert join_window_s(1.0, 0.5, 0.5) == pytest.approx(0.05)
+    assert join_window_s(0.0, 0.02, 0.02) == 0.0
+    assert join_window_s(0.5, 0.0, 0.0) == 0.0  # a CPU engine computes in launch: it never waits
+
+    from typer.testing import CliRunner
+
+    from kvtier.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--join-window", "2"])
+    assert isinstance(result.exception, ValueError)
+    assert "join_window must be between 0 and 1" in str(result.exception) and "2" in str(result.exception)
+
+
+def test_commands_that_arrive_within_the_join_window_are_taken_in_one_turn() -> None:
+    """A real engine and pipe: a turn with a window takes what arrives before its end, not only what
+    was queued when it began (the window itself comes from the device, so it is set here)."""
+    import multiprocessing
+
+    from kvtier.config import EngineConfig
+    from kvtier.engine.engine import Engine
+    from kvtier.server.engine_proc import EngineCore
+
+    engine = Engine(
+        EngineConfig.load({"model": "synthetic:tiny", "kv_cache_memory": 8 << 20, "tiers": "none"})
+    )
+    ours, theirs = multiprocessing.Pipe(duplex=False)
+    core = EngineCore(engine, theirs, join_window=0.5)
+    try:
+        acks: list[Any] = []
+        metrics: list[Any] = []
+
+        def later() -> None:  # after the turn began; "shutdown" ends it before its (long) window
+            core.inbox.put(("metrics", 7))
+            core.inbox.put(("shutdown",))
+
+        late = threading.Timer(0.05, later)
+        late.start()
+        assert core._take(acks, metrics, block=False, until=time.perf_counter() + 60) is True
+        late.join()
+    finally:
+        engine.close()
+        ours.close()
+    assert [seq for seq, _ in metrics] == [7]

@@ -181,6 +181,13 @@ def serve(
             envvar="KVTIER_TRACE_STAGES",
         ),
     ] = False,
+    join_window: Annotated[
+        float | None,
+        typer.Option(
+            help="engine process: between steps, wait for new requests up to this fraction of the "
+            "time the steps wait for the device (0: never; default 0.5; no effect on a CPU engine)"
+        ),
+    ] = None,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -199,6 +206,7 @@ def serve(
         step_handoff=step_handoff,
         engine_process=engine_process,
         trace_stages=trace_stages,
+        join_window=join_window,
     )
     run_server(engine_config, settings, log_level)
 

@@ -62,10 +62,18 @@ class ServerSettings:
     engine_process: str = "auto"
     # stamp every request at each stage, both processes; GET /debug/stages (kvtier/server/stages.py)
     trace_stages: bool = False
+    # engine process: between two steps, wait for new requests up to this fraction of the time the
+    # last steps waited for the device (server/engine_proc.join_window_s; 0: never; None: 0.5). It
+    # only takes time the host would spend waiting anyway: nothing on a CPU engine.
+    join_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.step_handoff is not None and not 0 <= self.step_handoff <= 10:
             raise ValueError(f"step_handoff must be between 0 and 10 (times a step), got {self.step_handoff}")
+        if self.join_window is not None and not 0 <= self.join_window <= 1:
+            raise ValueError(
+                f"join_window must be between 0 and 1 (of the device wait), got {self.join_window}"
+            )
         if self.engine_process not in ENGINE_PROCESS_CHOICES:
             choices = ", ".join(ENGINE_PROCESS_CHOICES)
             raise ValueError(f"engine_process must be one of {choices}, got {self.engine_process!r}")
@@ -73,6 +81,9 @@ class ServerSettings:
     def engine_process_for(self, device_type: str) -> bool:
         """auto: on (docs/architecture.md "Server processes" says why, with the measurement)."""
         return self.engine_process != "off"
+
+    def join_window_fraction(self) -> float:
+        return 0.5 if self.join_window is None else self.join_window
 
     def handoff_for(self, device_type: str) -> float:
         if self.step_handoff is None:

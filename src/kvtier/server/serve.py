@@ -62,7 +62,14 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
     threads = torch_threads_for_server(device_type, os.environ, os.cpu_count())
     if settings.engine_process_for(device_type):
         stages = StageLog() if settings.trace_stages else None
-        loop = ProcessEngineLoop(config, settings.max_pending_requests, log_level, threads, stages=stages)
+        loop = ProcessEngineLoop(
+            config,
+            settings.max_pending_requests,
+            log_level,
+            threads,
+            stages=stages,
+            join_window=settings.join_window_fraction(),
+        )
         app = create_app_for(loop, loop.info, loop.tokenizer, settings)
         where = f"engine process {loop.process.pid}"
     else:
