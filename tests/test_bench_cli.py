@@ -138,3 +138,12 @@ def test_help_lists_the_one_off_benchmarks() -> None:
     assert "--src" in run(["startup", "--help"])
     assert "--changed" in run(["embed", "--help"])
     assert "--parts" in run(["gpu-decode", "--help"])
+
+
+def test_prefix_tier_row_loads_from_a_write_back_host_tier(tmp_path: Path) -> None:
+    """The host tier takes evicted blocks only (write-back, its default): the bench's tier row must
+    evict the prefix through the pool's hook, or it measures a recompute."""
+    args = ["prefix", "--model", "synthetic:tiny", "--tiers", "host", "--prefix-len", "64", "--repeats", "1"]
+    run([*args, "--no-ceilings", "--threads", "1", "--json", str(tmp_path / "p.json")])
+    results = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert results["tier_load"]["loaded_tokens_median"] >= 64

@@ -163,6 +163,21 @@ def test_lru_eviction_order_and_on_evict() -> None:
     pool.check_invariants()
 
 
+def test_evict_all_hands_every_cached_block_to_on_evict_and_frees_it() -> None:
+    pool = BlockPool(4, BS, policy="lru")
+    evicted: list[int] = []
+    pool.on_evict = lambda b, key, toks: evicted.append(b)
+    chains = [[10 * i + j for j in range(BS)] for i in range(3)]
+    ids = pool.allocate(3)
+    for b, toks in zip(ids, chains, strict=True):
+        pool.commit(b, chain_keys(ROOT, toks, BS)[0], toks)
+    pool.release(ids[:2])  # ids[2] is still in use: it stays
+    assert pool.evict_all() == 2
+    assert sorted(evicted) == sorted(ids[:2]) and pool.evictions == 2
+    assert pool.num_available == 3 and pool.cached(ids[2]) is not None
+    pool.check_invariants()
+
+
 def test_release_puts_a_requests_tail_before_its_head() -> None:
     """One release call frees last-first: the head (the part others share) is evicted last."""
     pool = BlockPool(3, BS, policy="lru")

@@ -141,7 +141,7 @@ def bench_prefix_ttft(args: argparse.Namespace) -> None:
         print(
             f"tier: the device pool emptied before each prompt, its prefix loaded from "
             f"{engine.config.tiers.tiers}: TTFT {t['ttft_of_cold']:.1%} of cold; "
-            f"{t['loaded_bytes'] / 1e6:.0f} MB loaded at >= {t['bytes_per_s'] / 1e9:.1f} GB/s"
+            f"{t['loaded_bytes'] / 1e6:.3g} MB loaded at >= {t['bytes_per_s'] / 1e9:.3g} GB/s"
             f"{ceiling} (the whole TTFT counted as load time)"
         )
     print(
@@ -156,13 +156,15 @@ def _loaded_from_tiers(
     engine: Engine, prefix: list[int], tails: list[list[int]], params: SamplingParams
 ) -> list[Timeline]:
     """With tiers below the pool: each prompt again after the device pool forgot the prefix, so
-    its blocks come from the tiers (written through as they were computed)."""
-    if engine.hierarchy is None:
+    its blocks come from the tiers: written through as they were computed, or written back as the
+    pool evicts them (the host tier's default), which ``evict_all`` does here."""
+    if engine.hierarchy is None or engine.kv is None:
         return []
     runs = []
     for s in progress(tails, "prompts loaded from the tiers"):
+        engine.pool.evict_all()  # write-back tiers receive the prefix, as under memory pressure
+        engine.kv.flush()
         engine.hierarchy.flush()  # every block of the prefix is stored
-        engine.pool.reset_cache()
         runs.append(run_one(engine, prefix + s, params))
     return runs
 

@@ -146,6 +146,15 @@ class BlockPool:
     def contains(self, key: BlockKey) -> bool:
         return key in self._by_key
 
+    def evict_all(self) -> int:
+        """Evict every evictable block the way allocation pressure would, through ``on_evict`` (so
+        write-back tiers receive them); the blocks become free. Returns how many."""
+        dropped = 0
+        while len(self._evictable):
+            self._free.append(self._evict_one())
+            dropped += 1
+        return dropped
+
     def reset_cache(self) -> int:
         """Forget every evictable block's key (they become free). Returns how many."""
         dropped = 0
