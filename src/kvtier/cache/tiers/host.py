@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import torch
@@ -179,10 +179,27 @@ class HostTier(LiveStats, Tier):
             stats.bytes_read += len(slots) * self.block_bytes
             return slots
 
-    def copy_out(self, slots: Sequence[int], out: torch.Tensor) -> None:
-        """Copy acquired slots into ``out`` (``[len(slots), block_bytes]`` uint8 on any device):
-        one copy per run of consecutive slots, asynchronous from pinned memory to a GPU."""
+    def copy_out(self, slots: Sequence[int], out: torch.Tensor, sums_out: torch.Tensor | None = None) -> None:
+        """Copy acquired slots into ``out`` (``[len(slots), block_bytes]`` uint8 on any device), and
+        their recorded ``integrity_sums`` into ``sums_out`` when given: one copy of each per run of
+        consecutive slots, asynchronous from pinned memory to a GPU."""
         non_blocking = self.pin_memory and out.device.type == "cuda"
+        for i, chunk, first, run in self._runs(slots):
+            out[i : i + run].copy_(self._chunks[chunk][first : first + run], non_blocking=non_blocking)
+            if sums_out is not None:
+                sums = self._chunk_sums[chunk][first : first + run]
+                sums_out[i : i + run].copy_(sums, non_blocking=non_blocking)
+
+    def expected_sums(self, slots: Sequence[int]) -> torch.Tensor:
+        """The ``integrity_sums`` recorded when each acquired slot was stored (CPU)."""
+        out = torch.empty((len(slots), self._sums_width()), dtype=torch.int64)
+        for i, chunk, first, run in self._runs(slots):
+            out[i : i + run].copy_(self._chunk_sums[chunk][first : first + run])
+        return out
+
+    def _runs(self, slots: Sequence[int]) -> Iterator[tuple[int, int, int, int]]:
+        """(index into ``slots``, chunk, first row in it, length) of each run of consecutive slots
+        within one chunk: what one copy can move."""
         i = 0
         while i < len(slots):
             chunk, first = divmod(slots[i], self._chunk_slots)
@@ -191,19 +208,8 @@ class HostTier(LiveStats, Tier):
                 i + run < len(slots) and slots[i + run] == slots[i] + run and first + run < self._chunk_slots
             ):
                 run += 1
-            out[i : i + run].copy_(self._chunks[chunk][first : first + run], non_blocking=non_blocking)
+            yield i, chunk, first, run
             i += run
-
-    def expected_sums(self, slots: Sequence[int]) -> torch.Tensor:
-        """The ``integrity_sums`` recorded when each acquired slot was stored (CPU), gathered with
-        one index per chunk (a Python loop over slots cost more than the copy of small blocks)."""
-        index = torch.tensor(slots, dtype=torch.int64)
-        chunk, row = index // self._chunk_slots, index % self._chunk_slots
-        out = torch.empty((len(slots), self._sums_width()), dtype=torch.int64)
-        for c in torch.unique(chunk).tolist():
-            where = (chunk == c).nonzero().flatten()
-            out[where] = self._chunk_sums[c].index_select(0, row[where])
-        return out
 
     def release(self, slots: Sequence[int]) -> None:
         """The reader's copies are complete: slots removed meanwhile can be reused."""
@@ -346,9 +352,12 @@ class HostTier(LiveStats, Tier):
         if not slots:
             return 0
         dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
+        # the recorded sums travel with the blocks, run by run (from pinned memory on CUDA): a
+        # gather of them on the CPU was a dozen more tensor ops per load, each of which gives up
+        # and retakes the interpreter lock that the writer threads compete for
+        expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
         try:
-            self.copy_out(slots, dst)
-            expected = self.expected_sums(slots).to(dst.device, non_blocking=True)
+            self.copy_out(slots, dst, expected)
             intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
         finally:
             self.release(slots)
@@ -420,6 +429,7 @@ class HostTier(LiveStats, Tier):
             self._chunks.append(
                 torch.empty((rows, self.block_bytes), dtype=torch.uint8, pin_memory=self.pin_memory)
             )
-            self._chunk_sums.append(torch.empty((rows, self._sums_width()), dtype=torch.int64))
+            sums = torch.empty((rows, self._sums_width()), dtype=torch.int64, pin_memory=self.pin_memory)
+            self._chunk_sums.append(sums)
         self._next_slot += 1
         return slot
