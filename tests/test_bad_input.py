@@ -209,6 +209,11 @@ BAD_SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "cpu-fraction-nan": (dict(cpu_kv_cache_fraction=NAN), ("cpu_kv_cache_fraction", "finite")),
     "disk-path-empty": (dict(disk_path=""), ("disk_path is empty", "default folder")),
     "disk-capacity-negative": (dict(disk_capacity=-1), ("disk_capacity must be >= 0",)),
+    "host-capacity-words": (
+        dict(host_capacity="lots"),
+        ("host_capacity must be a size in bytes", "4GiB", "'lots'"),
+    ),
+    "kv-memory-fraction": (dict(kv_cache_memory="1.5"), ("kv_cache_memory must be a size in bytes",)),
     "redis-timeout-zero": (dict(redis_timeout=0), ("redis_timeout must be > 0",)),
     "write-policy": (dict(write_policy="sometimes"), ("write_policy", "write-through")),
     "bool-setting-int": (dict(enable_prefix_caching=2), ("enable_prefix_caching must be true or false",)),
@@ -243,6 +248,13 @@ def test_settings_set_by_hand_are_checked_too(checkpoint: tuple[Any, str]) -> No
     config.pool.block_size = True  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="block_size must be an integer"):
         Engine(config)
+
+
+def test_sizes_take_units_from_every_source() -> None:
+    cfg = EngineConfig.load({"host_capacity": "64MiB"}, env={"KVTIER_DISK_CAPACITY": "2GiB"})
+    assert cfg.tiers.host_capacity == 64 << 20 and cfg.tiers.disk_capacity == 2 << 30
+    assert EngineConfig.load({"kv_cache_memory": "1.5GiB"}, env={}).pool.kv_cache_memory == 3 << 29
+    assert EngineConfig.load({"write_queue_bytes": "2GB"}, env={}).tiers.write_queue_bytes == 2 * 10**9
 
 
 def test_env_strings_still_read() -> None:

@@ -329,6 +329,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     try:
         if base is bool:
             return _to_bool(value)
+        if base is int and isinstance(value, str) and name.endswith(SIZE_SETTING_SUFFIXES):
+            return parse_bytes(value)  # sizes take units, like --kv-cache-memory: 16GiB
         if base is int:
             return _to_int(value)
         if base is float:
@@ -338,6 +340,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         return value
     except (TypeError, ValueError, OverflowError):
         kind = _KINDS.get(base, getattr(base, "__name__", str(base)))
+        if base is int and name.endswith(SIZE_SETTING_SUFFIXES):
+            kind = "a size in bytes (4294967296, 4GiB, 512MiB, 2GB)"
         raise ConfigError(f"setting {name} must be {kind}, got {value!r} ({type(value).__name__})") from None
 
 
@@ -353,6 +357,32 @@ def _to_bool(value: Any) -> bool:
         if value.lower() in ("0", "false", "no", "off"):
             return False
     raise ValueError(value)
+
+
+SIZE_UNITS = {
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+SIZE_SETTING_SUFFIXES = ("_memory", "_capacity", "_bytes")  # int settings that are sizes in bytes
+
+
+def parse_bytes(text: str) -> int:
+    """``4294967296``, ``4GiB``, ``512MiB``, ``2GB``: bytes."""
+    low = text.strip().lower()
+    number, mult = low, 1
+    for suffix, unit in SIZE_UNITS.items():
+        if low.endswith(suffix):
+            number, mult = low[: -len(suffix)], unit
+            break
+    size = float(number) * mult
+    if not math.isfinite(size) or size != int(size):  # a fraction of a byte is a mistake
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return int(size)
 
 
 def _to_int(value: Any) -> int:

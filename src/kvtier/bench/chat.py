@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvtier.bench.engine_common import set_options
 from kvtier.bench.report import (
     GB,
     MiB,
@@ -253,7 +254,7 @@ def bench_chat(args: argparse.Namespace) -> None:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "disk_path": disk_root,
             "redis_url": url,
-        }
+        } | set_options(args.set)
         probe = Engine(EngineConfig.load(base | {"tiers": "none", "kv_cache_memory": 64 << 20}), loaded)
         layout = probe.layout
         work = chat_workload(probe, args)

@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--redis", action="store_true", help="add a Redis tier (a redis-server of its own)")
     h.add_argument("--tiers", help="tiers of the tiers run (default: disk, plus redis with --redis)")
     h.add_argument("--rounds", type=int, default=3, help="runs of each configuration, the order rotating")
+    h.add_argument("--set", action="append", metavar="NAME=VALUE", help="an engine setting of every run")
     q = sub.add_parser("policies", parents=[common], help="hit ratio of each eviction policy on a chat trace")
     q.add_argument("--requests", type=int, default=3000)
     q.add_argument("--apps", type=int, default=4, help="distinct system prompts")

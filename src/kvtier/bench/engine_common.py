@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.report import GB, load_average, machine_info, parse_bytes, print_machine, sync
+from kvtier.bench.report import GB, load_average, machine_info, print_machine, sync
+from kvtier.config import parse_bytes
 from kvtier.engine.engine import Engine
 from kvtier.engine.llm import LLM
 from kvtier.engine.request import RequestOutput, SamplingParams
@@ -37,13 +38,20 @@ def engine_settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         # the result cache would time a dictionary lookup (--set result_cache=true to measure it)
         "result_cache": False,
     }
-    for item in args.set or []:
+    settings.update(set_options(args.set))
+    settings.update(extra)
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def set_options(items: list[str] | None) -> dict[str, str]:
+    """``--set NAME=VALUE`` options as engine settings (the values are parsed by the config)."""
+    settings = {}
+    for item in items or []:
         name, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set wants NAME=VALUE, got {item!r}")
         settings[name.strip()] = value.strip()
-    settings.update(extra)
-    return {k: v for k, v in settings.items() if v is not None}
+    return settings
 
 
 def make_engine(args: argparse.Namespace, **extra: Any) -> Engine:

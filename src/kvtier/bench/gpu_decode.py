@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from kvtier.bench.engine_common import copy_seconds, decode_weight_bytes, run_one
-from kvtier.bench.report import machine_info, parse_bytes, print_table, sync
+from kvtier.bench.report import machine_info, print_table, sync
+from kvtier.config import parse_bytes
 from kvtier.engine.engine import Engine
 from kvtier.engine.llm import LLM
 from kvtier.engine.request import SamplingParams

@@ -30,12 +30,11 @@ from pymemcache.client.base import Client
 
 from kvtier.bench import report, tiers
 from kvtier.bench import tier_data as td
-from kvtier.bench.report import parse_bytes
 from kvtier.bench.servers import start_memcached
 from kvtier.cache.hierarchy import KVHierarchy
 from kvtier.cache.keys import KVLayout
 from kvtier.cache.tiers.memcached import MemcachedTier
-from kvtier.config import TierSettings, parse_codec
+from kvtier.config import TierSettings, parse_bytes, parse_codec
 from kvtier.engine.tiers import make_tier
 
 AIM = 0.50

@@ -26,8 +26,8 @@ import tempfile
 import time
 from typing import Any
 
-from kvtier.bench.report import finish, machine_info, parse_bytes, print_machine, print_table, sync
-from kvtier.config import EngineConfig
+from kvtier.bench.report import finish, machine_info, print_machine, print_table, sync
+from kvtier.config import EngineConfig, parse_bytes
 from kvtier.engine.engine import Engine, resolve_device
 from kvtier.engine.request import SamplingParams
 from kvtier.model.loader import LoadedModel, load_model

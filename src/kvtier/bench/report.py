@@ -18,16 +18,6 @@ GB = 1e9
 MiB = 1 << 20
 
 
-def parse_bytes(text: str) -> int:
-    """``4294967296``, ``4GiB``, ``512MiB``, ``2GB``: bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = text.strip().lower()
-    for suffix, mult in units.items():
-        if low.endswith(suffix):
-            return int(float(low[: -len(suffix)]) * mult)
-    return int(float(low))
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 import torch
 
-from kvtier.bench.report import GB, MiB, finish, machine_info, parse_bytes, print_machine, print_table
+from kvtier.bench.report import GB, MiB, finish, machine_info, print_machine, print_table
 from kvtier.bench.tier_data import (
     AIMS,
     FINGERPRINT,
@@ -42,7 +42,7 @@ from kvtier.cache.keys import KVLayout
 from kvtier.cache.tiers.disk import DiskTier
 from kvtier.cache.tiers.host import HostTier
 from kvtier.cache.tiers.redis import KEY_PREFIX
-from kvtier.config import TierSettings
+from kvtier.config import TierSettings, parse_bytes
 from kvtier.engine.engine import resolve_device
 from kvtier.engine.tiers import make_tier, parse_codec
 
