@@ -8,7 +8,8 @@ has an interpreter of its own and the HTTP process only formats and streams.
 The child is started with ``spawn`` (a fresh interpreter: safe with CUDA, which a forked child of a
 process that touched it is not). Two one-way pipes carry pickled tuples:
 
-- HTTP -> engine: ``("add", request_id, token ids as int32 bytes, SamplingParams, salt, final_only)``,
+- HTTP -> engine: lists of commands (what was queued since the last write, in order):
+  ``("add", request_id, token ids as int32 bytes, SamplingParams, salt, final_only)``,
   ``("abort", request_id)``, ``("metrics", seq)``, ``("shutdown",)``.
 - engine -> HTTP: ``("ready", EngineInfo, tokenizer)`` once; then per loop turn at most one
   ``("step", acks, deltas, metrics, stamps)``: the adds it took (``(request_id, error or None)``),
@@ -138,10 +139,11 @@ class EngineCore:
         """The reader thread: commands into the inbox until the HTTP side closes its end."""
         try:
             while True:
-                command = commands.recv()
-                if self.stamps is not None and command[0] == "add":
-                    self.stamps.read_at[command[1]] = time.perf_counter()
-                self.inbox.put(command)
+                batch = commands.recv()  # every command the HTTP side queued since its last write
+                for command in batch:
+                    if self.stamps is not None and command[0] == "add":
+                        self.stamps.read_at[command[1]] = time.perf_counter()
+                    self.inbox.put(command)
         except (EOFError, OSError):
             self.inbox.put(_EOF)
 
