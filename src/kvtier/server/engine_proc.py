@@ -104,10 +104,11 @@ def join_window_s(fraction: float, waited: float, waited_before: float) -> float
     a long prefill followed by a short decode must not leave it idle), at most 50 ms.
 
     Why it costs the device nothing: with overlapped steps, step() schedules and launches step N+1,
-    then waits for step N's tokens. Starting that call later (while N+1's predecessor still computes)
-    comes out of that wait, not out of the device's time. What it buys: a request that arrives in the
-    window (a chat's next turn, sent as its last one finished) joins step N+1 instead of N+2, one
-    step less of TTFT; offline, an engine gets it at once. 0 on a CPU engine, which computes in
+    then waits for step N's tokens. While the device computes the step the last call launched,
+    starting the next call later only shortens that next call's own wait, as long as it starts in
+    time to launch before the device runs dry. What it buys: a request that arrives in the window (a
+    chat's next turn, sent as its last one finished) joins the next launch instead of the one after,
+    one step less of TTFT; offline, an engine gets it at once. 0 on a CPU engine, which computes in
     launch and so never waits."""
     return min(JOIN_WINDOW_CAP_S, fraction * min(waited, waited_before))
 
