@@ -229,7 +229,15 @@ class KVHierarchy:
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-io")
         self.writes = WriteQueue(
-            layout, write_queue_bytes, self.device, self._write, threads=io_threads, with_sums=self.wants_sums
+            layout,
+            write_queue_bytes,
+            self.device,
+            self._write,
+            threads=io_threads,
+            with_sums=self.wants_sums,
+            # only the host tier stores the sums: a batch of write-through blocks for the disk
+            # skips their kernels and copies
+            sums_tiers=[i for i, t in enumerate(self.tiers) if t.raw_blocks],
         )
         self._thread_state = threading.local()
         self._free_buffers: list[torch.Tensor] = []  # CPU load outputs handed back by recycle()

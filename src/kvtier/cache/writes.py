@@ -8,6 +8,14 @@ the copy of those blocks out of the pool into staging slots, and nothing more:
   copy at memory bandwidth) before it may overwrite a block, never for the copy to the host.
 - CPU: the blocks are copied into slots (a memcpy of the block, a few ms for a long prompt).
 
+Few launches a call. A batch's slots are the lowest free ones, so they mostly form contiguous runs:
+one gather kernel puts the blocks in slot order, and each run is one copy (one DMA on CUDA) rather
+than one a block; the block ids go up from reused page-locked buffers and the integrity sums (only
+for batches that a raw-block tier takes) land in page-locked rows beside their slots. On the H200
+the per-block copies and the per-call page-locked allocations cost the engine thread 1.5 s of an
+8.9 s chat run (``docs/benchmarks.md``, issue 12). The CPU takes the same runs (one
+``index_select`` into each), so the CPU suite checks the slot bookkeeping the GPU relies on.
+
 Writer threads then wait for a job's copy (CUDA event) and hand the slot to the tiers (the codec's
 encoding, a file, a Redis SET). Before, the step did the device-to-host copy into pageable memory
 and waited for it, once per committed request: on the H200 a cold 4k prefill of an 8B model took
@@ -22,18 +30,19 @@ first) and drops the rest.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import mmap
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kvtier.cache.codec import integrity_sums
+from kvtier.cache.codec import integrity_sums, integrity_sums_width
 from kvtier.cache.keys import BlockKey, KVLayout
 
 log = logging.getLogger(__name__)
@@ -67,14 +76,21 @@ class WriteQueue:
         write: WriteFn,
         threads: int = 2,
         with_sums: bool = False,
+        sums_tiers: Collection[int] | None = None,
     ) -> None:
+        """``with_sums``: on CUDA, hand writers each block's ``integrity_sums`` (computed on the
+        device); ``sums_tiers``: only for batches with a job for one of these tiers (None: all)."""
         self.layout = layout
         self.device = device
         self.num_slots = max(1, capacity_bytes // layout.bytes_per_block)
         self._write = write
         self._with_sums = with_sums and device.type == "cuda"
-        self._slab = StagingSlots(layout, self.num_slots, pin=device.type == "cuda")
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._sums_tiers = None if sums_tiers is None else frozenset(sums_tiers)
+        cuda = device.type == "cuda"
+        width = integrity_sums_width(layout.bytes_per_block) if self._with_sums else 0
+        self._slab = StagingSlots(layout, self.num_slots, pin=cuda, sums_width=width)
+        self._free = list(range(self.num_slots))  # sorted: a batch takes the lowest, in runs
+        self._indices = PinnedIndices(self.num_slots) if cuda else None
         self._queued: deque[WriteJob] = deque()
         self._running = 0
         self._cond = threading.Condition()
@@ -111,13 +127,17 @@ class WriteQueue:
         if n == 0:
             return
         ids, entries = list(block_ids[:n]), list(entries[:n])
+        runs = slot_runs(slots, self._slab.per_chunk)
         if self._stream is None:
+            self._stage_cpu(kv_cache, ids, runs)
             sums: list[torch.Tensor | None] = [None] * n
-            for slot, b in zip(slots, ids, strict=True):
-                self._slab[slot].copy_(kv_cache[:, :, b])
             ready = None
         else:
-            sums, ready = self._stage_cuda(kv_cache, ids, slots)
+            want_sums = self._with_sums and (
+                self._sums_tiers is None or any(self._sums_tiers.intersection(e[2]) for e in entries)
+            )
+            ready = self._stage_cuda(kv_cache, ids, runs, want_sums)
+            sums = [self._slab.sums(slot) for slot in slots] if want_sums else [None] * n
         jobs = [
             WriteJob(key, tokens, tiers, slot, s, ready)
             for (key, tokens, tiers), slot, s in zip(entries, slots, sums, strict=True)
@@ -126,45 +146,51 @@ class WriteQueue:
             self._queued.extend(jobs)
             self._cond.notify_all()
 
+    def _stage_cpu(self, kv_cache: torch.Tensor, ids: list[int], runs: list[tuple[int, int, int]]) -> None:
+        """Each run of slots filled by one ``index_select`` straight from the pool."""
+        raw = _raw(kv_cache).permute(2, 0, 1, 3, 4, 5)  # [num_blocks, L, 2, bs, H, D], a view
+        for pos, start, count in runs:
+            index = torch.tensor(ids[pos : pos + count], dtype=torch.int64)
+            torch.index_select(raw, 0, index, out=self._slab.run(start, count).view(raw.dtype))
+
     def _stage_cuda(
-        self, kv_cache: torch.Tensor, ids: list[int], slots: list[int]
-    ) -> tuple[list[torch.Tensor | None], torch.cuda.Event]:
-        assert self._stream is not None
+        self, kv_cache: torch.Tensor, ids: list[int], runs: list[tuple[int, int, int]], want_sums: bool
+    ) -> torch.cuda.Event:
+        """Gather, sums, one copy per run: a handful of launches whatever the batch. Returns the
+        event after which the slots (and their sums rows) hold the blocks."""
+        assert self._stream is not None and self._indices is not None
         engine_stream = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(engine_stream)  # the blocks' KV has been written
         gathered_event = torch.cuda.Event()
         ready = torch.cuda.Event()
         with torch.cuda.stream(self._stream):
-            # from page-locked memory: a pageable copy would make the host wait for this stream,
-            # which waits for the engine's
-            index = torch.tensor(ids, pin_memory=True).to(self.device, non_blocking=True)
-            # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block contiguous for the codec. Made on
-            # this stream, so the caching allocator reuses its memory only after the copies below.
-            # an fp8 pool is gathered as its bytes: index_select has no fp8 kernels
-            raw = kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
-            blocks = raw.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
+            index = self._indices.to_device(ids, self.device, self._stream)
+            # [num_blocks, L, 2, bs, H, D] view -> [n, L, 2, bs, H, D] in slot order, each block
+            # contiguous for the codec, in one kernel. Made on this stream, so the caching allocator
+            # reuses its memory only after the copies below.
+            blocks = torch.index_select(_raw(kv_cache).permute(2, 0, 1, 3, 4, 5), 0, index)
             gathered_event.record(self._stream)
-            sums_host: torch.Tensor | None = None
-            if self._with_sums:
-                sums_dev = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8))
-                sums_host = torch.empty(sums_dev.shape, dtype=sums_dev.dtype, pin_memory=True)
-                sums_host.copy_(sums_dev, non_blocking=True)
-            for i, slot in enumerate(slots):
-                self._slab[slot].view(blocks.dtype).copy_(blocks[i], non_blocking=True)
+            sums_dev = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8)) if want_sums else None
+            for pos, start, count in runs:
+                self._slab.run(start, count).view(blocks.dtype).copy_(
+                    blocks[pos : pos + count], non_blocking=True
+                )
+                if sums_dev is not None:
+                    self._slab.sums_run(start, count).copy_(sums_dev[pos : pos + count], non_blocking=True)
             ready.record(self._stream)
         engine_stream.wait_event(gathered_event)  # the pool may be overwritten after the gather only
-        sums = [None if sums_host is None else sums_host[i] for i in range(len(ids))]
-        return sums, ready
+        return ready
 
     def _reserve(self, n: int) -> list[int]:
         """Up to ``n`` free slots, taking those of the oldest queued writes (dropped) if need be."""
         dropped = 0
         with self._cond:
             while len(self._free) < n and self._queued:
-                self._free.append(self._queued.popleft().slot)
+                bisect.insort(self._free, self._queued.popleft().slot)
                 dropped += 1
             k = min(n, len(self._free))
-            slots = [self._free.pop() for _ in range(k)]
+            slots = self._free[:k]  # the lowest: contiguous runs, and the staging chunks stay few
+            del self._free[:k]
         if dropped:
             self._count_dropped(dropped)
         return slots
@@ -193,7 +219,7 @@ class WriteQueue:
             finally:
                 with self._cond:
                     self._running -= 1
-                    self._free.append(job.slot)
+                    bisect.insort(self._free, job.slot)
                     self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -230,24 +256,101 @@ class StagingSlots:
     """``num_slots`` block-sized slots, ``slots[i]`` a ``block_shape`` tensor. Page-locked on CUDA
     (a real async DMA); on the CPU anonymous mappings, whose pages cost nothing until first used.
     Chunks are allocated when a slot in them is first asked for: a queue of 1 GiB that never holds
-    more than a prefill's blocks costs only those (the free list hands out low slots first)."""
+    more than a prefill's blocks costs only those (the queue hands out the lowest free slots first).
+    With ``sums_width`` each slot also has a row of that many int64 (its ``integrity_sums``), in
+    page-locked chunks made with the slots'."""
 
-    def __init__(self, layout: KVLayout, num_slots: int, pin: bool) -> None:
+    def __init__(self, layout: KVLayout, num_slots: int, pin: bool, sums_width: int = 0) -> None:
         self.layout = layout
         self.pin = pin
+        self.sums_width = sums_width
         self.per_chunk = max(1, min(num_slots, CHUNK_BYTES // layout.bytes_per_block))
-        self._chunks: list[torch.Tensor | None] = [None] * -(-num_slots // self.per_chunk)
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * -(
+            -num_slots // self.per_chunk
+        )
         self._lock = threading.Lock()
 
     def __getitem__(self, slot: int) -> torch.Tensor:
         c, i = divmod(slot, self.per_chunk)
+        return self._chunk(c)[0][i]
+
+    def run(self, start: int, count: int) -> torch.Tensor:
+        """Slots ``start .. start + count - 1`` (one chunk) as one ``[count, *block_shape]`` tensor."""
+        c, i = divmod(start, self.per_chunk)
+        assert i + count <= self.per_chunk, "a run never crosses a chunk (slot_runs cuts it)"
+        return self._chunk(c)[0][i : i + count]
+
+    def sums(self, slot: int) -> torch.Tensor:
+        c, i = divmod(slot, self.per_chunk)
+        rows = self._chunk(c)[1]
+        assert rows is not None, "made without sums_width"
+        return rows[i]
+
+    def sums_run(self, start: int, count: int) -> torch.Tensor:
+        c, i = divmod(start, self.per_chunk)
+        rows = self._chunk(c)[1]
+        assert rows is not None, "made without sums_width"
+        return rows[i : i + count]
+
+    def _chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunk = self._chunks[c]
         if chunk is None:
             with self._lock:
                 chunk = self._chunks[c]
                 if chunk is None:
-                    chunk = self._chunks[c] = _allocate(self.layout, self.per_chunk, self.pin)
-        return chunk[i]
+                    sums = None
+                    if self.sums_width:
+                        sums = torch.empty(
+                            (self.per_chunk, self.sums_width), dtype=torch.int64, pin_memory=self.pin
+                        )
+                    chunk = self._chunks[c] = (_allocate(self.layout, self.per_chunk, self.pin), sums)
+        return chunk
+
+
+def slot_runs(slots: Sequence[int], per_chunk: int) -> list[tuple[int, int, int]]:
+    """``(position in slots, first slot, count)`` of each run of consecutive slots within one chunk
+    of ``per_chunk`` slots: what one copy can fill."""
+    runs: list[tuple[int, int, int]] = []
+    pos = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1 or slots[i] % per_chunk == 0:
+            runs.append((pos, slots[pos], i - pos))
+            pos = i
+    return runs
+
+
+class PinnedIndices:
+    """Page-locked int64 buffers that carry a batch's block ids to the device, reused round-robin
+    once the copy out of them has run (a per-call ``torch.tensor(ids, pin_memory=True)`` cost 58 us
+    of the H200 host's engine thread). A buffer whose copy is still queued behind the engine's work
+    is not touched: that call takes a fresh one."""
+
+    def __init__(self, size: int, count: int = 8) -> None:
+        self._buffers = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(count)]
+        self._views = [b.numpy() for b in self._buffers]
+        self._events: list[torch.cuda.Event | None] = [None] * count
+        self._next = 0
+        self.fresh = 0  # calls that found their buffer still in use
+
+    def to_device(self, ids: list[int], device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
+        """``ids`` on ``device``, copied on ``stream`` (the current one)."""
+        i = self._next
+        self._next = (i + 1) % len(self._buffers)
+        event = self._events[i]
+        if event is not None and not event.query():
+            self.fresh += 1
+            return torch.tensor(ids, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        n = len(ids)
+        self._views[i][:n] = ids
+        out = self._buffers[i][:n].to(device, non_blocking=True)
+        event = self._events[i] = torch.cuda.Event()
+        event.record(stream)
+        return out
+
+
+def _raw(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The pool as index_select can gather it: an fp8 pool as its bytes (no fp8 kernels there)."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
 
 
 def _allocate(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:
