@@ -38,7 +38,7 @@ import torch
 from kvtier.cache.codec import CodecConfig, CorruptObjectError
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
-from kvtier.cache.tiers.loading import BlockIO
+from kvtier.cache.tiers.loading import BlockIO, EncodedBlock
 from kvtier.cache.writes import WriteQueue
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class HierarchyStats:
     recompute_decisions: int = 0
     blocks_loaded: int = 0
     blocks_written: int = 0
+    writes_skipped: int = 0  # blocks not staged: every tier they were for held them already
     corrupt: int = 0
     write_errors: int = 0
     predicted_load_s: float = 0.0
@@ -421,8 +422,24 @@ class KVHierarchy:
     ) -> None:
         """Queue pool blocks for writing: ``entries[i]`` = (key, tokens, tier indices) of block
         ``block_ids[i]`` of ``kv_cache`` (``[L, 2, num_blocks, ...]``). Costs the caller a copy of
-        the blocks out of the pool, nothing more (see ``WriteQueue``)."""
-        self.writes.stage(kv_cache, block_ids, entries)
+        the blocks out of the pool, nothing more (see ``WriteQueue``).
+
+        A tier that surely holds a block already (``Tier.holds``: the host tier's index) is not
+        written again. In the chat benchmark 60% of the host tier's write-backs were such blocks
+        (loaded from it, evicted again): each cost a copy out of the pool on the engine thread and
+        a 2 MiB copy on a writer. The disk tier answers False: a rewrite is what heals an object
+        corrupted on disk that no load has met yet."""
+        ids: list[int] = []
+        kept: list[tuple[BlockKey, tuple[int, ...], tuple[int, ...]]] = []
+        tiers_of = self.tiers
+        for block_id, (key, tokens, tiers) in zip(block_ids, entries, strict=True):
+            wanted = tuple(i for i in tiers if not tiers_of[i].holds(key))
+            if wanted:
+                ids.append(block_id)
+                kept.append((key, tokens, wanted))
+        self.stats.writes_skipped += len(entries) - len(kept)
+        if kept:
+            self.writes.stage(kv_cache, ids, kept)
 
     def _write(
         self,
@@ -433,15 +450,12 @@ class KVHierarchy:
         tiers: tuple[int, ...],
     ) -> None:
         """On a writer thread: one block to each of ``tiers``."""
-        encoded: dict[CodecConfig | None, bytes] = {}  # one encoding per codec, shared by its tiers
+        encoded: dict[CodecConfig | None, EncodedBlock] = {}  # one encoding per codec, shared by its tiers
         for i in tiers:
             tier, io = self.tiers[i], self.io[i]
-
-            def encode(io: BlockIO = io) -> bytes:
-                if io.codec not in encoded:
-                    encoded[io.codec] = io.encode(key, tokens, kv)
-                return encoded[io.codec]
-
+            encode = encoded.get(io.codec)
+            if encode is None:
+                encode = encoded[io.codec] = EncodedBlock(io, key, tokens, kv)  # encoded when first asked
             try:
                 tier.put_block(key, tokens, kv, sums, encode)
             except Exception:  # a tier failure must never reach the engine

@@ -12,7 +12,14 @@ anything (no pickle, no eval), and raises ``CorruptObjectError`` (a ``ValueError
 failed; invalid *arguments* raise plain ``ValueError`` / ``TypeError``.
 """
 
-from kvtier.cache.codec.block import CheckedObject, CodecConfig, check_object, decode_block, encode_block
+from kvtier.cache.codec.block import (
+    CheckedObject,
+    CodecConfig,
+    check_object,
+    decode_block,
+    encode_block,
+    encode_parts,
+)
 from kvtier.cache.codec.header import (
     COMPRESSIONS,
     FORMAT_VERSION,
@@ -48,6 +55,7 @@ __all__ = [
     "checksum_from_sums",
     "decode_block",
     "encode_block",
+    "encode_parts",
     "header_length",
     "integrity_sums",
     "integrity_sums_width",

@@ -75,6 +75,23 @@ def encode_block(
     block's ``layout.block_size`` token ids. With ``secret`` the object carries an HMAC-SHA256 and only
     readers with the same secret accept it.
     """
+    head, payload = encode_parts(key, fingerprint, layout, tokens, kv, config, secret)
+    return b"".join((head, payload))  # the one copy of the payload: the object must own its bytes
+
+
+def encode_parts(
+    key: bytes,
+    fingerprint: str,
+    layout: KVLayout,
+    tokens: Sequence[int],
+    kv: torch.Tensor,
+    config: CodecConfig = CodecConfig(),
+    secret: bytes | None = None,
+) -> tuple[bytes, memoryview]:
+    """``encode_block``'s object as (everything before the payload, the payload): their
+    concatenation is the object. Uncompressed and unquantized, the payload is a view of ``kv``'s
+    memory (valid while ``kv`` is): a writer that can write both parts as they are (``os.writev``)
+    skips the object's copy, a 2 MiB ``memcpy`` under the interpreter lock per 8B block."""
     dtype = kv_dtype(layout)
     check_secret(secret)
     if not isinstance(kv, torch.Tensor):
@@ -93,7 +110,10 @@ def encode_block(
     except (OverflowError, ValueError, TypeError) as e:
         raise ValueError(f"token ids must be int32: {e}") from None
 
-    kv = kv.detach().contiguous()  # keeps the memory alive while `raw` views it
+    if kv.requires_grad:
+        kv = kv.detach()
+    if not kv.is_contiguous():
+        kv = kv.contiguous()  # (the payload's view keeps this copy alive)
     raw = quantize(kv, config.quantization)
     payload = compress(raw, config.compression, config.level)
     fields = pack_fields(
@@ -107,13 +127,12 @@ def encode_block(
         len(raw),
         secret is not None,
     )
-    parts: list[bytes | memoryview] = [fields, integrity.checksum(fields, payload)]
+    parts: list[bytes] = [fields, integrity.checksum(fields, payload)]
     if secret is not None:
         parts.append(integrity.mac(secret, fields, payload))
     used = len(fields) + CHECKSUM_SIZE + (HMAC_SIZE if secret is not None else 0)
     parts.append(bytes(align(used) - used))
-    parts.append(payload)
-    return b"".join(parts)  # the one copy of the payload: the object must own its bytes
+    return b"".join(parts), payload
 
 
 def decode_block(

@@ -189,6 +189,12 @@ class Tier(Protocol):
         Default: ``get``, then ``io`` decodes into page-locked staging and one copy to ``out``."""
         return load_objects(self, keys, tokens, out, io)
 
+    def holds(self, key: BlockKey) -> bool:
+        """Whether this tier surely holds ``key`` already, known without I/O or waiting on a lock
+        (the engine thread asks, before staging a write): the hierarchy then skips writing it
+        again. May count as an access for the tier's eviction policy. Default: unknown, False."""
+        return False
+
     def put_block(
         self,
         key: BlockKey,

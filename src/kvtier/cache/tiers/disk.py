@@ -64,7 +64,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from operator import itemgetter
 from typing import cast
@@ -75,7 +75,7 @@ from kvtier.cache.keys import DIGEST_SIZE, BlockKey, check_key, check_namespace,
 from kvtier.cache.tiers import disk_files as files
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierError, TierStats
 from kvtier.cache.tiers.disk_ledger import LEDGER_NAME, UsageLedger
-from kvtier.cache.tiers.loading import BlockIO, load_in_place, load_objects
+from kvtier.cache.tiers.loading import BlockIO, EncodedBlock, load_in_place, load_objects
 from kvtier.cache.tiers.sized_index import SizedIndex
 
 _SCAN_THREADS = 8
@@ -267,22 +267,35 @@ class DiskTier(LiveStats, Tier):
             stats.read_seconds += time.perf_counter() - t0
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
-        t0 = time.perf_counter()
         for key, data in items:
-            path = self.path_of(key)
-            size = memoryview(data).nbytes
-            if size > self._capacity:
-                with self._lock:
-                    self._stats.puts += 1
-                    self._stats.extra["dropped"] += 1
-                continue
+            self._put_parts(key, (data,))
+
+    def put_block(
+        self,
+        key: BlockKey,
+        tokens: Sequence[int],
+        kv: torch.Tensor,
+        sums: torch.Tensor | None,
+        encode: Callable[[], bytes],
+    ) -> None:
+        """The hierarchy's write: the object's header and payload go to the file by one ``writev``,
+        the payload straight from the writer's slot (``EncodedBlock.parts``), not joined first."""
+        self._put_parts(key, encode.parts() if isinstance(encode, EncodedBlock) else (encode(),))
+
+    def _put_parts(self, key: BlockKey, parts: Sequence[bytes | memoryview]) -> None:
+        t0 = time.perf_counter()
+        path = self.path_of(key)
+        size = sum(memoryview(p).nbytes for p in parts)
+        ok = False
+        if size <= self._capacity:
             # The write itself runs outside the lock: readers (the engine thread) never wait on I/O.
-            ok = self._write_file(path, key, data)  # indexes it (in _commit)
-            with self._lock:
-                self._stats.puts += 1
-                if ok:
-                    self._stats.bytes_written += size
+            ok = self._write_file(path, key, parts, size)  # indexes it (in _commit)
         with self._lock:
+            self._stats.puts += 1
+            if size > self._capacity:
+                self._stats.extra["dropped"] += 1
+            elif ok:
+                self._stats.bytes_written += size
             self._stats.write_seconds += time.perf_counter() - t0
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
@@ -463,34 +476,37 @@ class DiskTier(LiveStats, Tier):
                 self._pool_pid = pid
             return self._pool
 
-    def _write_file(self, path: str, key: BlockKey, data: bytes) -> bool:
-        """Write ``data`` to ``path`` atomically (temp file + ``os.replace``, the rename done by
-        ``_commit`` under the folder's ledger lock); False on any OSError or when it cannot fit."""
+    def _write_file(self, path: str, key: BlockKey, parts: Sequence[bytes | memoryview], size: int) -> bool:
+        """Write ``parts`` (``size`` bytes in all) to ``path`` atomically (temp file + ``os.replace``,
+        the rename done by ``_commit`` under the folder's ledger lock); False on any OSError or when
+        it cannot fit. Plain ``os`` calls, each of which releases the interpreter lock: the writer
+        threads share it with the engine's step loop."""
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, f".{key.hex()}.{os.getpid()}.{secrets.token_hex(6)}{files.TEMP_SUFFIX}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        created = False
+        fd = -1
         try:
             try:
                 fd = os.open(tmp, flags, 0o644)
             except FileNotFoundError:  # first object of this folder, or a clear() by someone else
                 os.makedirs(folder, exist_ok=True)
                 fd = os.open(tmp, flags, 0o644)
-            created = True
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                if self._fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if self._commit(tmp, path, key, len(data)):
+            files.write_all(fd, parts, size)
+            if self._fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            if self._commit(tmp, path, key, size):
                 return True
             os.unlink(tmp)
             return False
         except OSError:
             self._count_error()
-            if created:
+            if fd >= 0:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             return False
 
     def _rebuild_index(self) -> None:

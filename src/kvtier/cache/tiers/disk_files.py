@@ -5,6 +5,7 @@ buffers, sizes and folders. Plain functions over paths and file descriptors, no 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -92,6 +93,21 @@ def read_fd_into(fd: int, size: int, into: Sequence[memoryview]) -> int:
         if parts and n:
             parts[0] = parts[0][n:]
     return READ
+
+
+def write_all(fd: int, parts: Sequence[bytes | memoryview], size: int) -> None:
+    """Write ``parts`` (``size`` bytes in all) to ``fd`` in order: one ``writev`` (and the lock
+    released once) unless the kernel writes less, then the rest. Raises OSError."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while size:
+        n = os.writev(fd, views)
+        if n <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        size -= n
+        while views and n >= len(views[0]):  # drop the written parts, cut the partly written one
+            n -= len(views.pop(0))
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def parse_key(name: str, prefix: str) -> BlockKey | None:

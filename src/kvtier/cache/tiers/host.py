@@ -366,6 +366,20 @@ class HostTier(LiveStats, Tier):
                 io.reject(self, key, CorruptObjectError("checksum: the block's integrity sums differ"))
         return intact.index(False) if False in intact else len(slots)
 
+    def holds(self, key: BlockKey) -> bool:
+        """An indexed block (a dict read, safe without the lock); refreshed in the policy when the
+        lock is free at once (a writer may hold it for a block's copy: the engine never waits)."""
+        entry = (self._namespace, key)
+        if entry not in self._slot_of:
+            return False
+        if self._lock.acquire(blocking=False):
+            try:
+                if entry in self._slot_of:
+                    self._policy.access(entry)
+            finally:
+                self._lock.release()
+        return True
+
     def put_block(
         self,
         key: BlockKey,

@@ -23,7 +23,7 @@ from kvtier.cache.codec import (
     CorruptObjectError,
     check_object,
     decode_block,
-    encode_block,
+    encode_parts,
     header_length,
     payload_sums,
 )
@@ -51,7 +51,13 @@ class BlockIO:
         return self.codec == CodecConfig()
 
     def encode(self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor) -> bytes:
-        return encode_block(
+        return b"".join(self.encode_parts(key, tokens, kv))
+
+    def encode_parts(
+        self, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor
+    ) -> tuple[bytes, memoryview]:
+        """(header, payload) of the object; the payload may be a view of ``kv`` (see ``encode_parts``)."""
+        return encode_parts(
             key, self.fingerprint, self.layout, tokens, kv, self.codec or CodecConfig(), self.secret
         )
 
@@ -75,6 +81,31 @@ class BlockIO:
         except CorruptObjectError as e:
             self.reject(tier, key, e)
             return False
+
+
+class EncodedBlock:
+    """One block's stored object in one codec, made when a tier first asks and shared by the tiers
+    of that codec (the hierarchy's ``encode`` argument of ``Tier.put_block``). ``parts()`` gives
+    (header, payload) without joining them, the payload possibly a view of the block's staging slot
+    (valid during the ``put_block`` call only), for a tier that writes them as they are (the disk's
+    ``writev``); calling it gives the whole object as ``bytes``, for the others."""
+
+    __slots__ = ("_data", "_io", "_key", "_kv", "_parts", "_tokens")
+
+    def __init__(self, io: BlockIO, key: BlockKey, tokens: Sequence[int], kv: torch.Tensor) -> None:
+        self._io, self._key, self._tokens, self._kv = io, key, tokens, kv
+        self._parts: tuple[bytes, memoryview] | None = None
+        self._data: bytes | None = None
+
+    def parts(self) -> tuple[bytes, memoryview]:
+        if self._parts is None:
+            self._parts = self._io.encode_parts(self._key, self._tokens, self._kv)
+        return self._parts
+
+    def __call__(self) -> bytes:
+        if self._data is None:
+            self._data = b"".join(self.parts())
+        return self._data
 
 
 def load_objects(
