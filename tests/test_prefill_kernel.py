@@ -113,3 +113,35 @@ def test_a_short_extend_over_a_long_prefix_splits_its_keys(window: int | None) -
     assert out[:decodes].isnan().all()  # the decode rows' outputs are not the prefill's to write
     ref = reference_prefill(q[decodes:], pool, table[decodes:], [qlen], ctx[decodes:], dim**-0.5, window)
     assert rel_err(out[decodes:].cpu(), ref) < 2e-5
+
+
+@pytest.mark.parametrize("splits", [1, 2, 8, 64])
+def test_every_forced_split_count_gives_the_reference(splits: int) -> None:
+    """``num_splits`` fixes the split count (what ``precompile_splits`` compiles ahead): any count
+    from one to the most ``choose_splits`` picks, more splits than key tiles included, is exact."""
+    from kvtier.model.kernels.paged_prefill import paged_prefill
+
+    rng = random.Random(splits)
+    heads, kv_heads, dim, page, dtype = 4, 2, 16, 8, torch.float32
+    qlens, ctx = [3, 6], [70, 6]
+    pool, table = random_pool(rng, ctx, page, kv_heads, dim, dtype)
+    q = torch.randn((sum(qlens), heads, dim)).to(dtype).to(DEVICE)
+    qsl = torch.tensor([0, 3, 9], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill(
+        q, pool, table, qsl, lens, 0, 2, max(qlens), dim**-0.5, None, out,
+        token_span=(0, sum(qlens)), max_context=max(ctx), num_splits=splits,
+    )  # fmt: skip
+    ref = reference_prefill(q, pool, table, qlens, ctx, dim**-0.5, None)
+    assert rel_err(out.cpu(), ref) < 2e-5
+
+
+def test_precompile_splits_leaves_the_pool_as_it_was() -> None:
+    from kvtier.model.kernels.paged_prefill import precompile_splits
+
+    rng = random.Random(3)
+    pool, _ = random_pool(rng, [16], 8, 2, 16, torch.float32)
+    before = pool.clone()
+    precompile_splits(pool, 4, torch.float32)
+    assert torch.equal(pool, before)

@@ -22,6 +22,7 @@ from kvtier.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, argmax_rows
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
+from kvtier.model.kernels.paged_prefill import precompile_splits
 from kvtier.model.llama import CausalLM
 from kvtier.model.sampler import SamplingBatch, sample
 
@@ -104,6 +105,13 @@ class ModelRunner:
         if graph_extend_tokens > 1 and graphable and model.fused:
             self.extend_graphs = ExtendGraphs(model, self.kv_cache, graph_extend_tokens, max_len, device)
             self.extend_graphs.capture(self.graphs.pool if self.graphs is not None else None)
+        compute_dtype = next(model.parameters()).dtype
+        backend = model.attention_backend
+        paged = isinstance(backend, TritonPagedAttention) and backend.paged_prefill
+        if device.type == "cuda" and paged and self.kv_cache.dtype == compute_dtype:
+            # a split variant first met mid-run compiled for ~1 s on the H200 (an fp8 pool's are not
+            # compiled ahead: they take scales this has no use for)
+            precompile_splits(self.kv_cache[0], model.config.num_heads, compute_dtype)
 
     def _to_device(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(data, list):

@@ -175,6 +175,9 @@ def _num_sms(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
+MAX_SPLITS = 64  # the most key splits choose_splits picks (a power of two)
+
+
 def choose_splits(rows: int, kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """Splits per row: enough programs for two per SM, never more than the longest row has tiles.
 
@@ -185,7 +188,7 @@ def choose_splits(rows: int, kv_heads: int, max_context: int, block_n: int, devi
     want = -(-2 * sms // max(1, rows * kv_heads))
     useful = max(1, -(-max_context // block_n))
     n = 1
-    while n * 2 <= min(want, useful, 64):
+    while n * 2 <= min(want, useful, MAX_SPLITS):
         n *= 2
     return n
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kvtier.model.kernels.paged_decode import (
     LOG2E,
+    MAX_SPLITS,
     choose_splits,
     combine_splits,
     dot_precision,
@@ -157,13 +158,15 @@ def paged_prefill(
     kv_scales: torch.Tensor | None = None,
     token_span: tuple[int, int] | None = None,
     max_context: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Rows ``first_row .. first_row + num_rows`` of the batch: their queries ``q[query_start_loc[r]
     : query_start_loc[r + 1]]`` (q: [T, heads, D]) sit at the last positions of their contexts and
     see every key up to their own position (the window's last ones when set). Writes ``out`` rows.
 
     ``token_span`` (first token of those rows, their token count) and ``max_context`` (their
-    longest context), known on the host, let a batch of few query tiles split its keys.
+    longest context), known on the host, let a batch of few query tiles split its keys;
+    ``num_splits`` (with ``token_span``) fixes their number instead (``precompile_splits``).
     """
     _, heads, dim = q.shape
     _, _, page, kv_heads, _ = kv_layer.shape
@@ -179,7 +182,9 @@ def paged_prefill(
     block_n = 64 if d_pad <= 128 else 32
     k_cache, v_cache = kv_layer[0], kv_layer[1]
     tiles = triton.cdiv(max_query_len, block_m)
-    splits = _splits(num_rows * tiles, kv_heads, heads, d_pad, block_n, token_span, max_context, q.device)
+    splits = num_splits or _splits(
+        num_rows * tiles, kv_heads, heads, d_pad, block_n, token_span, max_context, q.device
+    )
     token_offset, num_tokens = token_span or (0, 0)
     mid_o = mid_lse = out  # unused with one split
     if splits > 1:
@@ -224,6 +229,30 @@ def paged_prefill(
     if splits > 1:
         combine_splits(mid_o, mid_lse, out[token_offset : token_offset + num_tokens])
     return out
+
+
+def precompile_splits(kv_layer: torch.Tensor, heads: int, dtype: torch.dtype) -> None:
+    """Compile every key-split variant of the extend kernel (and its combine step) before serving.
+
+    The split count is a compile-time constant, chosen per batch from the batch's shape: on the
+    H200 a variant first met in the middle of a run compiled for ~1 s while every request waited
+    (the 8B chat's timed runs). Each launch here is one query token over one key of pool block 0
+    (read, never written), so its cost is the compile or, once Triton has cached it, nothing.
+    """
+    dim = kv_layer.shape[-1]
+    device = kv_layer.device
+    q = torch.zeros((1, heads, dim), dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    query_start = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    context_lens = torch.ones(1, dtype=torch.int32, device=device)
+    splits = 1
+    while splits <= MAX_SPLITS:
+        paged_prefill(
+            q, kv_layer, tables, query_start, context_lens, 0, 1, 1, 1.0, None, out,
+            token_span=(0, 1), max_context=1, num_splits=splits,
+        )  # fmt: skip
+        splits *= 2
 
 
 SPLIT_WORKSPACE_BYTES = 64 << 20  # the partial results of a split batch, at most
