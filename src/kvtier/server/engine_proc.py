@@ -8,7 +8,7 @@ has an interpreter of its own and the HTTP process only formats and streams.
 The child is started with ``spawn`` (a fresh interpreter: safe with CUDA, which a forked child of a
 process that touched it is not). Two one-way pipes carry pickled tuples:
 
-- HTTP -> engine: lists of commands (what was queued since the last write, in order):
+- HTTP -> engine: lists of commands (one command each today), in order:
   ``("add", request_id, token ids as int32 bytes, SamplingParams, salt, final_only)``,
   ``("abort", request_id)``, ``("metrics", seq)``, ``("shutdown",)``.
 - engine -> HTTP: ``("ready", EngineInfo, tokenizer)`` once; then per loop turn at most one
@@ -140,7 +140,7 @@ class EngineCore:
         """The reader thread: commands into the inbox until the HTTP side closes its end."""
         try:
             while True:
-                batch = commands.recv()  # every command the HTTP side queued since its last write
+                batch = commands.recv()  # a list of commands
                 for command in batch:
                     if self.stamps is not None and command[0] == "add":
                         self.stamps.read_at[command[1]] = time.perf_counter()

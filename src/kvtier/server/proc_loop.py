@@ -1,11 +1,10 @@
 """The HTTP side of an engine in its own process (``engine_process=on``; the child: engine_proc.py).
 
 Same interface as ``EngineLoop`` (submit, release, metrics_text, shutdown...), so the routes do not
-know which one runs. Handlers on the event loop queue commands, and a writer thread sends whatever
-is queued as one message (a burst of adds: one pickle, one write; never a blocking pipe write on the
-event loop); both pipes are 1 MiB. One reader thread here waits on the output pipe and hands each
-message (one per engine step, every request's deltas in it) to the event loop in one
-``call_soon_threadsafe``.
+know which one runs. Handlers on the event loop write commands to the child's pipe (both pipes hold
+1 MiB, so a write hardly ever waits for the child's reader thread). One reader thread here waits on the
+output pipe and hands each message (one per engine step, every request's deltas in it) to the event
+loop in one ``call_soon_threadsafe``.
 
 If the child dies, the output pipe closes: every unfinished completion gets a last delta with the
 error (a 500, or an error event in its stream), pending adds fail with 503, /health says why, and new
@@ -71,12 +70,7 @@ class ProcessEngineLoop:
         for pipe in (self._commands, self._outputs):  # a burst of long prompts fits without waiting
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
-        # commands go through a writer thread, every command queued meanwhile in one message
-        self._outbox: list[tuple[Any, ...]] = []
-        self._outbox_ready = threading.Condition()
-        self._broken: str | None = None  # why the command pipe failed
-        self._writer = threading.Thread(target=self._write, name="kvtier-engine-commands", daemon=True)
-        self._writer.start()
+        self._send_lock = threading.Lock()  # shutdown sends from a worker thread
         self._streams: dict[str, RequestStream] = {}  # completion id -> its stream (event loop)
         self._adds: dict[str, asyncio.Future[None]] = {}  # request id -> its add's answer
         self._metrics: dict[int, asyncio.Future[bytes]] = {}
@@ -200,29 +194,18 @@ class ProcessEngineLoop:
 
     # -- pipes ------------------------------------------------------------------------------------
     def _send(self, message: tuple[Any, ...]) -> None:
-        """Queue a command for the writer thread (never blocks: the event loop calls this)."""
-        if self._broken is not None:
-            raise EngineUnavailable(self.unavailable() or f"the engine process is gone: {self._broken}")
-        with self._outbox_ready:
-            self._outbox.append(message)
-            self._outbox_ready.notify()
-
-    def _write(self) -> None:
-        """The writer thread: what is queued, as one list per pipe write. A pipe write blocks while
-        the pipe is full, until the child's reader thread gets its interpreter lock back from the
-        engine's Python; written from the event loop, a burst of adds stalled it for that long."""
-        while True:
-            with self._outbox_ready:
-                while not self._outbox:
-                    self._outbox_ready.wait()
-                batch, self._outbox = self._outbox, []
-            try:
-                self._commands.send(batch)
-            except (OSError, ValueError) as e:  # the child is gone (its reader closed the pipe)
-                self._broken = str(e) or type(e).__name__
-                return
-            if any(m[0] == "shutdown" for m in batch):
-                return
+        """Write a command at once (as a one-command list: the child reads lists). The pipe holds
+        1 MiB, so the write hardly ever waits for the child's reader thread, which needs the child's
+        interpreter lock back from the engine's Python before it can empty the pipe: with 64 KiB, a
+        burst of long prompts made the event loop wait for it. Tried and dropped: a writer thread,
+        and one write per turn of the event loop; with either, sent -> read went from 0.2-1.7 ms
+        to 7-32 ms (p50, `kvtier bench serve --stages`, load 3-5): the thread waits for the event
+        loop's interpreter lock, the turn's end for every handler of the turn."""
+        try:
+            with self._send_lock:
+                self._commands.send([message])
+        except (OSError, ValueError) as e:  # the child is gone (its reader closed the pipe)
+            raise EngineUnavailable(self.unavailable() or f"the engine process is gone: {e}") from None
 
     def _try_send(self, message: tuple[Any, ...]) -> None:
         with contextlib.suppress(EngineUnavailable):
