@@ -460,6 +460,10 @@ class Engine:
                 continue
             if out is not None:
                 outputs.append(out)
+        if self.kv is not None:
+            # the step's newly full blocks, staged for the write-through tiers in one batch (once per
+            # request was ~1,000 stage calls of ~0.6 ms in the H200's 8B chat run)
+            self.kv.flush()
         return outputs
 
     def _advance(self, chunk: ScheduledChunk, result: StepResult, now: float) -> RequestOutput | None:

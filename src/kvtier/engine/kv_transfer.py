@@ -70,7 +70,8 @@ class KVTransfer:
             self._pending.append((block_id, key, tokens, tiers))
 
     def write_through(self, blocks: list[int]) -> None:
-        """Blocks just committed: queued at once for the write-through tiers (disk, Redis)."""
+        """Blocks just committed: queued for the write-through tiers (disk, Redis), staged with the
+        rest of the step's at its ``flush`` (the engine's, after the step's requests advanced)."""
         tiers = self.hierarchy.commit_tiers
         if not tiers:
             return
@@ -78,7 +79,6 @@ class KVTransfer:
             cached = self.pool.cached(b)
             if cached is not None:
                 self._pending.append((b, cached.key, cached.tokens, tiers))
-        self.flush()
 
     def flush(self) -> None:
         """Hand the queued blocks to the hierarchy's write queue in one batch: the step pays their
