@@ -185,7 +185,7 @@ def serve(
         float | None,
         typer.Option(
             help="engine process: between steps, wait for new requests up to this fraction of the "
-            "time the steps wait for the device (0: never; default 0.5; no effect on a CPU engine)"
+            "time the steps wait for the device (default 0: never; it hurt on the H200; none on a CPU)"
         ),
     ] = None,
     *,

@@ -63,8 +63,9 @@ class ServerSettings:
     # stamp every request at each stage, both processes; GET /debug/stages (kvtier/server/stages.py)
     trace_stages: bool = False
     # engine process: between two steps, wait for new requests up to this fraction of the time the
-    # last steps waited for the device (server/engine_proc.join_window_s; 0: never; None: 0.5). It
-    # only takes time the host would spend waiting anyway: nothing on a CPU engine.
+    # last steps waited for the device (server/engine_proc.join_window_s; 0 or None: never). Off: on
+    # the H200 (256 streams, 8B) 0.5 made the cached TTFT 1.67x offline against 1.37x without it
+    # (docs/benchmarks.md "Serving"); nothing on a CPU engine either way.
     join_window: float | None = None
 
     def __post_init__(self) -> None:
@@ -83,7 +84,7 @@ class ServerSettings:
         return self.engine_process != "off"
 
     def join_window_fraction(self) -> float:
-        return 0.5 if self.join_window is None else self.join_window
+        return 0.0 if self.join_window is None else self.join_window
 
     def handoff_for(self, device_type: str) -> float:
         if self.step_handoff is None:
