@@ -22,7 +22,6 @@ from kvtier.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, argmax_rows
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
-from kvtier.model.kernels.paged_prefill import precompile_splits
 from kvtier.model.llama import CausalLM
 from kvtier.model.sampler import SamplingBatch, sample
 
@@ -110,7 +109,10 @@ class ModelRunner:
         paged = isinstance(backend, TritonPagedAttention) and backend.paged_prefill
         if device.type == "cuda" and paged and self.kv_cache.dtype == compute_dtype:
             # a split variant first met mid-run compiled for ~1 s on the H200 (an fp8 pool's are not
-            # compiled ahead: they take scales this has no use for)
+            # compiled ahead: they take scales this has no use for). Imported here: triton is an
+            # optional dependency, and a CPU install has none.
+            from kvtier.model.kernels.paged_prefill import precompile_splits
+
             precompile_splits(self.kv_cache[0], model.config.num_heads, compute_dtype)
 
     def _to_device(self, data: list[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
