@@ -42,6 +42,7 @@ from kvtier.cache.keys import BlockKey, KVLayout, check_key, check_namespace, to
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierStats
 from kvtier.cache.tiers.loading import BlockIO
+from kvtier.cache.writes import slot_runs
 
 _Entry = tuple[str, BlockKey]
 CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
@@ -199,17 +200,10 @@ class HostTier(LiveStats, Tier):
 
     def _runs(self, slots: Sequence[int]) -> Iterator[tuple[int, int, int, int]]:
         """(index into ``slots``, chunk, first row in it, length) of each run of consecutive slots
-        within one chunk: what one copy can move."""
-        i = 0
-        while i < len(slots):
-            chunk, first = divmod(slots[i], self._chunk_slots)
-            run = 1
-            while (
-                i + run < len(slots) and slots[i + run] == slots[i] + run and first + run < self._chunk_slots
-            ):
-                run += 1
+        within one chunk: what one copy can move (the write queue's ``slot_runs``)."""
+        for i, start, run in slot_runs(slots, self._chunk_slots):
+            chunk, first = divmod(start, self._chunk_slots)
             yield i, chunk, first, run
-            i += run
 
     def release(self, slots: Sequence[int]) -> None:
         """The reader's copies are complete: slots removed meanwhile can be reused."""
