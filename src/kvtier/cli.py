@@ -181,13 +181,14 @@ def serve(
             envvar="KVTIER_TRACE_STAGES",
         ),
     ] = False,
-    join_window: Annotated[
-        float | None,
+    intake_at: Annotated[
+        float,
         typer.Option(
-            help="engine process: between steps, wait for new requests up to this fraction of the "
-            "time the steps wait for the device (default 0: never; it hurt on the H200; none on a CPU)"
+            help="engine process: also take new requests inside a step, once the device is this "
+            "fraction of the layers into the step in flight (0: at once; a CUDA graph step: at once)",
+            envvar="KVTIER_INTAKE_AT",
         ),
-    ] = None,
+    ] = 0.5,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -206,7 +207,7 @@ def serve(
         step_handoff=step_handoff,
         engine_process=engine_process,
         trace_stages=trace_stages,
-        join_window=join_window,
+        intake_at=intake_at,
     )
     run_server(engine_config, settings, log_level)
 
