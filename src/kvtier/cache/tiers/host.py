@@ -45,7 +45,7 @@ from kvtier.cache.tiers.loading import BlockIO
 from kvtier.cache.writes import slot_runs
 
 _Entry = tuple[str, BlockKey]
-CHUNK_BYTES = 256 << 20  # slab chunk: pinning 4 GiB at start-up would take seconds
+CHUNK_BYTES = 256 << 20  # slab chunk (on CUDA all are made at start-up: _allocate_all)
 
 
 class HostTier(LiveStats, Tier):
@@ -434,11 +434,12 @@ class HostTier(LiveStats, Tier):
 
     def _allocate_all(self) -> None:
         """Page-lock the whole slab now, at start-up, not chunk by chunk while the engine runs. On
-        the H200 a 64 MiB page-locked allocation takes 43 ms, and kernel launches from another
-        thread meanwhile took 640 us instead of 10 (``cudaHostAlloc`` holds the driver): the chat
-        benchmark's host tier made ~27 such chunks mid-run, and its run took 7.5 s against 5.0 s
-        with the slab made up front (docs/benchmarks.md, issue 12). A 4 GiB tier costs ~2.7 s of
-        start-up for it. Pageable memory (the CPU) stays lazy: its untouched pages cost nothing."""
+        the H200 page-locking runs at ~1.5 GB/s (64 MiB in 43 ms), and kernel launches from another
+        thread meanwhile took 640 us instead of 10 (``cudaHostAlloc`` holds the driver): the 8B
+        chat benchmark's host tier made its 256 MiB chunks mid-run, and the run took 7.5 s against
+        5.0 s with the slab made up front (docs/benchmarks.md, issue 12). So a 4 GiB tier costs
+        ~3 s of start-up instead, as vLLM's page-locked swap space does. Pageable memory (the CPU)
+        stays lazy: its untouched pages cost nothing."""
         while len(self._chunks) * self._chunk_slots < self._num_slots:
             self._add_chunk(len(self._chunks) * self._chunk_slots)
 
