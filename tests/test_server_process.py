@@ -7,7 +7,6 @@ an engine process whose HTTP process was killed shuts itself down. Real servers 
 
 from __future__ import annotations
 
-import array
 import os
 import re
 import signal
@@ -164,49 +163,56 @@ def test_engine_process_setting_is_checked_before_the_model_loads() -> None:
         _variant("--engine-process off")
 
 
-def test_intake_point_is_checked() -> None:
+def test_join_window_is_a_share_of_the_device_wait() -> None:
+    """The engine process waits for new requests only out of time step() waits for the device
+    anyway: the smaller of the last two waits, times the setting, at most 50 ms; nothing on a CPU."""
+    from kvtier.server.engine_proc import join_window_s
+
+    assert join_window_s(0.5, 0.020, 0.030) == pytest.approx(0.010)
+    assert join_window_s(0.5, 0.030, 0.004) == pytest.approx(0.002)  # the long step before does not count
+    assert join_window_s(1.0, 0.5, 0.5) == pytest.approx(0.05)
+    assert join_window_s(0.0, 0.02, 0.02) == 0.0
+    assert join_window_s(0.5, 0.0, 0.0) == 0.0  # a CPU engine computes in launch: it never waits
     from kvtier.server.app import ServerSettings
 
-    assert ServerSettings().intake_at == 0.5
+    assert ServerSettings().join_window_fraction() == 0.0  # off: it made the H200's cached TTFT worse
+
     from typer.testing import CliRunner
 
     from kvtier.cli import app
 
-    result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--intake-at", "1"])
+    result = CliRunner().invoke(app, ["serve", "--model", "synthetic:tiny", "--join-window", "2"])
     assert isinstance(result.exception, ValueError)
-    assert "intake_at must be in [0, 1)" in str(result.exception) and "got 1" in str(result.exception)
+    assert "join_window must be between 0 and 1" in str(result.exception) and "2" in str(result.exception)
 
 
-def test_commands_queued_during_a_step_join_the_step_it_schedules() -> None:
-    """A real engine and pipe: what reaches the inbox after the loop's own take (while a step runs)
-    is taken inside the next step() before it schedules: an add is computed by that very step and
-    acked with its outputs; a shutdown inside a step ends the loop after it."""
+def test_commands_that_arrive_within_the_join_window_are_taken_in_one_turn() -> None:
+    """A real engine and pipe: a turn with a window takes what arrives before its end, not only what
+    was queued when it began (the window itself comes from the device, so it is set here)."""
     import multiprocessing
 
     from kvtier.config import EngineConfig
     from kvtier.engine.engine import Engine
-    from kvtier.engine.request import SamplingParams
     from kvtier.server.engine_proc import EngineCore
 
     engine = Engine(
         EngineConfig.load({"model": "synthetic:tiny", "kv_cache_memory": 8 << 20, "tiers": "none"})
     )
     ours, theirs = multiprocessing.Pipe(duplex=False)
-    core = EngineCore(engine, theirs, intake_at=0.5)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    core = EngineCore(engine, theirs, join_window=0.5)
     try:
-        engine.add_request([5, 6, 7, 8], params, "first")
-        engine.step()
-        prompt = list(range(10, 40))
-        core.inbox.put(("add", "late", array.array("i", prompt).tobytes(), params, None, False))
-        core.inbox.put(("metrics", 7))
-        engine.step()
-        assert engine.requests["late"].num_computed_tokens == len(prompt)  # in the step just scheduled
-        assert core._acks == [("late", None)] and [seq for seq, _ in core._metrics_out] == [7]
-        assert core._stop is False
-        core.inbox.put(("shutdown",))
-        engine.step()
-        assert core._stop is True
+        acks: list[Any] = []
+        metrics: list[Any] = []
+
+        def later() -> None:  # after the turn began; "shutdown" ends it before its (long) window
+            core.inbox.put(("metrics", 7))
+            core.inbox.put(("shutdown",))
+
+        late = threading.Timer(0.05, later)
+        late.start()
+        assert core._take(acks, metrics, block=False, until=time.perf_counter() + 60) is True
+        late.join()
     finally:
         engine.close()
         ours.close()
+    assert [seq for seq, _ in metrics] == [7]

@@ -181,14 +181,13 @@ def serve(
             envvar="KVTIER_TRACE_STAGES",
         ),
     ] = False,
-    intake_at: Annotated[
-        float,
+    join_window: Annotated[
+        float | None,
         typer.Option(
-            help="engine process: also take new requests inside a step, once the device is this "
-            "fraction of the layers into the step in flight (0: at once; a CUDA graph step: at once)",
-            envvar="KVTIER_INTAKE_AT",
+            help="engine process: between steps, wait for new requests up to this fraction of the "
+            "time the steps wait for the device (default 0: never; it hurt on the H200; none on a CPU)"
         ),
-    ] = 0.5,
+    ] = None,
     *,
     engine_config: EngineConfig,
 ) -> None:
@@ -207,7 +206,7 @@ def serve(
         step_handoff=step_handoff,
         engine_process=engine_process,
         trace_stages=trace_stages,
-        intake_at=intake_at,
+        join_window=join_window,
     )
     run_server(engine_config, settings, log_level)
 

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -142,7 +142,6 @@ class Engine:
         self.stats = EngineStats()
         self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet
         self._last_ready: torch.cuda.Event | None = None  # the end of the last step read back
-        self._intake: Callable[[], None] | None = None  # set_intake
 
     # -- set-up ---------------------------------------------------------------------------------
     @property
@@ -281,25 +280,6 @@ class Engine:
         return True if hierarchy is None else hierarchy.flush(timeout)
 
     # -- the loop: install loads -> schedule -> write down -> launch -> postprocess the step before --
-    def set_intake(self, intake: Callable[[], None] | None, at: float = 0.5) -> None:
-        """Have ``step`` call ``intake`` (which may add and abort requests) just before it schedules,
-        and, on CUDA, only once the device is ``at`` (a fraction of the layers) into the step in
-        flight. For a server, whose requests arrive while a step runs: with overlapped steps, the
-        next step is scheduled while the device computes the one before, so a request that arrives
-        a moment after that schedule waits for a whole step to end, and then for the step queued
-        behind it, before its own runs. Waiting until the device is part-way through takes in what
-        arrived meanwhile and still leaves the rest of the step to launch the next one in: on the
-        H200 a turn that arrived during a 45 ms step waited for it (docs/benchmarks.md "Serving").
-        Only a step that runs layer by layer has such a point; a graph replay is taken at once.
-        ``None``: no intake (the caller adds requests between steps)."""
-        if not 0.0 <= at < 1.0:
-            raise ValueError(f"intake point must be in [0, 1) of the step's layers, got {at}")
-        self._intake = intake
-        layers = self.loaded.config.num_layers
-        self.runner.midway_layer = (
-            min(layers - 1, int(at * layers)) if intake is not None and at > 0 else None
-        )
-
     def step(self) -> list[RequestOutput]:
         """Launch one batch and return the outputs of the requests that moved: those of the batch
         launched by the step before, read back while this one runs on the device (answers from
@@ -317,8 +297,6 @@ class Engine:
             self.stats.step_seconds += time.perf_counter() - start
 
     def _step(self) -> list[RequestOutput]:
-        if self._intake is not None:
-            self._take_in()
         served = self.results.take_ready() if self.results is not None else []
         if served and not self.scheduler.has_work() and self._in_flight is None:
             return served
@@ -356,17 +334,6 @@ class Engine:
         if not self.config.scheduler.overlap_steps:
             outputs += self._collect()
         return outputs
-
-    def _take_in(self) -> None:
-        """set_intake's call: once the step in flight reaches its midway point (if it has one and
-        the next step is scheduled before it ends), what arrived meanwhile."""
-        assert self._intake is not None
-        step = self._in_flight
-        if step is not None and step.midway is not None and self._can_overlap(step):
-            began = time.perf_counter()
-            step.midway.synchronize()
-            self.stats.intake_wait_seconds += time.perf_counter() - began
-        self._intake()
 
     def _shrink_steps(self, error: torch.OutOfMemoryError) -> bool:
         """A step ran out of device memory (the pool is fixed: only activations grow): halve the

@@ -63,7 +63,6 @@ class EngineStats:
     wait_seconds: float = 0.0
     device_busy_seconds: float = 0.0
     device_idle_seconds: float = 0.0
-    intake_wait_seconds: float = 0.0  # of step_seconds: waiting for the step in flight's midway (set_intake)
     # set to a list to record every step read back: (rows, tokens, launch s, wait s, busy s, idle s)
     step_trace: list[tuple[int, int, float, float, float, float]] | None = None
     ttft: LatencyLog = field(default_factory=LatencyLog)

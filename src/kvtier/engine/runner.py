@@ -38,7 +38,6 @@ class InFlight:
     logprobs: _PendingLogprobs | None = None
     kept_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # return_logits rows
     begin: torch.cuda.Event | None = None  # recorded before the step's first work (CUDA)
-    midway: torch.cuda.Event | None = None  # recorded part-way through its layers (ModelRunner.midway_layer)
     launched_at: float = 0.0  # perf_counter when its launch began
     launch_seconds: float = 0.0  # host time to launch it
     wait_seconds: float = 0.0  # host time waiting for it to finish
@@ -97,9 +96,6 @@ class ModelRunner:
         self.tables = BlockTables()
         self.graphs: DecodeGraphs | None = None
         self.extend_graphs: ExtendGraphs | None = None
-        # CUDA, a step run layer by layer (not a graph replay): record ``InFlight.midway`` before this
-        # layer; None: no such event (Engine.set_intake)
-        self.midway_layer: int | None = None
         graphable = device.type == "cuda" and isinstance(model.attention_backend, TritonPagedAttention)
         max_len = max_model_len or model.config.max_position_embeddings
         if graph_max_batch > 0 and graphable:
@@ -242,7 +238,6 @@ class ModelRunner:
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
-        midway: torch.cuda.Event | None = None
         replayed = self._graph_logits(chunks, fill) or self._extend_graph_logits(chunks)
         if replayed is not None:
             logits, greedy = replayed
@@ -250,14 +245,11 @@ class ModelRunner:
             input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
             if fill is not None:
                 input_ids.index_copy_(0, fill.rows, fill.tokens)
-            midway = self._midway_event()
-            at = None if midway is None else (self.midway_layer or 0, midway)
             if not sampling:
-                self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0], midway=at)
-                ready = _timing_event(self.device, record=False)
-                return InFlight(chunks, [], None, None, ready, begin=begin, midway=midway)
+                self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
+                return InFlight(chunks, [], None, None, _timing_event(self.device, record=False), begin=begin)
             logits = self.model(
-                input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64), at
+                input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
             )
         if all(_plain_greedy(r) for r in sampling):
             # computed in the graph; its buffer is overwritten by the next replay: a copy
@@ -273,13 +265,7 @@ class ModelRunner:
             _PendingLogprobs.of(logits, tokens, sampling),
             {r.request_id: logits[i].clone() for i, r in enumerate(sampling) if r.params.return_logits},
             begin,
-            midway=midway,
         )
-
-    def _midway_event(self) -> torch.cuda.Event | None:
-        if self.midway_layer is None or self.device.type != "cuda":
-            return None
-        return torch.cuda.Event()  # no timing: recording and waiting on it cost less
 
     @staticmethod
     def collect(step: InFlight) -> StepResult:

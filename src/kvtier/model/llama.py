@@ -254,20 +254,16 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         logits_indices: torch.Tensor | None = None,
-        midway: tuple[int, torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
         """Returns float32 logits for the tokens at ``logits_indices`` (all tokens when None).
 
         Computing the vocabulary projection only where a token is sampled saves a large matmul per
-        prefill chunk. ``midway`` = (layer, event): the event is recorded before that layer runs, so
-        the host can tell when the device is that far into the step (``Engine.set_intake``).
+        prefill chunk.
         """
         x = self.model.embed_tokens(input_ids)
         rope = self._rope(positions, x.dtype)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
-            if midway is not None and i == midway[0]:
-                midway[1].record()
             x, residual = layer(x, residual, rope, kv_cache[i], meta, self.attention_backend)
         assert residual is not None  # a model has at least one layer
         if logits_indices is not None:

@@ -62,16 +62,19 @@ class ServerSettings:
     engine_process: str = "auto"
     # stamp every request at each stage, both processes; GET /debug/stages (kvtier/server/stages.py)
     trace_stages: bool = False
-    # engine process: take new requests inside each step too, just before it schedules the next, once
-    # the device is this fraction of the layers into the step in flight (Engine.set_intake); 0: at
-    # once. A turn that arrives during a step then joins the step launched next, not the one after.
-    intake_at: float = 0.5
+    # engine process: between two steps, wait for new requests up to this fraction of the time the
+    # last steps waited for the device (server/engine_proc.join_window_s; 0 or None: never). Off: on
+    # the H200 (256 streams, 8B) 0.5 made the cached TTFT 1.67x offline against 1.37x without it
+    # (docs/benchmarks.md "Serving"); nothing on a CPU engine either way.
+    join_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.step_handoff is not None and not 0 <= self.step_handoff <= 10:
             raise ValueError(f"step_handoff must be between 0 and 10 (times a step), got {self.step_handoff}")
-        if not 0 <= self.intake_at < 1:
-            raise ValueError(f"intake_at must be in [0, 1) (of the step's layers), got {self.intake_at}")
+        if self.join_window is not None and not 0 <= self.join_window <= 1:
+            raise ValueError(
+                f"join_window must be between 0 and 1 (of the device wait), got {self.join_window}"
+            )
         if self.engine_process not in ENGINE_PROCESS_CHOICES:
             choices = ", ".join(ENGINE_PROCESS_CHOICES)
             raise ValueError(f"engine_process must be one of {choices}, got {self.engine_process!r}")
@@ -79,6 +82,9 @@ class ServerSettings:
     def engine_process_for(self, device_type: str) -> bool:
         """auto: on (docs/architecture.md "Server processes" says why, with the measurement)."""
         return self.engine_process != "off"
+
+    def join_window_fraction(self) -> float:
+        return 0.0 if self.join_window is None else self.join_window
 
     def handoff_for(self, device_type: str) -> float:
         if self.step_handoff is None:

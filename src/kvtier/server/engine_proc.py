@@ -19,11 +19,9 @@ process that touched it is not). Two one-way pipes carry pickled tuples:
 
 A thread reads the command pipe into a queue, so the HTTP side never waits for a step to end to hand
 over a request; the engine thread takes everything queued between two steps (requests that arrive
-together join one batch), and again inside a step, just before it schedules the next
-(``Engine.set_intake``: on CUDA once the device is part-way through the step in flight).
-
-The child ignores SIGINT and SIGTERM: the HTTP process drains and then says ``shutdown``, and a
-child whose parent died sees its pipe close and shuts down the same way (tiers flushed, exit 0).
+together join one batch). The child ignores SIGINT and SIGTERM: the HTTP process drains and then
+says ``shutdown``, and a child whose parent died sees its pipe close and shuts down the same way
+(tiers flushed, exit 0).
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ def run_engine_process(
     log_level: str,
     threads: int | None,
     trace_stages: bool = False,
-    intake_at: float = 0.5,
+    join_window: float = 0.0,
 ) -> None:
     """The child's main: build the engine, say ready, serve commands until shutdown or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
@@ -80,7 +78,7 @@ def run_engine_process(
         sys.exit(1)
     outputs.send(("ready", EngineInfo.of(engine), engine.tokenizer))
     freeze_startup_heap()
-    core = EngineCore(engine, outputs, EngineStamps() if trace_stages else None, intake_at)
+    core = EngineCore(engine, outputs, EngineStamps() if trace_stages else None, join_window)
     reader = threading.Thread(target=core.read, args=(commands,), name="kvtier-commands", daemon=True)
     reader.start()
     sys.exit(core.run())
@@ -97,16 +95,28 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+JOIN_WINDOW_CAP_S = 0.05
+
+
+def join_window_s(fraction: float, waited: float, waited_before: float) -> float:
+    """How long the engine process may wait for new requests between two step() calls without
+    delaying the device: ``fraction`` of what each of the last two calls waited for it (the smaller:
+    a long prefill followed by a short decode must not leave it idle), at most 50 ms.
+
+    Why it costs the device nothing: with overlapped steps, step() schedules and launches step N+1,
+    then waits for step N's tokens. While the device computes the step the last call launched,
+    starting the next call later only shortens that next call's own wait, as long as it starts in
+    time to launch before the device runs dry. What it buys: a request that arrives in the window (a
+    chat's next turn, sent as its last one finished) joins the next launch instead of the one after,
+    one step less of TTFT; offline, an engine gets it at once. 0 on a CPU engine, which computes in
+    launch and so never waits."""
+    return min(JOIN_WINDOW_CAP_S, fraction * min(waited, waited_before))
+
+
 class EngineCore:
     def __init__(
-        self,
-        engine: Any,
-        outputs: Connection,
-        stamps: EngineStamps | None = None,
-        intake_at: float | None = 0.5,
+        self, engine: Any, outputs: Connection, stamps: EngineStamps | None = None, join_window: float = 0.0
     ) -> None:
-        """``intake_at``: take commands inside each step too, once the device is that fraction of
-        the layers into the step in flight (``Engine.set_intake``); None: only between steps."""
         from prometheus_client import CollectorRegistry
 
         from kvtier.metrics import EngineMetrics
@@ -118,12 +128,10 @@ class EngineCore:
         self.registry = CollectorRegistry()
         self.metrics = EngineMetrics(self.registry)
         self._last_metrics = 0.0
-        # what this turn of the loop took in (between steps and inside the step), sent with its outputs
-        self._acks: list[tuple[str, str | None]] = []
-        self._metrics_out: list[tuple[int, bytes]] = []
-        self._stop = False
-        if intake_at is not None:
-            engine.set_intake(self._take_in_step, intake_at)
+        # with overlapped steps only: without, the device idles from the end of step() to the next
+        self.join_window = join_window if engine.config.scheduler.overlap_steps else 0.0
+        self._window = 0.0  # how long this turn may wait for commands (join_window_s)
+        self._waited = 0.0  # how long the last step() waited for the device
         self.stamps = stamps  # --trace-stages
         self.gc = GcPauses().install() if stamps is not None else None
         self._trace: dict[str, dict[str, float]] = {}  # this turn's finished stamps
@@ -143,16 +151,20 @@ class EngineCore:
     def run(self) -> int:
         """Step while there is work; between steps, take every queued command. The exit status."""
         try:
-            while not self._stop:
-                # idle: block for the next command (the metrics still refresh once a second)
-                self._stop = self._take(self._acks, self._metrics_out, block=not self.engine.has_unfinished())
-                deltas = self._step() if self.engine.has_unfinished() and not self._stop else []
+            stop = False
+            while not stop:
+                acks: list[tuple[str, str | None]] = []
+                metrics: list[tuple[int, bytes]] = []
+                busy = self.engine.has_unfinished()
+                # idle: block for the next command (the metrics still refresh once a second); busy:
+                # also take what comes within the join window (time the device leaves the host)
+                until = time.perf_counter() + self._window if busy else 0.0
+                stop = self._take(acks, metrics, block=not busy, until=until)
+                deltas = self._step() if self.engine.has_unfinished() and not stop else []
                 if time.monotonic() - self._last_metrics > METRICS_INTERVAL_S:
                     self._update_metrics()
-                if self._acks or deltas or self._metrics_out:
-                    message = ("step", self._acks, deltas, self._metrics_out, self._take_trace())
-                    self._acks, self._metrics_out = [], []
-                    self.outputs.send(message)
+                if acks or deltas or metrics:
+                    self.outputs.send(("step", acks, deltas, metrics, self._take_trace()))
             return self._close()
         except BaseException as e:  # a bug in the engine: say so (every request fails), then exit
             log.exception("the engine process failed")
@@ -160,17 +172,17 @@ class EngineCore:
                 self.outputs.send(("failed", f"the engine failed: {type(e).__name__}: {e}"))
             return 1
 
-    def _take_in_step(self) -> None:
-        """Engine.set_intake's callback: the commands queued since the loop's own take."""
-        if self._take(self._acks, self._metrics_out, block=False):
-            self._stop = True
-
     def _take(
-        self, acks: list[tuple[str, str | None]], metrics: list[tuple[int, bytes]], block: bool
+        self,
+        acks: list[tuple[str, str | None]],
+        metrics: list[tuple[int, bytes]],
+        block: bool,
+        until: float = 0.0,
     ) -> bool:
-        """Apply the queued commands (waiting for one when ``block``); whether to stop."""
+        """Apply the queued commands (waiting for one when ``block``, and for more until the time
+        ``until``); whether to stop."""
         try:
-            command = self.inbox.get(timeout=METRICS_INTERVAL_S) if block else self.inbox.get_nowait()
+            command = self.inbox.get(timeout=METRICS_INTERVAL_S) if block else self._next(until)
         except queue.Empty:
             return False
         while True:
@@ -190,9 +202,14 @@ class EngineCore:
             else:  # "shutdown", or the HTTP process is gone
                 return True
             try:
-                command = self.inbox.get_nowait()
+                command = self._next(until)
             except queue.Empty:
                 return False
+
+    def _next(self, until: float) -> tuple[Any, ...]:
+        """The next queued command, waiting for one until ``until`` (else queue.Empty)."""
+        left = until - time.perf_counter()
+        return self.inbox.get(timeout=left) if left > 0 else self.inbox.get_nowait()
 
     def _add(
         self, request_id: str, tokens: bytes, params: Any, salt: str | None, final_only: bool
@@ -216,7 +233,11 @@ class EngineCore:
 
     def _step(self) -> list[Delta]:
         begin = time.perf_counter()
+        before = self.engine.stats.wait_seconds
         outputs = self.engine.step()
+        waited = self.engine.stats.wait_seconds - before
+        self._window = join_window_s(self.join_window, waited, self._waited)
+        self._waited = waited
         if self.stamps is not None:
             ids = [out.request_id for out in outputs]
             self._trace.update(self.stamps.first_outputs(ids, begin, time.perf_counter()))

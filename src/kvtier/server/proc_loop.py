@@ -51,7 +51,7 @@ class ProcessEngineLoop:
         threads: int | None = None,
         start_timeout: float = 600.0,
         stages: StageLog | None = None,
-        intake_at: float = 0.5,
+        join_window: float = 0.0,
     ) -> None:
         self.max_pending = max_pending
         self.stages = stages  # --trace-stages: the stamps of each request, engine's included
@@ -60,7 +60,7 @@ class ProcessEngineLoop:
         self._outputs, outputs_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=run_engine_process,
-            args=(commands_in, outputs_out, config, log_level, threads, stages is not None, intake_at),
+            args=(commands_in, outputs_out, config, log_level, threads, stages is not None, join_window),
             name="kvtier-engine",
         )
         self.process.start()

@@ -68,7 +68,7 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
             log_level,
             threads,
             stages=stages,
-            intake_at=settings.intake_at,
+            join_window=settings.join_window_fraction(),
         )
         app = create_app_for(loop, loop.info, loop.tokenizer, settings)
         where = f"engine process {loop.process.pid}"
