@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kvtier.cache.keys import BlockKey
 from kvtier.cache.tiers import memcached_wire as wire
 from kvtier.cache.tiers.memcached import MemcachedTier
 from kvtier.engine.engine import Engine
@@ -74,21 +75,50 @@ def memcached_tier(engine: Engine) -> MemcachedTier:
     return tier
 
 
+def spread_over_the_ring(tier: MemcachedTier, keys: list[BlockKey], servers: int) -> list[bytes]:
+    """The head names of ``keys`` under a generation that puts them on all ``servers`` of the ring.
+
+    The ring places an object by its name, and the name carries the namespace's generation, which a
+    fresh ring seeds from the clock: 6 blocks all land on one of two servers once in 32 runs (and with
+    them, for some ports, the 3 counters: one server held nothing in about 1 run of 300). Bumping the
+    generation here, as ``clear()`` does, until the blocks are spread makes the test's placement its
+    own; the engine processes read the generation from the ring."""
+    for _ in range(100):  # each try spreads them with odds 31/32 (2 servers)
+        heads = tier._head_names(keys)
+        if len({tier._owner(h).address for h in heads}) == servers:
+            return heads
+        tier.clear()
+    raise AssertionError("no generation spread the blocks over the ring in 100 tries")
+
+
 @pytest.mark.parametrize("servers", [1, 2])
 def test_two_processes_share_chunked_blocks(
-    servers: int, tmp_path: Path, small_items: list[MemcachedServer], cold: Cold
+    servers: int, tmp_path: Path, small_items: list[MemcachedServer], make_llm: MakeLLM, cold: Cold
 ) -> None:
     prefix = make_prompts(1, 100, seed=2)[0]
     suffix = make_prompts(1, 40, seed=3)[0]
-    config = settings(ring_url(small_items[:servers]), kv_cache_memory=POOL_BYTES)
+    ring = small_items[:servers]
+    config = settings(ring_url(ring), kv_cache_memory=POOL_BYTES)
+    local = make_llm(**config)  # the processes' namespace and keys, seen from here
+    tier = memcached_tier(local.engine)
+    heads = spread_over_the_ring(tier, block_keys(local.engine, prefix)[:6], servers)
     a = EngineProcess(tmp_path / "a.log", [prefix], **config)
     b = EngineProcess(tmp_path / "b.log", [prefix + suffix], **config)
     try:
         out_a = a.run()[0]
         assert out_a["tokens"] == cold([prefix])[0] and out_a["cached"] == 0
-        # 6 full blocks of > 4 KiB each: 3 items a block (head + 2 chunks) spread over the ring
-        items = [int(s.client().stats()[b"curr_items"]) for s in small_items[:servers]]
-        assert sum(items) >= 18 and all(items)
+        # 6 full blocks of > 4 KiB each, every one whole (head + 2 chunks) on the server the ring
+        # names for it; beside them only the generation counters and the namespace registry
+        raw = {s.address: s.client() for s in ring}
+        expected = dict.fromkeys(raw, 0)
+        for name in (wire.EPOCH_KEY, wire.generation_key(tier._ns_id), wire.REGISTRY_KEY):
+            expected[tier._owner(name).address] += 1
+        for head in heads:
+            owner = tier._owner(head).address
+            assert wire.chunk_count(raw[owner].get(head)) == 3
+            expected[owner] += 3
+        items = {address: int(c.stats()[b"curr_items"]) for address, c in raw.items()}
+        assert items == expected and all(items.values())
 
         out_b = b.run()[0]
         assert out_b["cached"] == 96 and out_b["loaded"] == 96  # the 6 shared blocks, from memcached
