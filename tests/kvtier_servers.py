@@ -1,5 +1,9 @@
 """Real ``kvtier serve`` processes for tests: a free loopback port, ready when /health answers, stopped
-with SIGTERM at the end (then killed if it hangs), its output kept for the assertion messages."""
+with SIGTERM at the end (then killed if it hangs), its output kept for the assertion messages.
+
+The port is reserved (``tests.redis_servers.free_port``) for the seconds the process takes to bind
+it, and a process that still could not bind it ("address already in use") is started again on a new
+port, ``START_ATTEMPTS`` in all."""
 
 from __future__ import annotations
 
@@ -13,30 +17,39 @@ from pathlib import Path
 
 import httpx
 
-from tests.redis_servers import free_port
+from tests.redis_servers import ADDRESS_IN_USE, PortTaken, free_port
 
 START_TIMEOUT_S = 90.0
+START_ATTEMPTS = 3
 STOP_TIMEOUT_S = 60.0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 class KvtierServer:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="kvtier-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvtier.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
         full_env = {**os.environ, "PYTHONPATH": SRC, "KVTIER_TIERS": "none", **(env or {})}
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
-        self._wait_ready()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.port = free_port()
+            self.log = tempfile.NamedTemporaryFile(prefix="kvtier-serve-", suffix=".log", delete=False)  # noqa: SIM115
+            cmd = [
+                sys.executable,
+                "-m",
+                "kvtier.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ]
+            self.proc = subprocess.Popen(
+                [*cmd, *args], stdout=self.log, stderr=subprocess.STDOUT, env=full_env
+            )
+            try:
+                self._wait_ready()
+                return
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
 
     @property
     def url(self) -> str:
@@ -50,7 +63,9 @@ class KvtierServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtier serve exited with {self.proc.returncode}:\n{self.output()}")
+                output = self.output()
+                error = PortTaken if ADDRESS_IN_USE in output.lower() else RuntimeError
+                raise error(f"kvtier serve exited with {self.proc.returncode}:\n{output}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return

@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from kvtier import LLM
-from kvtier.bench.servers import MemcachedServer, RedisServer
 from tests import test_hierarchy
+from tests.memcached_servers import MemcachedServer
 from tests.memcached_servers import start_server as start_memcached
+from tests.redis_servers import RedisServer
 from tests.redis_servers import start_server as start_redis
 from tests.test_hierarchy import POOL_BYTES, Cold, greedy, loaded, make_prompts, token_ids
 
