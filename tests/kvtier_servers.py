@@ -1,7 +1,7 @@
 """Real ``kvtier serve`` processes for tests: a free loopback port, ready when /health answers, stopped
 with SIGTERM at the end (then killed if it hangs), its output kept for the assertion messages.
 
-The port is reserved (``tests.redis_servers.free_port``) for the seconds the process takes to bind
+The port is reserved (``kvtier.bench.servers.free_port``) for the seconds the process takes to bind
 it, and a process that still could not bind it ("address already in use") is started again on a new
 port, ``START_ATTEMPTS`` in all."""
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.redis_servers import ADDRESS_IN_USE, PortTaken, free_port
+from kvtier.bench.servers import ADDRESS_IN_USE, PortTaken, free_port
 
 START_TIMEOUT_S = 90.0
 START_ATTEMPTS = 3

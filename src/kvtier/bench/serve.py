@@ -460,16 +460,15 @@ def served(
     stamps each request (``--trace-stages``) and each sample gets its stamps."""
     import dataclasses
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
 
     import yaml
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from kvtier.bench.servers import free_port
+
+    port = free_port()  # reserved until the server binds it (bench/servers.py)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump({name: dataclasses.asdict(part) for name, part in config.parts().items()}, f)
     cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--config", f.name, "--port", str(port)]

@@ -2,15 +2,26 @@
 Redis single node (stoppable, killable, restartable on the same port), a 3-primary cluster, and a
 memcached (likewise, with its item size ``-I`` as a parameter).
 
-Every server binds 127.0.0.1 on a free port (found by binding a socket to port 0), runs in its own
-directory with no persistence (``--save "" --appendonly no``), is ready when PING answers, and is
-stopped by ``stop()`` (terminate, wait, kill): only the process this object started.
+Every server binds 127.0.0.1, runs in its own directory with no persistence (``--save ""
+--appendonly no``), is ready when PING answers, and is stopped by ``stop()`` (terminate, wait,
+kill): only the process this object started.
+
+Ports. A port found free and handed to a server that binds it later can be taken in between: by
+another server started here, by a test suite running beside it, or by any socket the kernel gives
+an ephemeral port (``bind`` to port 0, ``connect``). So ``free_port()`` *reserves* the port: it is
+left with a connection in TIME_WAIT, and for that minute the kernel gives it to no ``bind(0)`` and
+no ``connect()``, while a server that sets ``SO_REUSEADDR`` (redis-server, memcached and uvicorn do)
+still binds it. A server stopped or killed re-reserves its ports for its restart. And a start is
+checked, not assumed: a server that could not bind ("Address already in use"), or whose port is
+answered by another process (the pid it reports is not the one started), raises ``PortTaken``, and
+``start_server`` / ``start_memcached`` / ``RedisClusterServers.start`` try again on new ports.
 ``tests/redis_servers.py`` and ``tests/memcached_servers.py`` wrap these in pytest fixtures;
 ``kvtier bench tiers`` / ``chat`` / ``memcached`` start one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,11 +50,40 @@ def redis_binaries() -> tuple[str, str]:
     return server, cli
 
 
+HOST = "127.0.0.1"
+ADDRESS_IN_USE = "address already in use"  # redis-server, memcached and uvicorn say it so (any case)
+
+
+class PortTaken(RuntimeError):
+    """The server could not have its port: another socket bound it, or another process answers it."""
+
+
+def reserve_port(port: int = 0) -> int:
+    """``port`` (0: one the kernel picks) on 127.0.0.1, left reserved for about a minute: bound and
+    listening with ``SO_REUSEADDR``, connected to once and closed from the accepting side, so that
+    the port is in TIME_WAIT. Raises OSError if ``port`` is in use."""
+    with contextlib.closing(socket.socket()) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((HOST, port))
+        listener.listen(8)
+        listener.settimeout(5.0)
+        address = listener.getsockname()
+        with contextlib.closing(socket.create_connection(address, timeout=5.0)):
+            accepted, _ = listener.accept()  # ours, or a client of a server just killed there
+            accepted.close()  # the accepting side closes first: its end is the one in TIME_WAIT
+        return int(address[1])
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now (the OS picks it; a race is retried by start())."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a server to bind: nothing listens there, and nothing the kernel hands out
+    takes it for a minute (see the module doc); the server must set ``SO_REUSEADDR``."""
+    return reserve_port()
+
+
+def _rereserve(port: int) -> None:
+    """Keep a stopped server's port for its restart (best effort: it may be gone already)."""
+    with contextlib.suppress(OSError):
+        reserve_port(port)
 
 
 def _ping(port: int, timeout: float = 0.2) -> bool:
@@ -94,37 +134,74 @@ class _ServerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _ports(self) -> list[int]:
+        """The ports this server binds (kept reserved while it is stopped)."""
+        return [self.port]
+
+    def _answering_pid(self) -> int:
+        """The pid of the server that answers on ``port`` (-1 if none says)."""
+        raise NotImplementedError
+
     def _spawn(self, argv: list[str], answers: Callable[[int], bool], timeout: float, **popen: Any) -> bool:
-        """Start ``argv`` and wait until ``answers(port)``; False (the process stopped) if it never does."""
+        """Start ``argv`` and wait until ``answers(port)``; False (the process stopped) if it never does.
+        Raises PortTaken if what answered is another process (ours exits: its bind failed)."""
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, **popen)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
             if answers(self.port):
+                self._check_owner()
                 return True
             time.sleep(0.02)
         return False
 
+    def _check_owner(self) -> None:
+        assert self.proc is not None
+        try:
+            pid = self._answering_pid()
+        except Exception:  # refused, reset, timed out: not ours either way
+            pid = -1
+        if pid != self.proc.pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(1.0)  # it is exiting (its bind failed)
+            self.stop()
+            raise PortTaken(f"port {self.port} is answered by pid {pid}, not by the server started here")
+
+    @staticmethod
+    def _not_started(what: str, output: str) -> RuntimeError:
+        """The error of a start that failed: PortTaken when the port was in use."""
+        error = PortTaken if ADDRESS_IN_USE in output.lower() else RuntimeError
+        return error(f"{what} did not start:\n{output}")
+
     def stop(self) -> None:
         """Terminate (SIGTERM), wait, then kill if it is still there."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._keep_ports()
 
     def kill(self) -> None:
         """Crash the server (SIGKILL): no clean shutdown, clients see their connections reset."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        self._keep_ports()
+
+    def _keep_ports(self) -> None:
+        for port in self._ports():
+            _rereserve(port)
 
     def pause(self) -> None:
         """Freeze it (SIGSTOP): connections stay open and nothing answers, as on a hung host.
@@ -185,15 +262,26 @@ class RedisServer(_ServerProcess):
             ]  # fmt: skip
         return argv
 
+    def _ports(self) -> list[int]:
+        return [self.port, self.cluster_bus_port] if self.cluster else [self.port]
+
+    def _answering_pid(self) -> int:
+        client = self.client(socket_timeout=5.0)
+        try:
+            return int(client.info("server")["process_id"])
+        finally:
+            client.close()
+
     def start(self, timeout: float = START_TIMEOUT_S) -> RedisServer:
-        """Start the process and wait until PING answers; raises RuntimeError with the log if it can't."""
+        """Start the process and wait until PING answers; raises RuntimeError with the log if it
+        can't (PortTaken if its port was not to be had)."""
         if self.running:
             return self
         if self._spawn(self._argv(), _ping, timeout, cwd=self.directory, stderr=subprocess.DEVNULL):
             return self
         self.stop()
         log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
+        raise self._not_started(f"redis-server on port {self.port}", log)
 
     def restart(self, timeout: float = START_TIMEOUT_S) -> RedisServer:
         """Stop (if running) and start again on the same port (the data is gone: no persistence)."""
@@ -208,29 +296,47 @@ class RedisServer(_ServerProcess):
 
 
 def start_server(directory: Path, attempts: int = 3) -> RedisServer:
-    """Start a single node, retrying with a new port if the one picked was taken meanwhile."""
+    """Start a single node, on a new port for each try whose port was taken (PortTaken)."""
     last: Exception | None = None
     for i in range(attempts):
         server = RedisServer(directory / f"try{i}")
         try:
             return server.start()
-        except RuntimeError as e:
+        except PortTaken as e:
             last = e
     raise RuntimeError(f"could not start redis-server after {attempts} attempts") from last
 
 
 class RedisClusterServers:
-    """A 3-primary Redis Cluster (no replicas) on loopback; ``url`` is ``redis+cluster://...``."""
+    """A 3-primary Redis Cluster (no replicas) on loopback; ``url`` is ``redis+cluster://...``. A
+    start that lost a port to another socket starts over on new ports (``attempts`` in all)."""
 
-    def __init__(self, directory: Path, size: int = 3) -> None:
+    def __init__(self, directory: Path, size: int = 3, attempts: int = 3) -> None:
         self.directory = Path(directory)
-        self.nodes = [RedisServer(self.directory / f"node{i}", cluster=True) for i in range(size)]
+        self.size = size
+        self.attempts = attempts
+        self._tries = 0
+        self.nodes = self._new_nodes()
+
+    def _new_nodes(self) -> list[RedisServer]:
+        base = self.directory / f"try{self._tries}" if self._tries else self.directory
+        self._tries += 1
+        return [RedisServer(base / f"node{i}", cluster=True) for i in range(self.size)]
 
     @property
     def url(self) -> str:
         return f"redis+cluster://{self.nodes[0].address}"
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        while True:
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if self._tries >= self.attempts:
+                    raise
+                self.nodes = self._new_nodes()
+
+    def _start(self, timeout: float) -> RedisClusterServers:
         try:
             for node in self.nodes:
                 node.start()
@@ -349,7 +455,14 @@ class MemcachedServer(_ServerProcess):
         if self.proc is not None and self.proc.poll() is not None and self.proc.stderr is not None:
             err = self.proc.stderr.read()[-2000:]
         self.stop()
-        raise RuntimeError(f"memcached on port {self.port} did not start: {err.decode(errors='replace')}")
+        raise self._not_started(f"memcached on port {self.port}", err.decode(errors="replace"))
+
+    def _answering_pid(self) -> int:
+        client = self.client()
+        try:
+            return int(client.stats()[b"pid"])
+        finally:
+            client.close()
 
     def client(self) -> Any:
         """A plain pymemcache client of this server (replies awaited), for checks from outside kvtier."""
@@ -362,12 +475,12 @@ class MemcachedServer(_ServerProcess):
 
 
 def start_memcached(item_size: int = 1 << 20, memory_mb: int = 64, attempts: int = 3) -> MemcachedServer:
-    """Start one, retrying with a new port if the one picked was taken meanwhile."""
+    """Start one, on a new port for each try whose port was taken (PortTaken)."""
     last: Exception | None = None
     for _ in range(attempts):
         server = MemcachedServer(item_size=item_size, memory_mb=memory_mb)
         try:
             return server.start()
-        except RuntimeError as e:
+        except PortTaken as e:
             last = e
     raise RuntimeError(f"could not start memcached after {attempts} attempts") from last
