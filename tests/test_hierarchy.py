@@ -421,6 +421,40 @@ def test_preemption_swaps_to_the_host_tier(make_llm: MakeLLM, cold: Cold) -> Non
     engine.pool.assert_idle()
 
 
+@pytest.mark.parametrize("at_once", [True, False], ids=["in-the-step", "io-thread"])
+def test_host_load_runs_in_the_step_that_admits_it(at_once: bool, make_llm: MakeLLM, cold: Cold) -> None:
+    """A short load from the host tier (this process's memory) runs inside ``schedule``: its request
+    is admitted with the loaded blocks in the same step, like a device hit, instead of waiting in
+    LOADING for an I/O thread (a whole step). ``load_at_once_s=0`` keeps every load on the threads."""
+    prompts = make_prompts(2, 100, seed=33)
+    ref = cold(prompts)
+    probe = make_llm(tiers="none")
+    block_bytes = probe.engine.layout.bytes_per_block
+    llm = make_llm(tiers="host", kv_cache_memory=8 * block_bytes, load_at_once_s=1.0 if at_once else 0.0)
+    engine = llm.engine
+    for prompt, expected in zip(prompts, ref, strict=True):  # the second evicts the first to the host
+        assert token_ids(llm.generate([prompt], greedy())) == [expected]
+    engine.hierarchy.flush()
+    keys = block_keys(engine, prompts[0])[:6]
+    on_device = sum(engine.pool.contains(k) for k in keys)
+    assert on_device < 6 and engine.hierarchy.tiers[0].lookup(keys[on_device:]) == 6 - on_device
+
+    (rid,) = engine.add_request(prompts[0], greedy())
+    engine.step()
+    (req,) = [r for r in engine.scheduler.running + engine.scheduler.loading if r.request_id == rid]
+    if at_once:
+        assert not engine.scheduler.loading and req in engine.scheduler.running
+        assert req.num_computed_tokens == len(prompts[0])  # its whole prefill is in this step
+    else:
+        assert engine.scheduler.loading == [req] and req.num_computed_tokens == on_device * BS
+    final = run_until_done(engine)
+    assert final[rid].outputs[0].token_ids == ref[0]
+    assert final[rid].num_cached_tokens == 6 * BS
+    assert final[rid].metrics["num_loaded_tokens"] == (6 - on_device) * BS
+    assert engine.hierarchy.stats.corrupt == 0
+    engine.pool.assert_idle()
+
+
 # ---------------------------------------------------------------- 4. corruption and secrets
 
 

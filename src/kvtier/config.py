@@ -99,6 +99,10 @@ class TierSettings:
     exit_flush_timeout: float = 5.0  # seconds the exit (atexit, SIGTERM) waits for queued writes
     load_policy: str = "cost"  # cost: load only what beats recomputing (measured); always: load all hits
     selective_hits: int = 2  # selective: device hits before a block is written down
+    # a load from the host tier predicted to take at most this long runs in the step that admits
+    # its request, on the engine thread; longer ones (and every other tier's) on the I/O threads,
+    # which costs the request a step. 0: every load on the I/O threads
+    load_at_once_s: float = 2e-3
     host_capacity: int = 4 << 30  # raw blocks in pinned memory: no codec (see HostTier)
     disk_path: str | None = None  # None: the user cache folder (~/.cache/kvtier)
     disk_capacity: int = 16 << 30
@@ -216,6 +220,8 @@ class EngineConfig:
                 f"write_queue_bytes must be > 0 (got {t.write_queue_bytes}) and exit_flush_timeout "
                 f">= 0 seconds (got {t.exit_flush_timeout})"
             )
+        if t.load_at_once_s < 0:
+            raise ConfigError(f"load_at_once_s must be >= 0 seconds (0: never), got {t.load_at_once_s}")
         if t.selective_hits < 0:
             raise ConfigError(f"selective_hits must be >= 0, got {t.selective_hits}")
         if t.disk_max_entries < 0:

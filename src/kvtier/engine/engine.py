@@ -130,6 +130,7 @@ class Engine:
             else None
         )
         if self.kv is not None:  # queued writes are stored at exit or SIGTERM, even without close()
+            self.scheduler.load_now = self.kv.load_now
             shutdown.register(self, config.tiers.exit_flush_timeout)
         self.results = (
             ResultCache(config, self.fingerprint, mc.eos_token_ids, max_len)

@@ -3,7 +3,8 @@
 Three movements, all batched so a step pays at most one device synchronisation for each:
 
 - loads: a finished tier load is copied into its device blocks (``install_loads``), then the
-  request runs;
+  request runs; a short load from this process's memory runs at once, in the step that admits
+  its request (``load_now``);
 - writes: blocks evicted from the pool (write-back) or just committed (write-through) are queued
   and handed to the hierarchy's write queue together, before anything can overwrite them
   (``flush``): the step pays their copy out of the pool, the tiers are written on other threads;
@@ -17,7 +18,7 @@ import logging
 import torch
 
 from kvtier.cache.blocks import BlockPool
-from kvtier.cache.hierarchy import KVHierarchy
+from kvtier.cache.hierarchy import KVHierarchy, LoadPlan
 from kvtier.cache.keys import BlockKey
 from kvtier.engine.runner import to_device_async
 from kvtier.engine.scheduler import Scheduler
@@ -50,16 +51,34 @@ class KVTransfer:
             except Exception:  # a failed load is a miss: recompute
                 log.exception("load of request %s failed; recomputing", req.request_id)
                 blocks = torch.empty(0)
-            n = int(blocks.shape[0]) if blocks.numel() else 0
             base = req.num_committed_blocks
-            if n:
-                ids = to_device_async(req.block_table[base : base + n], torch.int64, self.device)
-                if blocks.is_cuda:  # made on the I/O thread's stream: keep it alive for ours
-                    blocks.record_stream(torch.cuda.current_stream(self.device))
-                # already on our device (the hierarchy loads onto it): [n, L, 2, ...] -> [L, 2, n, ...]
-                self._bytes.index_copy_(2, ids, blocks.view(self._bytes.dtype).permute(1, 2, 0, 3, 4, 5))
-            self.hierarchy.recycle(blocks)  # on the CPU the copy above is done: reuse its memory
+            n = self._install(req.block_table[base:], blocks)
             scheduler.complete_load(req, n)
+
+    def load_now(self, block_ids: list[int], plan: LoadPlan, block_tokens: list[list[int]]) -> int:
+        """Load ``plan`` from this process's memory into ``block_ids`` at once, in the step that
+        admits its request (``KVHierarchy.loads_at_once``). Returns how many leading blocks arrived
+        verified. A block just allocated for it may have been evicted by this very allocation: the
+        queued write-backs are staged first, so they copy the evicted KV out before it is overwritten."""
+        self.flush()
+        try:
+            blocks = self.hierarchy.load_now(plan, block_tokens)
+        except Exception:  # a failed load is a miss: recompute
+            log.exception("load from memory failed; recomputing")
+            return 0
+        return self._install(block_ids, blocks)
+
+    def _install(self, block_ids: list[int], blocks: torch.Tensor) -> int:
+        """Copy a load's ``[n, L, 2, ...]`` blocks into the first n of ``block_ids``; returns n."""
+        n = int(blocks.shape[0]) if blocks.numel() else 0
+        if n:
+            ids = to_device_async(block_ids[:n], torch.int64, self.device)
+            if blocks.is_cuda:  # made on an I/O stream: keep it alive for ours
+                blocks.record_stream(torch.cuda.current_stream(self.device))
+            # already on our device (the hierarchy loads onto it): [n, L, 2, ...] -> [L, 2, n, ...]
+            self._bytes.index_copy_(2, ids, blocks.view(self._bytes.dtype).permute(1, 2, 0, 3, 4, 5))
+        self.hierarchy.recycle(blocks)  # on the CPU the copy above is done: reuse its memory
+        return n
 
     def write_back(self, block_id: int, key: BlockKey, tokens: tuple[int, ...]) -> None:
         """An evicted block: queued for its write-back tiers, and copied out with the step's others

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.cache.blocks import BlockPool
-from kvtier.cache.hierarchy import KVHierarchy
+from kvtier.cache.hierarchy import KVHierarchy, LoadPlan
 from kvtier.cache.keys import BlockKey, chain_keys
 from kvtier.engine.request import FinishReason, InvalidRequestError, Request, RequestState
 
@@ -80,6 +80,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # (block ids, plan, block tokens) -> blocks that arrived verified: the engine's load from its
+        # own memory into the pool, run inside ``schedule`` (KVTransfer.load_now); None: every load
+        # goes through the I/O threads and the LOADING state
+        self.load_now: Callable[[list[int], LoadPlan, list[list[int]]], int] | None = None
 
     # -- admission control ----------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int) -> None:
@@ -187,9 +191,12 @@ class Scheduler:
     def _try_admit(self, req: Request, out: SchedulerOutput, budget: int, first: bool) -> int | None:
         """Admit ``req``: returns the tokens scheduled now (0 while it loads), None if it must wait."""
         hits = self._match(req)
+        pinned = False
         if self.hierarchy is not None:
             loads = self._try_load(req, hits)
-            if loads is not None:
+            if isinstance(loads, list):  # loaded now: the device hits and the loaded blocks, pinned
+                hits, pinned = loads, True
+            elif loads is not None:
                 return 0 if loads else None
         num_cached = len(hits) * self.block_size
         remaining = req.num_tokens - num_cached
@@ -201,8 +208,11 @@ class Scheduler:
         new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_evictable > self.pool.num_available:
+            if pinned:  # the loaded blocks stay cached: device hits when it is admitted
+                self.pool.release(hits)
             return None
-        self._pin_hits(hits)
+        if not pinned:
+            self._pin_hits(hits)
         req.block_table = hits + self.pool.allocate(new_blocks)
         req.num_computed_tokens = num_cached
         req.num_committed_blocks = len(hits)
@@ -213,9 +223,11 @@ class Scheduler:
         out.chunks.append(ScheduledChunk(req, num_new))
         return num_new
 
-    def _try_load(self, req: Request, hits: list[int]) -> bool | None:
+    def _try_load(self, req: Request, hits: list[int]) -> bool | list[int] | None:
         """Start loading the blocks after the device hit from the tiers below, when that beats
-        recomputing them. None: nothing worth loading (admit normally); False: no room yet."""
+        recomputing them. None: nothing worth loading (admit normally); False: no room yet; True:
+        loading (the request waits in LOADING); a list: loaded at once (``load_now``), the device
+        hits and the loaded blocks, pinned, to admit now."""
         assert self.hierarchy is not None
         max_blocks = (req.num_tokens - 1) // self.block_size
         if len(hits) >= max_blocks:
@@ -239,10 +251,31 @@ class Scheduler:
         tokens, bs = req.all_token_ids, self.block_size
         first = len(hits)
         block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(first, first + plan.num_blocks)]
+        if self.load_now is not None and self.hierarchy.loads_at_once(plan):
+            return self._load_now(req, hits, plan, block_tokens)
         req.load_future = self.hierarchy.load_async(plan, block_tokens)
         req.state = RequestState.LOADING
         self.loading.append(req)
         return True
+
+    def _load_now(
+        self, req: Request, hits: list[int], plan: LoadPlan, block_tokens: list[list[int]]
+    ) -> list[int]:
+        """Load ``plan`` into the request's new blocks on this thread, commit the blocks that arrived,
+        free the rest. The request stays WAITING: the caller admits it with the returned blocks
+        (pinned) as its cached prefix, in this same step."""
+        assert self.load_now is not None
+        loading = req.block_table[len(hits) :]
+        n = self.load_now(loading, plan, block_tokens)
+        self.pool.release(loading[n:])
+        first = len(hits)
+        for i in range(n):
+            self.pool.commit(loading[i], req.block_keys[first + i], block_tokens[i])
+        if req.num_cached_tokens < 0:
+            req.num_loaded_tokens = n * self.block_size
+        req.block_table = []
+        req.num_computed_tokens = req.num_committed_blocks = 0
+        return hits + loading[:n]
 
     def complete_load(self, req: Request, num_loaded: int) -> list[int]:
         """The request's load finished with ``num_loaded`` verified blocks (installed by the engine):

@@ -105,6 +105,7 @@ def build_hierarchy(
         step_tokens=config.scheduler.max_num_batched_tokens,
         always_load=settings.load_policy == "always",
         write_queue_bytes=settings.write_queue_bytes,
+        load_at_once_s=settings.load_at_once_s,
     )
     if "host" in names:
         hierarchy.seed_bandwidth(host_copy_bandwidth(device))
