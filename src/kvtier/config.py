@@ -43,6 +43,9 @@ class ModelSettings:
     # CUDA graphs of a step that is one short prefill / extend (a follow-up turn on a cached
     # prefix), up to this many new tokens; 0: none
     cuda_graph_extend_tokens: int = 128
+    # CUDA graphs of that row with up to this many decodes of other requests in the same step (a
+    # follow-up turn while others decode); 0: none
+    cuda_graph_mixed_decodes: int = 16
     # fused path's projections with at most decode_gemv_max_m rows: the small-M Triton kernel
     # (kernels/gemv.py) instead of F.linear. auto: on CUDA only; on: wherever triton runs; off: never
     decode_gemv: str = "auto"
@@ -195,7 +198,7 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_cache_fraction must be in (0, 1], got {p.cpu_kv_cache_fraction}")
         if p.kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {p.kv_cache_dtype!r}")
-        for name in ("cuda_graph_max_batch", "cuda_graph_extend_tokens"):
+        for name in ("cuda_graph_max_batch", "cuda_graph_extend_tokens", "cuda_graph_mixed_decodes"):
             if getattr(self.model, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self.model, name)}")
         if self.model.decode_gemv not in DECODE_GEMV_MODES:

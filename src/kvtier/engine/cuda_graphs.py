@@ -6,7 +6,8 @@ one by one from Python the launches, not the GPU, set the pace. A graph replays 
 launch. Its inputs live in static buffers that each step overwrites: token ids, positions, the
 slots the new K/V go to, context lengths and block tables. A batch is padded up to the next bucket:
 padding rows write no K/V (slot -1) and attend to nothing (length 0), and their logits are dropped.
-Batches larger than the largest bucket, and any batch with a prefill row, run eagerly.
+Batches larger than the largest bucket run eagerly, and so does a batch with a prefill row unless
+it fits an extend or mixed graph (below).
 
 The decode kernel's grid is frozen at capture, so each graph is captured for the longest context
 the engine allows (``decode_splits`` for that length); the kernel cuts each row's own keys into
@@ -274,3 +275,139 @@ class ExtendGraphs(_StepGraphs):
         self.graphs[t].replay()
         self.replays += 1
         return self.logits[t], self.greedy[t]
+
+
+class MixedGraphs:
+    """Graphs of a step of up to ``max_decodes`` decode rows and one extend row of up to
+    ``max_tokens`` new tokens: a follow-up turn (its prefix cached or just loaded) joining the
+    decodes of other requests, the common step of a multi-turn chat. Eager, such a step is the same
+    few hundred launches as an extend step alone; in the H200's 8B chat with tiers the engine thread,
+    not the device, set the pace of those steps.
+
+    One graph per (decode bucket, token bucket). The flat batch is the decode rows, padded to their
+    bucket (slot -1, length 0: they write and read nothing), then the extend row's tokens padded to
+    theirs (slot -1, masked by the row's real end in ``query_start``). Logits are taken for every
+    decode row and the extend row's last real token; the caller keeps the real rows.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        max_decodes: int,
+        max_tokens: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.max_model_len = max_model_len
+        self.decode_buckets = buckets_up_to(max_decodes)
+        self.token_buckets = [t for t in EXTEND_BUCKETS if t <= max_tokens]
+        nd = self.max_decodes
+        n = nd + self.max_tokens
+        max_blocks = -(-max_model_len // kv_cache.shape[3])
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.query_start = torch.zeros(nd + 2, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(nd + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((nd + 1, max_blocks), dtype=torch.int32, device=device)
+        self.logits_rows = torch.zeros(nd + 1, dtype=torch.int64, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.greedy: dict[tuple[int, int], torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    @property
+    def max_decodes(self) -> int:
+        return self.decode_buckets[-1] if self.decode_buckets else 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.token_buckets[-1] if self.token_buckets else 0
+
+    def bucket(self, decodes: int, tokens: int) -> tuple[int, int] | None:
+        b = next((x for x in self.decode_buckets if x >= decodes), None)
+        t = next((x for x in self.token_buckets if x >= tokens), None)
+        return None if b is None or t is None else (b, t)
+
+    def _meta(self, b: int, t: int) -> AttentionMetadata:
+        from kvtier.model.kernels.paged_decode import block_n_for, choose_splits
+
+        cfg = self.model.config
+        block_n = block_n_for(cfg.head_dim)
+        splits = choose_splits(b, cfg.num_kv_heads, self.max_model_len, block_n, self.device)
+        return AttentionMetadata(
+            slot_mapping=self.slots[: b + t],
+            query_start_loc=self.query_start[: b + 2],
+            context_lens=self.context_lens[: b + 1],
+            block_tables=self.block_tables[: b + 1],
+            query_lens_host=[1] * b + [t],  # the extend row's grid covers the bucket's every token
+            context_lens_host=[self.max_model_len] * (b + 1),  # splits for the longest context
+            num_decodes=b,
+            decode_splits=splits,
+        )
+
+    @torch.inference_mode()
+    def capture(self, pool: Any = None) -> float:
+        """Capture every (decodes, tokens) bucket, largest first, into ``pool``. Returns seconds."""
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        for b in reversed(self.decode_buckets):
+            for t in reversed(self.token_buckets):
+                self.query_start[: b + 2].copy_(torch.tensor([*range(b + 1), b + t], dtype=torch.int32))
+                self.context_lens[:b].zero_()
+                self.context_lens[b] = t
+                self.logits_rows[: b + 1].copy_(torch.tensor([*range(b), b + t - 1]))
+                args = (
+                    self.ids[: b + t],
+                    self.positions[: b + t],
+                    self.kv_cache,
+                    self._meta(b, t),
+                    self.logits_rows[: b + 1],
+                )
+                graph, self.logits[b, t], self.greedy[b, t] = capture_graph(self.model, args, stream, pool)
+                pool = graph.pool()
+                self.graphs[b, t] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        log.info(
+            "captured %d mixed CUDA graphs (decodes %s x tokens %s) in %.2f s",
+            len(self.graphs),
+            self.decode_buckets,
+            self.token_buckets,
+            self.capture_seconds,
+        )
+        return self.capture_seconds
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        fill: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens``: host [4, b + t] int64: ids, positions, slots (the decode rows padded to b,
+        then the extend row padded to t) and, first in the fourth, the b + 1 rows whose logits are
+        taken (decode rows, then the extend row's last real token); ``rows``: host [2b + 3] int32:
+        query start ([b + 2]) and context lengths ([b + 1]); ``block_tables``: host [b + 1, width].
+        ``fill`` overwrites the ids of decode rows whose token the step before sampled. Returns the
+        [b + 1, vocab] logits and their argmax; the caller drops the padding rows."""
+        n = tokens.shape[1]
+        b = (rows.shape[0] - 3) // 2
+        key = (b, n - b)
+        self.ids[:n].copy_(tokens[0], non_blocking=True)
+        self.positions[:n].copy_(tokens[1], non_blocking=True)
+        self.slots[:n].copy_(tokens[2], non_blocking=True)
+        self.logits_rows[: b + 1].copy_(tokens[3, : b + 1], non_blocking=True)
+        self.query_start[: b + 2].copy_(rows[: b + 2], non_blocking=True)
+        self.context_lens[: b + 1].copy_(rows[b + 2 :], non_blocking=True)
+        self.block_tables[: b + 1, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        if fill is not None:
+            self.ids.index_copy_(0, fill.rows, fill.tokens)
+        self.graphs[key].replay()
+        self.replays += 1
+        return self.logits[key], self.greedy[key]

@@ -123,6 +123,7 @@ class Engine:
             max_model_len=max_len,
             graph_max_batch=min(ms.cuda_graph_max_batch, ss.max_num_seqs),
             graph_extend_tokens=min(ms.cuda_graph_extend_tokens, ss.max_num_batched_tokens),
+            graph_mixed_decodes=min(ms.cuda_graph_mixed_decodes, ss.max_num_seqs - 1),
         )
         self.kv = (
             KVTransfer(self.hierarchy, self.pool, self.runner.kv_cache)

@@ -4,8 +4,8 @@
 step's one host synchronisation), so the engine can prepare and launch the next step while the
 device still runs this one. A decode whose input is a token the step before sampled reads it on the
 device. Inputs are built on the host in pinned memory (on CUDA) and copied without blocking.
-Decode-only batches up to the largest graph bucket replay a CUDA graph (``cuda_graphs.py``) when
-the model runs the Triton kernels.
+Decode-only batches up to the largest graph bucket, a single short prefill row, and such a row after
+a few decodes replay a CUDA graph (``cuda_graphs.py``) when the model runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kvtier.cache.keys import KVLayout
-from kvtier.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, argmax_rows
+from kvtier.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, MixedGraphs, argmax_rows
 from kvtier.engine.request import Request, TokenLogprob
 from kvtier.engine.scheduler import ScheduledChunk
 from kvtier.model.attention import AttentionMetadata, TritonPagedAttention
@@ -84,9 +84,11 @@ class ModelRunner:
         max_model_len: int | None = None,
         graph_max_batch: int = 0,
         graph_extend_tokens: int = 0,
+        graph_mixed_decodes: int = 0,
     ) -> None:
         """``graph_max_batch`` > 0 captures decode graphs up to that batch, ``graph_extend_tokens`` > 0
-        graphs of a one-row extend step up to that many tokens (CUDA + Triton backend only)."""
+        graphs of a one-row extend step up to that many tokens, and ``graph_mixed_decodes`` > 0
+        graphs of that row with up to that many decodes (CUDA + Triton backend only)."""
         self.model = model
         self.layout = layout
         self.device = device
@@ -104,6 +106,12 @@ class ModelRunner:
         if graph_extend_tokens > 1 and graphable and model.fused:
             self.extend_graphs = ExtendGraphs(model, self.kv_cache, graph_extend_tokens, max_len, device)
             self.extend_graphs.capture(self.graphs.pool if self.graphs is not None else None)
+        self.mixed_graphs: MixedGraphs | None = None
+        if graph_mixed_decodes > 0 and graph_extend_tokens > 1 and graphable and model.fused:
+            self.mixed_graphs = MixedGraphs(
+                model, self.kv_cache, graph_mixed_decodes, graph_extend_tokens, max_len, device
+            )
+            self.mixed_graphs.capture(self.graphs.pool if self.graphs is not None else None)
         compute_dtype = next(model.parameters()).dtype
         backend = model.attention_backend
         paged = isinstance(backend, TritonPagedAttention) and backend.paged_prefill
@@ -230,6 +238,62 @@ class ModelRunner:
             self._host(np.ascontiguousarray(table[:width][None, :]), torch.int32),
         )
 
+    def _mixed_graph_logits(
+        self, chunks: list[ScheduledChunk], fill: _Fill | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the mixed graph of a step that is a few decodes and then one short prefill row:
+        (logits, greedy tokens) of the rows that sample; None when the step is not one."""
+        g = self.mixed_graphs
+        if g is None or len(chunks) < 2:
+            return None
+        *decodes, c = chunks
+        if c.is_decode or not all(d.is_decode for d in decodes):
+            return None
+        key = g.bucket(len(decodes), c.num_new_tokens)
+        if key is None:
+            return None
+        start, n, bs = c.start, c.num_new_tokens, self.layout.block_size
+        known = c.request.token_ids(start, start + n)
+        if len(known) != n:  # a token still on the device: only decodes read those (eager path)
+            return None
+        b, t = key
+        nd = len(decodes)
+        tokens = np.zeros((4, b + t), dtype=np.int64)
+        tokens[2] = -1
+        rows = np.zeros(2 * b + 3, dtype=np.int32)
+        for i, d in enumerate(decodes):
+            p = d.start
+            tokens[0, i] = (d.request.token_ids(p, p + 1) or [0])[0]
+            tokens[1, i] = p
+            tokens[2, i] = d.request.block_table[p // bs] * bs + p % bs
+            rows[b + 2 + i] = p + 1
+        pos = np.arange(start, start + n)
+        table = self.tables.row(c.request)
+        tokens[0, b : b + n] = known
+        tokens[1, b : b + n] = pos
+        tokens[2, b : b + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
+        tokens[3, : b + 1] = np.arange(b + 1)
+        tokens[3, b] = b + n - 1
+        rows[: b + 1] = np.arange(b + 1)
+        rows[b + 1] = b + n
+        rows[2 * b + 2] = start + n
+        width = max(-(-(start + n) // bs), *(-(-(d.start + 1) // bs) for d in decodes))
+        tables = np.zeros((b + 1, width), dtype=np.int32)
+        tables[:nd] = self.tables.batch(decodes, width)
+        tables[b, : min(width, table.shape[0])] = table[:width]
+        logits, greedy = g.run(
+            self._host(tokens, torch.int64),
+            self._host(rows, torch.int32),
+            self._host(tables, torch.int32),
+            fill=fill,
+        )
+        if not c.samples:  # a prefill chunk short of the prompt's end: only the decodes sample
+            return logits[:nd], greedy[:nd]
+        if nd == b:
+            return logits, greedy
+        keep = to_device_async([*range(nd), b], torch.int64, self.device)
+        return logits.index_select(0, keep), greedy.index_select(0, keep)
+
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], previous: InFlight | None = None) -> InFlight:
         """Start one step on the device and return without waiting for it. A decode whose input is
@@ -238,19 +302,21 @@ class ModelRunner:
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
-        replayed = self._graph_logits(chunks, fill) or self._extend_graph_logits(chunks)
+        replayed = (
+            self._graph_logits(chunks, fill)
+            or self._extend_graph_logits(chunks)
+            or self._mixed_graph_logits(chunks, fill)
+        )
         if replayed is not None:
             logits, greedy = replayed
         else:
             input_ids, positions, meta, logits_rows = self.build_inputs(chunks)
             if fill is not None:
                 input_ids.index_copy_(0, fill.rows, fill.tokens)
-            if not sampling:
-                self.model(input_ids, positions, self.kv_cache, meta, logits_indices=input_ids[:0])
-                return InFlight(chunks, [], None, None, _timing_event(self.device, record=False), begin=begin)
-            logits = self.model(
-                input_ids, positions, self.kv_cache, meta, self._to_device(logits_rows, torch.int64)
-            )
+            logits_index = self._to_device(logits_rows, torch.int64) if sampling else input_ids[:0]
+            logits = self.model(input_ids, positions, self.kv_cache, meta, logits_index)
+        if not sampling:  # a prefill chunk short of its prompt's end (a graph computed a row anyway)
+            return InFlight(chunks, [], None, None, _timing_event(self.device, record=False), begin=begin)
         if all(_plain_greedy(r) for r in sampling):
             # computed in the graph; its buffer is overwritten by the next replay: a copy
             tokens = greedy.clone() if greedy is not None else argmax_rows(logits)
