@@ -77,6 +77,23 @@ def log_triton_compiles(since: dict[str, float]) -> None:
     jit.JITFunction._do_compile = wrapper  # type: ignore[method-assign]
 
 
+def print_step_kinds(trace: list[tuple[int, int, float, float, float, float]]) -> None:
+    """Per kind of step (decode-only: as many tokens as rows; with prefill: more), the device's busy
+    time, its idle time before the step (the host was late), and the host's launch and wait times:
+    whether a configuration is bound by the device or by the engine thread, and in which steps."""
+    kinds: dict[str, list[tuple[int, int, float, float, float, float]]] = {"decode": [], "prefill": []}
+    for row in trace:
+        kinds["decode" if row[1] == row[0] else "prefill"].append(row)
+    for kind, rows in kinds.items():
+        if rows:
+            launch, wait, busy, idle = (sum(r[i] for r in rows) for i in (2, 3, 4, 5))
+            print(
+                f"  STEPS {kind}: n={len(rows)} device busy {busy:.3f}s idle before {idle:.3f}s "
+                f"launch {launch:.3f}s wait {wait:.3f}s; per step busy {busy / len(rows) * 1e3:.2f} ms "
+                f"launch {launch / len(rows) * 1e3:.2f} ms"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
@@ -100,6 +117,7 @@ def main() -> None:
 
     def traced_init(self: emod.Engine, *a: Any, **k: Any) -> None:
         init(self, *a, **k)
+        self.stats.step_trace = []
         ACC.clear()
         if args.cprofile:
             profiler.disable()  # an engine that was never closed (the workload's probe)
@@ -110,11 +128,18 @@ def main() -> None:
     def traced_close(self: emod.Engine) -> None:
         wall, cpu = time.perf_counter() - started["wall"], time.process_time() - started["cpu"]
         label = f"tiers={self.config.tiers.tiers} caching={self.config.pool.enable_prefix_caching}"
+        runner = self.runner
+        replays = " ".join(
+            f"{name} graph replays {g.replays}"
+            for name, g in (("extend", runner.extend_graphs), ("mixed", runner.mixed_graphs))
+            if g is not None
+        )
         print(
-            f"PROFILE {label}: wall {wall:.2f}s process cpu {cpu:.2f}s "
+            f"PROFILE {label}: wall {wall:.2f}s process cpu {cpu:.2f}s {replays} "
             + " ".join(f"{k}={v:.3f}" for k, v in sorted(ACC.items())),
             flush=True,
         )
+        print_step_kinds(self.stats.step_trace or [])
         if args.sync_debug:
             for where, n in SYNCS.most_common(12):
                 print(f"  sync x{n}: {where}")
