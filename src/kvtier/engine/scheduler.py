@@ -261,26 +261,35 @@ class Scheduler:
     def _load_now(
         self, req: Request, hits: list[int], plan: LoadPlan, block_tokens: list[list[int]]
     ) -> list[int]:
-        """Load ``plan`` into the request's new blocks on this thread, commit the blocks that arrived,
-        free the rest. The request stays WAITING: the caller admits it with the returned blocks
-        (pinned) as its cached prefix, in this same step."""
+        """Load ``plan`` into the request's new blocks on this thread and commit the blocks that
+        arrived. The request stays WAITING: the caller admits it with the returned blocks (pinned)
+        as its cached prefix, in this same step."""
         assert self.load_now is not None
-        loading = req.block_table[len(hits) :]
-        n = self.load_now(loading, plan, block_tokens)
-        self.pool.release(loading[n:])
-        first = len(hits)
-        for i in range(n):
-            self.pool.commit(loading[i], req.block_keys[first + i], block_tokens[i])
-        if req.num_cached_tokens < 0:
-            req.num_loaded_tokens = n * self.block_size
+        num_loaded = self.load_now(req.block_table[len(hits) :], plan, block_tokens)
+        self._commit_loaded(req, num_loaded)
+        cached = req.block_table
         req.block_table = []
         req.num_computed_tokens = req.num_committed_blocks = 0
-        return hits + loading[:n]
+        return cached
 
     def complete_load(self, req: Request, num_loaded: int) -> list[int]:
         """The request's load finished with ``num_loaded`` verified blocks (installed by the engine):
         commit them, free the blocks that stayed empty, and let the request run. Returns the
         loaded block ids."""
+        loaded = self._commit_loaded(req, num_loaded)
+        req.num_committed_blocks = len(req.block_table)
+        req.num_computed_tokens = len(req.block_table) * self.block_size
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_token_ids))
+        req.load_future = None
+        self.loading.remove(req)
+        req.state = RequestState.RUNNING
+        self.running.append(req)
+        return loaded
+
+    def _commit_loaded(self, req: Request, num_loaded: int) -> list[int]:
+        """A tier load filled the first ``num_loaded`` blocks after the request's committed ones:
+        commit them to the pool's cache, free the blocks after them. Returns the loaded block ids."""
         base = req.num_committed_blocks
         loaded = req.block_table[base : base + num_loaded]
         self.pool.release(req.block_table[base + num_loaded :])
@@ -288,15 +297,8 @@ class Scheduler:
         tokens, bs = req.all_token_ids, self.block_size
         for i in range(base, base + num_loaded):
             self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
-        req.num_committed_blocks = base + num_loaded
-        req.num_computed_tokens = (base + num_loaded) * bs
         if req.num_cached_tokens < 0:
-            req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_token_ids))
             req.num_loaded_tokens = num_loaded * bs
-        req.load_future = None
-        self.loading.remove(req)
-        req.state = RequestState.RUNNING
-        self.running.append(req)
         return loaded
 
     def _pin_hits(self, hits: list[int]) -> None:
