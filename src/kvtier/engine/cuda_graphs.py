@@ -79,33 +79,8 @@ def capture_graph(
 
 
 class _StepGraphs:
-    """What every kind of step graph holds: its graphs by bucket, static token inputs (ids,
-    positions, K/V slots) for ``rows`` tokens, and each graph's outputs (logits, greedy tokens)."""
-
-    def __init__(
-        self,
-        model: CausalLM,
-        kv_cache: torch.Tensor,
-        rows: int,
-        max_model_len: int,
-        device: torch.device,
-    ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.device = device
-        self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // kv_cache.shape[3])
-        self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slots = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[Any, torch.Tensor] = {}
-        self.greedy: dict[Any, torch.Tensor] = {}  # each row's argmax, computed in the graph too
-        self.capture_seconds = 0.0
-
-
-class _BucketedGraphs(_StepGraphs):
-    """Step graphs with one size per bucket (a batch of decodes, or an extend row's tokens)."""
+    """What both kinds of graphs hold: one graph per bucket, each with static token inputs (ids,
+    positions, K/V slots) for the largest bucket, and its outputs (logits, greedy tokens)."""
 
     def __init__(
         self,
@@ -115,8 +90,20 @@ class _BucketedGraphs(_StepGraphs):
         max_model_len: int,
         device: torch.device,
     ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
         self.buckets = buckets
-        super().__init__(model, kv_cache, self.largest, max_model_len, device)
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // kv_cache.shape[3])
+        n = self.largest
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}  # each row's argmax, computed in the graph too
+        self.capture_seconds = 0.0
 
     @property
     def largest(self) -> int:
@@ -126,7 +113,7 @@ class _BucketedGraphs(_StepGraphs):
         return next((b for b in self.buckets if b >= size), None)
 
 
-class DecodeGraphs(_BucketedGraphs):
+class DecodeGraphs(_StepGraphs):
     def __init__(
         self,
         model: CausalLM,
@@ -216,7 +203,7 @@ class DecodeGraphs(_BucketedGraphs):
 EXTEND_BUCKETS = (16, 32, 64, 128, 256)
 
 
-class ExtendGraphs(_BucketedGraphs):
+class ExtendGraphs(_StepGraphs):
     """Graphs of a step that is a single prefill / extend row of up to ``max_tokens`` new tokens."""
 
     def __init__(
@@ -290,7 +277,7 @@ class ExtendGraphs(_BucketedGraphs):
         return self.logits[t], self.greedy[t]
 
 
-class MixedGraphs(_StepGraphs):
+class MixedGraphs:
     """Graphs of a step of up to ``max_decodes`` decode rows and one extend row of up to
     ``max_tokens`` new tokens: a follow-up turn (its prefix cached or just loaded) joining the
     decodes of other requests, the common step of a multi-turn chat. Eager, such a step is the same
@@ -312,14 +299,26 @@ class MixedGraphs(_StepGraphs):
         max_model_len: int,
         device: torch.device,
     ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.max_model_len = max_model_len
         self.decode_buckets = buckets_up_to(max_decodes)
         self.token_buckets = [t for t in EXTEND_BUCKETS if t <= max_tokens]
         nd = self.max_decodes
-        super().__init__(model, kv_cache, nd + self.max_tokens, max_model_len, device)
+        n = nd + self.max_tokens
+        max_blocks = -(-max_model_len // kv_cache.shape[3])
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.query_start = torch.zeros(nd + 2, dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(nd + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((nd + 1, self.max_blocks), dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((nd + 1, max_blocks), dtype=torch.int32, device=device)
         self.logits_rows = torch.zeros(nd + 1, dtype=torch.int64, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.greedy: dict[tuple[int, int], torch.Tensor] = {}
+        self.capture_seconds = 0.0
         self.replays = 0
 
     @property
