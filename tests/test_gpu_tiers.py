@@ -65,6 +65,36 @@ def test_host_tier_loads_to_the_gpu_and_rejects_a_flipped_bit() -> None:
         hierarchy.close()
 
 
+def test_evicted_blocks_go_into_the_host_tier_straight_from_the_pool() -> None:
+    """``stage_writes`` on CUDA copies host-tier blocks from the pool into the page-locked slots
+    (``store_from_device``): a load right after, with no wait in between, gets exactly the blocks
+    (its copy is ordered after theirs on the GPU), the pool may be overwritten at once, and the
+    CPU path of the same tier (``read_block``) reads the same bytes."""
+    keys, tokens, kv = keys_and_blocks(24, seed=4)
+    host = HostTier(LAYOUT, "fp", 64 * LAYOUT.bytes_per_block, pin_memory=True)
+    hierarchy = KVHierarchy([host], [None], LAYOUT, "fp", device="cuda")
+    assert hierarchy._direct_tier == 0
+    try:
+        pool = kv.permute(1, 2, 0, 3, 4, 5).contiguous().cuda()  # [L, 2, blocks, bs, H, D]
+        torch.cuda.synchronize()
+        ids = list(range(23, -1, -1))  # out of order: the gather puts them in the entries' order
+        entries = [(keys[b], tuple(tokens[b]), (0,)) for b in ids]
+        for _ in range(3):  # a slow stream makes the copy still pending when the load comes
+            torch.cuda._sleep(50_000_000)
+        hierarchy.stage_writes(pool, ids, entries)
+        pool.zero_()  # the engine may reuse the blocks at once: ordered after the gather
+        assert host.lookup(keys) == 24 and hierarchy.writes.pending_bytes == 0
+        plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
+        out = hierarchy.load_now(plan, tokens)
+        assert torch.equal(out.cpu(), kv) and hierarchy.stats.corrupt == 0
+        slot = host.acquire(keys[3:4], tokens[3:4])
+        assert torch.equal(host.read_block(slot[0]), kv[3])
+        host.release(slot)
+        assert hierarchy.stats.blocks_written == 24
+    finally:
+        hierarchy.close()
+
+
 def test_disk_objects_are_checked_on_the_gpu(tmp_path: object) -> None:
     """Uncompressed disk objects go straight into pinned staging and are checksummed on the GPU:
     the same blocks as the CPU path, and a flipped payload bit is a deleted miss."""

@@ -189,6 +189,31 @@ def test_device_hit_then_the_rest_from_disk(tmp_path: Path, make_llm: MakeLLM, c
     llm.engine.pool.assert_idle()
 
 
+def test_restart_loads_what_the_file_writer_process_wrote(
+    tmp_path: Path, make_llm: MakeLLM, cold: Cold
+) -> None:
+    """With ``disk_write_process`` a child process encodes and writes the disk's objects; the
+    engine's disk tier indexes them (its own lookups hit), and a restart loads them."""
+    prompts = make_prompts(2, 200, seed=23)
+    ref = cold(prompts)
+    writer = make_llm(tiers="disk", disk_path=str(tmp_path), disk_write_process=True)
+    hierarchy = writer.engine.hierarchy
+    assert hierarchy is not None and hierarchy.writes._files is not None
+    assert token_ids(writer.generate(prompts, greedy())) == ref
+    assert hierarchy.flush(60.0)
+    want = {k for p in prompts for k in block_keys(writer.engine, p)[:12]}
+    assert set(disk_objects(tmp_path)) == want  # write-through: on disk before any close
+    disk = hierarchy.tiers[0]
+    assert disk.lookup([block_keys(writer.engine, prompts[0])[0]]) == 1 and disk.stats().puts == 24
+    writer.close()
+
+    llm = make_llm(tiers="disk", disk_path=str(tmp_path))
+    outs = llm.generate(prompts, greedy())
+    assert loaded(outs) == [192, 192] and token_ids(outs) == ref
+    assert llm.engine.hierarchy is not None and llm.engine.hierarchy.stats.corrupt == 0
+    llm.engine.pool.assert_idle()
+
+
 def hold_io_threads(engine: Engine) -> tuple[threading.Event, list[Any]]:
     """Occupy every I/O thread of the engine's hierarchy until the event is set, so that a load
     is planned (the lookup ran) but not yet fetched: the test can change the world in between."""

@@ -99,6 +99,13 @@ class TierSettings:
     # crash), write-back to the host tier; or write-back, write-through, selective for every tier
     write_policy: str = "auto"
     write_queue_bytes: int = 1 << 30  # blocks waiting to be written, at most; full: the oldest dropped
+    # the disk's writes encoded and written by processes of their own (cache/file_writer.py), off
+    # the engine's interpreter lock. Off by default: on the H200's long chat it did not beat the
+    # writer threads yet (docs/benchmarks.md, "The disk's writes in processes of their own")
+    disk_write_process: bool = False
+    # on CUDA, evicted blocks go into the host tier's page-locked slots by one DMA from the pool,
+    # without a staging slot or a writer thread (False: through the write queue, as the others)
+    host_write_direct: bool = True
     exit_flush_timeout: float = 5.0  # seconds the exit (atexit, SIGTERM) waits for queued writes
     load_policy: str = "cost"  # cost: load only what beats recomputing (measured); always: load all hits
     selective_hits: int = 2  # selective: device hits before a block is written down

@@ -37,6 +37,7 @@ Metric names (all prefixed ``kvtier:``, vLLM's style):
   ``hierarchy_blocks_loaded_total``, ``hierarchy_blocks_written_total``,
   ``hierarchy_predicted_load_seconds_total``, ``hierarchy_actual_load_seconds_total``,
   ``hierarchy_corrupt_total``, ``hierarchy_write_errors_total``, ``hierarchy_writes_dropped_total``,
+  ``hierarchy_file_writes_skipped_total``,
   ``hierarchy_write_queue_bytes``, ``prefill_seconds_per_token`` and
   ``step_fixed_seconds`` (the recompute side of the load-or-recompute decision: a step costs the
   fixed time plus the per-token time for each token).
@@ -151,6 +152,9 @@ SPECS: dict[str, _Spec] = {
     "hierarchy_write_errors": _Spec("counter", "Writes to a tier that failed."),
     "hierarchy_writes_dropped": _Spec(
         "counter", "Block writes dropped: the write queue was full (oldest first), or an exit timed out."
+    ),
+    "hierarchy_file_writes_skipped": _Spec(
+        "counter", "Disk writes skipped because the file writer processes were behind the engine."
     ),
     "hierarchy_write_queue_bytes": _Spec("gauge", "Bytes of blocks queued or being written to the tiers."),
     "prefill_seconds_per_token": _Spec(
@@ -312,6 +316,7 @@ class EngineMetrics(Collector):
             b.add("hierarchy_corrupt", hs.corrupt)
             b.add("hierarchy_write_errors", hs.write_errors)
             b.add("hierarchy_writes_dropped", hierarchy.writes.dropped)
+            b.add("hierarchy_file_writes_skipped", hierarchy.writes.files_skipped)
             b.add("hierarchy_write_queue_bytes", hierarchy.writes.pending_bytes)
             b.add("prefill_seconds_per_token", hierarchy.prefill_seconds_per_token)
             b.add("step_fixed_seconds", hierarchy.step_cost.fixed_s)

@@ -170,6 +170,8 @@ def run_chat(label: str, engine: Engine, work: ChatWorkload, clients: int) -> Ch
             "blocks_written": s.blocks_written,
             "corrupt": s.corrupt,
             "write_errors": s.write_errors,
+            "writes_dropped": engine.hierarchy.writes.dropped,
+            "file_writes_skipped": engine.hierarchy.writes.files_skipped,
             "predicted_load_s": s.predicted_load_s,
             "actual_load_s": s.actual_load_s,
             "prefill_s_per_token": engine.hierarchy.prefill_seconds_per_token,
@@ -409,7 +411,8 @@ def print_chat(rounds: list[ChatRounds]) -> None:
                 f"predicted {h['predicted_load_s']:.2f} s, actual {h['actual_load_s']:.2f} s (learned "
                 + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in h["tier_bandwidth"].items())
                 + f", prefill {1e3 * h['prefill_s_per_token']:.2f} ms/token); "
-                f"corrupt {h['corrupt']}, write errors {h['write_errors']}"
+                f"corrupt {h['corrupt']}, write errors {h['write_errors']}, writes dropped "
+                f"{h.get('writes_dropped', 0)} (queue full) + {h.get('file_writes_skipped', 0)} (disk behind)"
             )
     every = [(k + 1, r) for c in rounds for k, r in enumerate(c.runs)]  # (round, run)
     for k, r in every:

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.cache.codec import CodecConfig, CorruptObjectError
+from kvtier.cache.file_writer import WriterSetup
 from kvtier.cache.keys import BlockKey, KVLayout
 from kvtier.cache.tiers.base import Tier
 from kvtier.cache.tiers.loading import BlockIO, EncodedBlock
-from kvtier.cache.writes import WriteQueue
+from kvtier.cache.writes import FileWrites, WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class KVHierarchy:
         always_load: bool = False,
         write_queue_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
         load_at_once_s: float = 0.0,
+        file_writer: bool = False,
+        direct_host_writes: bool = True,
     ) -> None:
         """``codecs``: one per tier, None for a tier of raw blocks (``raw_blocks``: the host tier).
         ``device``: where loads land (the engine's); on CUDA the staging buffer is page-locked, so
@@ -201,7 +204,11 @@ class KVHierarchy:
         are dropped). ``load_at_once_s``: a load from the raw-block tiers predicted to take at most
         this long is one the caller should run at once (``loads_at_once``): on the I/O threads it
         cost its request a whole step (~35-50 ms of the 8B's chat steps on an H200) for a copy of
-        ~1 ms; a longer one would stall the caller's batch. 0: never."""
+        ~1 ms; a longer one would stall the caller's batch. 0: never. ``file_writer``: the writes
+        of the tier whose objects are files (the disk's) are encoded and written by a process of
+        their own (``file_writer.py``), off this process's interpreter lock. ``direct_host_writes``:
+        on CUDA, blocks for the page-locked host tier are copied into its slots straight from the
+        pool (``Tier.store_from_device``) instead of through the write queue's threads."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
         if write_queue_bytes < layout.bytes_per_block:
@@ -245,9 +252,25 @@ class KVHierarchy:
             # only the host tier stores the sums: a batch of write-through blocks for the disk
             # skips their kernels and copies
             sums_tiers=[i for i, t in enumerate(self.tiers) if t.raw_blocks],
+            file_writes=self._file_writes() if file_writer else None,
         )
+        # The tier that takes evicted blocks straight from the device (the page-locked host tier),
+        # when there is one and the writes come from a GPU; -1: every write goes through the queue.
+        self._direct_tier = -1
+        if direct_host_writes and self.device.type == "cuda":
+            self._direct_tier = next((i for i, t in enumerate(self.tiers) if t.takes_device_blocks), -1)
         self._thread_state = threading.local()
         self._free_buffers: list[torch.Tensor] = []  # CPU load outputs handed back by recycle()
+
+    def _file_writes(self) -> FileWrites | None:
+        """The first tier that takes files written elsewhere (``Tier.file_target``), if any."""
+        for i, tier in enumerate(self.tiers):
+            target = tier.file_target
+            if target is not None:
+                codec = self.codecs[i] or CodecConfig()
+                setup = WriterSetup(self.layout, self.fingerprint, codec, self.secret, *target, slots=0)
+                return FileWrites(i, setup, tier.commit_written)
+        return None
 
     # -- cost model -------------------------------------------------------------------------------
     def seed_bandwidth(self, raw_blocks_bps: float) -> None:
@@ -456,15 +479,48 @@ class KVHierarchy:
         corrupted on disk that no load has met yet."""
         ids: list[int] = []
         kept: list[tuple[BlockKey, tuple[int, ...], tuple[int, ...]]] = []
-        tiers_of = self.tiers
+        direct_ids: list[int] = []  # for the tier that takes blocks from the device (the host's)
+        direct: list[tuple[BlockKey, tuple[int, ...]]] = []
+        tiers_of, direct_tier = self.tiers, self._direct_tier
+        skipped = 0
         for block_id, (key, tokens, tiers) in zip(block_ids, entries, strict=True):
             wanted = tuple(i for i in tiers if not tiers_of[i].holds(key))
+            skipped += not wanted
+            if direct_tier in wanted:
+                direct_ids.append(block_id)
+                direct.append((key, tokens))
+                wanted = tuple(i for i in wanted if i != direct_tier)
             if wanted:
                 ids.append(block_id)
                 kept.append((key, tokens, wanted))
-        self.stats.writes_skipped += len(entries) - len(kept)
+        self.stats.writes_skipped += skipped
+        if direct:
+            self._store_direct(kv_cache, direct_ids, direct)
         if kept:
             self.writes.stage(kv_cache, ids, kept)
+
+    def _store_direct(
+        self, kv_cache: torch.Tensor, block_ids: list[int], entries: list[tuple[BlockKey, tuple[int, ...]]]
+    ) -> None:
+        """Pool blocks straight into the tier that takes them from the device (the host tier's
+        page-locked slots, ``Tier.store_from_device``): a gather and one DMA a run of slots on the
+        write queue's stream, no staging and no writer thread."""
+        tier = self.tiers[self._direct_tier]
+        keys = [k for k, _ in entries]
+        tokens = [t for _, t in entries]
+
+        def store(blocks: torch.Tensor, sums: torch.Tensor, stream: torch.cuda.Stream) -> None:
+            tier.store_from_device(keys, tokens, blocks, sums, stream)
+
+        try:
+            self.writes.copy_direct(kv_cache, block_ids, store)
+        except Exception:  # a tier failure must never reach the engine
+            log.exception("%s tier: write from the device failed", tier.name)
+            with self._lock:
+                self.stats.write_errors += 1
+            return
+        with self._lock:
+            self.stats.blocks_written += len(entries)
 
     def _write(
         self,

@@ -31,18 +31,20 @@ first) and drops the rest.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import mmap
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvtier.cache.codec import integrity_sums, integrity_sums_width
+from kvtier.cache.file_writer import FileResult, FileWriterProcess, SharedSlots, WriterSetup
 from kvtier.cache.keys import BlockKey, KVLayout
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ class WriteJob:
     slot: int
     sums: torch.Tensor | None  # integrity sums (CPU), computed on the device on CUDA
     ready: torch.cuda.Event | None  # the copy into the slot is complete once this has fired
+
+
+@dataclass(frozen=True)
+class FileWrites:
+    """One tier's writes made by file writer processes: the tier's index, what a child needs (its
+    ``slots`` filled in by the queue), the tier's ``commit_written`` and how many children."""
+
+    tier: int
+    setup: WriterSetup
+    commit: Callable[[list[tuple[BlockKey, int, float]]], None]
+    processes: int = 2
 
 
 WriteFn = Callable[[BlockKey, list[int], torch.Tensor, "torch.Tensor | None", tuple[int, ...]], None]
@@ -77,9 +90,11 @@ class WriteQueue:
         threads: int = 2,
         with_sums: bool = False,
         sums_tiers: Collection[int] | None = None,
+        file_writes: FileWrites | None = None,
     ) -> None:
         """``with_sums``: on CUDA, hand writers each block's ``integrity_sums`` (computed on the
-        device); ``sums_tiers``: only for batches with a job for one of these tiers (None: all)."""
+        device); ``sums_tiers``: only for batches with a job for one of these tiers (None: all).
+        ``file_writes``: one tier's writes go to a file writer process (``file_writer.py``)."""
         self.layout = layout
         self.device = device
         self.num_slots = max(1, capacity_bytes // layout.bytes_per_block)
@@ -88,7 +103,8 @@ class WriteQueue:
         self._sums_tiers = None if sums_tiers is None else frozenset(sums_tiers)
         cuda = device.type == "cuda"
         width = integrity_sums_width(layout.bytes_per_block) if self._with_sums else 0
-        self._slab = StagingSlots(layout, self.num_slots, pin=cuda, sums_width=width)
+        shared = SharedSlots(layout, self.num_slots) if file_writes is not None else None
+        self._slab = StagingSlots(layout, self.num_slots, pin=cuda, sums_width=width, shared=shared)
         self._free = list(range(self.num_slots))  # sorted: a batch takes the lowest, in runs
         self._indices = PinnedIndices(self.num_slots) if cuda else None
         self._queued: deque[WriteJob] = deque()
@@ -97,6 +113,20 @@ class WriteQueue:
         self._closed = False
         self.dropped = 0  # blocks whose write was dropped: queue full, or shut down before written
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The file writers' jobs, by slot, with their child: each slot stays taken until the child
+        # answers for it. At most half the slots wait for them: beyond, the file tier's part of a
+        # job is dropped (``files_skipped``), so a disk slower than the engine cannot take the
+        # slots that the host tier's write-backs need.
+        self._in_child: dict[int, tuple[WriteJob, FileWriterProcess]] = {}
+        self._child_limit = max(1, self.num_slots // 2)
+        self.files_skipped = 0  # file-tier writes dropped because the file writers were behind
+        self._file_tier = file_writes.tier if file_writes is not None else -1
+        self._files: list[FileWriterProcess] = []
+        self._next_child = 0
+        if file_writes is not None and shared is not None and self._slab.shared:
+            self._commit_files = file_writes.commit
+            setup = replace(file_writes.setup, slots=self.num_slots)
+            self._files = [self._start_child(setup, shared) for _ in range(file_writes.processes)]
         # Daemon threads: a tier that hangs must not hold the interpreter at exit (the exit
         # flush waits for them with a deadline instead).
         self._threads = [
@@ -158,19 +188,8 @@ class WriteQueue:
     ) -> torch.cuda.Event:
         """Gather, sums, one copy per run: a handful of launches whatever the batch. Returns the
         event after which the slots (and their sums rows) hold the blocks."""
-        assert self._stream is not None and self._indices is not None
-        engine_stream = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(engine_stream)  # the blocks' KV has been written
-        gathered_event = torch.cuda.Event()
         ready = torch.cuda.Event()
-        with torch.cuda.stream(self._stream):
-            index = self._indices.to_device(ids, self.device, self._stream)
-            # [num_blocks, L, 2, bs, H, D] view -> [n, L, 2, bs, H, D] in slot order, each block
-            # contiguous for the codec, in one kernel. Made on this stream, so the caching allocator
-            # reuses its memory only after the copies below.
-            blocks = torch.index_select(_raw(kv_cache).permute(2, 0, 1, 3, 4, 5), 0, index)
-            gathered_event.record(self._stream)
-            sums_dev = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8)) if want_sums else None
+        with self._gathered(kv_cache, ids, want_sums) as (blocks, sums_dev):
             for pos, start, count in runs:
                 self._slab.run(start, count).view(blocks.dtype).copy_(
                     blocks[pos : pos + count], non_blocking=True
@@ -178,8 +197,42 @@ class WriteQueue:
                 if sums_dev is not None:
                     self._slab.sums_run(start, count).copy_(sums_dev[pos : pos + count], non_blocking=True)
             ready.record(self._stream)
-        engine_stream.wait_event(gathered_event)  # the pool may be overwritten after the gather only
         return ready
+
+    def copy_direct(
+        self,
+        kv_cache: torch.Tensor,
+        block_ids: Sequence[int],
+        sink: Callable[[torch.Tensor, torch.Tensor, torch.cuda.Stream], None],
+    ) -> None:
+        """CUDA: gather pool blocks on the queue's stream and hand them, ``[n, L, 2, ...]`` with their
+        ``integrity_sums``, to ``sink`` on that stream (the host tier copies them into its slots:
+        ``HostTier.store_from_device``), no staging slot and no writer thread. Returns once the
+        blocks may be overwritten (the engine's stream is ordered after the gather)."""
+        with self._gathered(kv_cache, list(block_ids), True) as (blocks, sums):
+            assert sums is not None and self._stream is not None
+            sink(blocks, sums, self._stream)
+
+    @contextlib.contextmanager
+    def _gathered(
+        self, kv_cache: torch.Tensor, ids: list[int], want_sums: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """On the queue's stream, ordered after the engine's work: the blocks ``ids`` of the pool as
+        ``[n, L, 2, bs, H, D]`` (each contiguous, in one kernel) and their sums; afterwards the
+        engine's stream waits for the gather only, before it may overwrite a block."""
+        assert self._stream is not None and self._indices is not None
+        engine_stream = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(engine_stream)  # the blocks' KV has been written
+        gathered_event = torch.cuda.Event()
+        with torch.cuda.stream(self._stream):
+            index = self._indices.to_device(ids, self.device, self._stream)
+            # Made on this stream, so the caching allocator reuses its memory only after the
+            # copies the caller makes on it.
+            blocks = torch.index_select(_raw(kv_cache).permute(2, 0, 1, 3, 4, 5), 0, index)
+            gathered_event.record(self._stream)
+            sums = integrity_sums(blocks.view(len(ids), -1).view(torch.uint8)) if want_sums else None
+            yield blocks, sums
+        engine_stream.wait_event(gathered_event)  # the pool may be overwritten after the gather only
 
     def _reserve(self, n: int) -> list[int]:
         """Up to ``n`` free slots, taking those of the oldest queued writes (dropped) if need be."""
@@ -210,17 +263,89 @@ class WriteQueue:
                     return
                 job = self._queued.popleft()
                 self._running += 1
+            in_child = False
             try:
                 if job.ready is not None:
                     job.ready.synchronize()
-                self._write(job.key, list(job.tokens), self._slab[job.slot], job.sums, job.tiers)
+                in_child = self._write_job(job)
             except Exception:  # a tier failure must never reach the engine (the hierarchy counts)
                 log.exception("write of block %s failed", job.key.hex()[:16])
             finally:
-                with self._cond:
-                    self._running -= 1
-                    bisect.insort(self._free, job.slot)
-                    self._cond.notify_all()
+                if not in_child:
+                    self._finish([job])
+
+    def _write_job(self, job: WriteJob) -> bool:
+        """Write ``job`` to its tiers here, but the file writers' tier, whose part goes to a child;
+        True when it went (the slot is then freed by the child's answer)."""
+        tiers = job.tiers
+        child, skipped = self._child_for(job) if self._file_tier in tiers else (None, False)
+        if child is not None or skipped:  # the file tier's part is the children's, or skipped
+            tiers = tuple(t for t in tiers if t != self._file_tier)
+        self._write(job.key, list(job.tokens), self._slab[job.slot], job.sums, tiers)
+        if child is None:
+            return False
+        if child.submit([(job.slot, job.key, job.tokens)]):
+            return True
+        with self._cond:  # the child is gone: this process writes the file itself
+            self._in_child.pop(job.slot, None)
+        self._write(job.key, list(job.tokens), self._slab[job.slot], job.sums, (self._file_tier,))
+        return False
+
+    def _child_for(self, job: WriteJob) -> tuple[FileWriterProcess | None, bool]:
+        """(the child that takes ``job``'s file, in turn: its slot then waits for the answer;
+        whether the file is skipped instead, the children being behind: ``files_skipped``). No
+        child and not skipped: none has started yet (or all died), the file is written here."""
+        with self._cond:
+            ready = [c for c in self._files if c.ready]
+            if not ready:
+                return None, False
+            if len(self._in_child) >= self._child_limit:
+                self.files_skipped += 1
+                return None, True
+            child = ready[self._next_child % len(ready)]
+            self._next_child += 1
+            self._in_child[job.slot] = (job, child)
+            return child, False
+
+    def _finish(self, jobs: Sequence[WriteJob]) -> None:
+        with self._cond:
+            for job in jobs:
+                self._running -= 1
+                bisect.insort(self._free, job.slot)
+            self._cond.notify_all()
+
+    def _start_child(self, setup: WriterSetup, shared: SharedSlots) -> FileWriterProcess:
+        child: FileWriterProcess | None = None
+
+        def gone() -> None:
+            assert child is not None
+            self._child_gone(child)
+
+        child = FileWriterProcess(setup, shared, self._files_done, gone)
+        return child
+
+    def _files_done(self, results: list[FileResult]) -> None:
+        """A child's answers (on its channel's thread): the tier indexes the files, then the
+        slots are free."""
+        try:
+            self._commit_files([(key, size, seconds) for _, key, size, seconds in results])
+        finally:
+            with self._cond:
+                done = [entry[0] for entry in (self._in_child.pop(r[0], None) for r in results) if entry]
+            self._finish(done)
+
+    def _child_gone(self, child: FileWriterProcess) -> None:
+        """A child exited: its unanswered jobs are dropped writes; when none is left, this
+        process writes the file tier again."""
+        with self._cond:
+            if child in self._files:
+                self._files.remove(child)
+            lost = [job for job, c in self._in_child.values() if c is child]
+            for job in lost:
+                del self._in_child[job.slot]
+        self._finish(lost)
+        if lost:
+            self._count_dropped(len(lost))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done; False if ``timeout`` seconds passed first."""
@@ -243,6 +368,8 @@ class WriteQueue:
             self._cond.notify_all()
         if left:
             self._count_dropped(left)
+        for child in list(self._files):
+            child.close()
         if done:
             for t in self._threads:
                 t.join(timeout=1.0)
@@ -262,18 +389,34 @@ class StagingSlots:
     With ``sums_width`` each slot also has a row of that many int64 (its ``integrity_sums``), in
     page-locked chunks made with the slots'."""
 
-    def __init__(self, layout: KVLayout, num_slots: int, pin: bool, sums_width: int = 0) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_slots: int,
+        pin: bool,
+        sums_width: int = 0,
+        shared: SharedSlots | None = None,
+    ) -> None:
+        """``shared``: the slots are views of this memory file's mapping (another process reads
+        them), page-locked in place when ``pin``."""
         self.layout = layout
         self.pin = pin
         self.sums_width = sums_width
+        self.num_slots = num_slots
         self.per_chunk = max(1, min(num_slots, CHUNK_BYTES // layout.bytes_per_block))
         self._chunks: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * -(
             -num_slots // self.per_chunk
         )
         self._lock = threading.Lock()
-        if pin:  # page-locked memory is made at start-up, never mid-run (HostTier._allocate_all)
+        self._shared = _map_shared(layout, shared, pin) if shared is not None else None
+        if pin or self._shared is not None:  # made at start-up, never mid-run (HostTier._allocate_all)
             for c in range(len(self._chunks)):
                 self._chunk(c)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the slots are in the shared memory file (False: it could not be page-locked)."""
+        return self._shared is not None
 
     def __getitem__(self, slot: int) -> torch.Tensor:
         c, i = divmod(slot, self.per_chunk)
@@ -308,7 +451,12 @@ class StagingSlots:
                         sums = torch.empty(
                             (self.per_chunk, self.sums_width), dtype=torch.int64, pin_memory=self.pin
                         )
-                    chunk = self._chunks[c] = (_allocate(self.layout, self.per_chunk, self.pin), sums)
+                    if self._shared is not None:
+                        start = c * self.per_chunk
+                        slots = self._shared[start : min(start + self.per_chunk, self.num_slots)]
+                    else:
+                        slots = _allocate(self.layout, self.per_chunk, self.pin)
+                    chunk = self._chunks[c] = (slots, sums)
         return chunk
 
 
@@ -356,6 +504,19 @@ class PinnedIndices:
 def _raw(kv_cache: torch.Tensor) -> torch.Tensor:
     """The pool as index_select can gather it: an fp8 pool as its bytes (no fp8 kernels there)."""
     return kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
+
+
+def _map_shared(layout: KVLayout, shared: SharedSlots, pin: bool) -> torch.Tensor | None:
+    """The shared memory file as ``[slots, *block_shape]``, page-locked in place when ``pin``
+    (``cudaHostRegister``); None if it cannot be (the caller stages in memory of its own)."""
+    dtype = getattr(torch, layout.dtype)
+    flat = torch.frombuffer(shared.mapping, dtype=torch.uint8)
+    if pin:
+        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), shared.nbytes, 0)
+        if int(err) != 0:
+            log.warning("could not page-lock the shared staging memory (%s): staging in-process", err)
+            return None
+    return flat.view(dtype).view(-1, *layout.block_shape)
 
 
 def _allocate(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:

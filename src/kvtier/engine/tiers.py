@@ -106,6 +106,8 @@ def build_hierarchy(
         always_load=settings.load_policy == "always",
         write_queue_bytes=settings.write_queue_bytes,
         load_at_once_s=settings.load_at_once_s,
+        file_writer=settings.disk_write_process,
+        direct_host_writes=settings.host_write_direct,
     )
     if "host" in names:
         hierarchy.seed_bandwidth(host_copy_bandwidth(device))

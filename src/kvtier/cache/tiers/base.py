@@ -208,6 +208,34 @@ class Tier(Protocol):
         the tiers with the same codec). Default: ``put`` the object."""
         self.put([(key, encode())])
 
+    @property
+    def takes_device_blocks(self) -> bool:
+        """Whether ``store_from_device`` can take blocks straight from the GPU (the page-locked
+        host tier); False (the default): blocks reach the tier through the write queue."""
+        return False
+
+    def store_from_device(
+        self,
+        keys: Sequence[BlockKey],
+        tokens: Sequence[Sequence[int]],
+        blocks: torch.Tensor,
+        sums: torch.Tensor,
+        stream: torch.cuda.Stream,
+    ) -> int:
+        """Keep blocks copied straight from the device on ``stream`` (``takes_device_blocks``)."""
+        raise TypeError(f"the {self.name} tier takes no blocks from the device ({len(keys)} given)")
+
+    @property
+    def file_target(self) -> tuple[str, str, bool] | None:
+        """(folder, usage ledger, fsync) when this tier's objects are files that a writer in another
+        process may put in place (``cache/file_writer.py``), for ``commit_written`` to index;
+        None (the default): the tier's writes run in this process."""
+        return None
+
+    def commit_written(self, written: Sequence[tuple[BlockKey, int, float]]) -> None:
+        """Index the objects another process put in place for this tier (``file_target``)."""
+        raise TypeError(f"the {self.name} tier takes no files written elsewhere ({len(written)} given)")
+
     # -- maintenance, across every namespace ------------------------------------------------------
 
     def scan(self, namespace: str | None = None) -> list[StoredObject]:

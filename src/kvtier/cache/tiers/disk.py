@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import threading
 import time
@@ -184,8 +183,7 @@ class DiskTier(LiveStats, Tier):
 
     def path_of(self, key: BlockKey) -> str:
         """The file that holds ``key`` (whether or not it exists)."""
-        h = check_key(key).hex()
-        return os.path.join(self._dir, h[:2], h + files.SUFFIX)
+        return files.object_path(self._dir, check_key(key))
 
     # -- Tier protocol --------------------------------------------------------------------------
 
@@ -290,13 +288,16 @@ class DiskTier(LiveStats, Tier):
         if size <= self._capacity:
             # The write itself runs outside the lock: readers (the engine thread) never wait on I/O.
             ok = self._write_file(path, key, parts, size)  # indexes it (in _commit)
+        self._count_put(size, ok, time.perf_counter() - t0)
+
+    def _count_put(self, size: int, ok: bool, seconds: float) -> None:
         with self._lock:
             self._stats.puts += 1
             if size > self._capacity:
                 self._stats.extra["dropped"] += 1
             elif ok:
                 self._stats.bytes_written += size
-            self._stats.write_seconds += time.perf_counter() - t0
+            self._stats.write_seconds += seconds
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
         for key in keys:
@@ -477,37 +478,51 @@ class DiskTier(LiveStats, Tier):
             return self._pool
 
     def _write_file(self, path: str, key: BlockKey, parts: Sequence[bytes | memoryview], size: int) -> bool:
-        """Write ``parts`` (``size`` bytes in all) to ``path`` atomically (temp file + ``os.replace``,
-        the rename done by ``_commit`` under the folder's ledger lock); False on any OSError or when
-        it cannot fit. Plain ``os`` calls, each of which releases the interpreter lock: the writer
-        threads share it with the engine's step loop."""
-        folder = os.path.dirname(path)
-        tmp = os.path.join(folder, f".{key.hex()}.{os.getpid()}.{secrets.token_hex(6)}{files.TEMP_SUFFIX}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        fd = -1
+        """Write ``parts`` (``size`` bytes in all) to ``path`` atomically (a temp file, renamed by
+        ``_commit`` under the folder's ledger lock); False on any OSError or when it cannot fit."""
         try:
-            try:
-                fd = os.open(tmp, flags, 0o644)
-            except FileNotFoundError:  # first object of this folder, or a clear() by someone else
-                os.makedirs(folder, exist_ok=True)
-                fd = os.open(tmp, flags, 0o644)
-            files.write_all(fd, parts, size)
-            if self._fsync:
-                os.fsync(fd)
-            os.close(fd)
-            fd = -1
+            tmp = files.write_temp(path, parts, size, self._fsync)
+        except OSError:
+            self._count_error()
+            return False
+        try:
             if self._commit(tmp, path, key, size):
                 return True
             os.unlink(tmp)
-            return False
         except OSError:
             self._count_error()
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            return False
+        return False
+
+    # -- writes made by another process (cache/file_writer.py) ----------------------------------
+
+    @property
+    def file_target(self) -> tuple[str, str, bool] | None:
+        """(namespace folder, its usage ledger, fsync): what a file writer in another process needs
+        to put this tier's objects in place (``cache/file_writer.py``) for ``commit_written``."""
+        return self._dir, self._ledger.path, self._fsync
+
+    def commit_written(self, written: Sequence[tuple[BlockKey, int, float]]) -> None:
+        """Index objects another process put in place for this tier (renamed under the ledger's
+        lock, their bytes added to it): ``(key, object size or 0 when its write failed, seconds
+        the write took)``. The index and its eviction policy stay this process's, so one policy
+        sees every access; what the folder's capacity no longer holds is evicted here, one ledger
+        lock for the batch."""
+        with self._lock:
+            for key, size, seconds in written:
+                if size:
+                    self._forget(key)  # a replaced object: its old size is no longer ours
+                    self._index.add(key, size)
+                else:
+                    self._stats.errors += 1
+                self._count_put(size, bool(size), seconds)
+            try:
+                with self._ledger.locked() as entry:
+                    entry.total = self._evict_until(entry.total, 0)
+            except OSError:  # no ledger (unwritable folder?): bound what this process indexed
+                self._stats.errors += 1
+                self._index.used = self._evict_until(self._index.used, 0)
 
     def _rebuild_index(self) -> None:
         """The index, and the ledger set to the folder's true total: the scan runs under the ledger's

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 from collections.abc import Callable, Sequence
 
 from kvtier.cache.codec import CorruptObjectError, read_header
@@ -108,6 +109,38 @@ def write_all(fd: int, parts: Sequence[bytes | memoryview], size: int) -> None:
             n -= len(views.pop(0))
         if views and n:
             views[0] = views[0][n:]
+
+
+def object_path(ns_dir: str, key: BlockKey) -> str:
+    """The file that holds ``key`` in a namespace folder (whether or not it exists)."""
+    h = key.hex()
+    return os.path.join(ns_dir, h[:2], h + SUFFIX)
+
+
+def write_temp(path: str, parts: Sequence[bytes | memoryview], size: int, fsync: bool) -> str:
+    """Write ``parts`` (``size`` bytes in all) to a new temp file beside ``path``, the object's final
+    name (``.<name>.<pid>.<random>.tmp``: never served, removed at start-up once old), and return
+    its path; the caller renames it onto ``path``. Plain ``os`` calls, each of which releases the
+    interpreter lock. Raises OSError, leaving no temp file behind."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name[:HEX_LEN]}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:  # first object of this folder, or a clear() by someone else
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
+    try:
+        write_all(fd, parts, size)
+        if fsync:
+            os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
 
 
 def parse_key(name: str, prefix: str) -> BlockKey | None:
