@@ -412,7 +412,7 @@ def print_chat(rounds: list[ChatRounds]) -> None:
                 + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in h["tier_bandwidth"].items())
                 + f", prefill {1e3 * h['prefill_s_per_token']:.2f} ms/token); "
                 f"corrupt {h['corrupt']}, write errors {h['write_errors']}, writes dropped "
-                f"{h.get('writes_dropped', 0)} (queue full) + {h.get('file_writes_skipped', 0)} (disk behind)"
+                f"{h['writes_dropped']} (queue full) + {h['file_writes_skipped']} (disk behind)"
             )
     every = [(k + 1, r) for c in rounds for k, r in enumerate(c.runs)]  # (round, run)
     for k, r in every:

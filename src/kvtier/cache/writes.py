@@ -103,7 +103,7 @@ class WriteQueue:
         self._sums_tiers = None if sums_tiers is None else frozenset(sums_tiers)
         cuda = device.type == "cuda"
         width = integrity_sums_width(layout.bytes_per_block) if self._with_sums else 0
-        shared = SharedSlots(layout, self.num_slots) if file_writes is not None else None
+        shared = self._shared = SharedSlots(layout, self.num_slots) if file_writes is not None else None
         self._slab = StagingSlots(layout, self.num_slots, pin=cuda, sums_width=width, shared=shared)
         self._free = list(range(self.num_slots))  # sorted: a batch takes the lowest, in runs
         self._indices = PinnedIndices(self.num_slots) if cuda else None
@@ -370,6 +370,8 @@ class WriteQueue:
             self._count_dropped(left)
         for child in list(self._files):
             child.close()
+        if self._shared is not None:
+            self._shared.close()  # the children are gone; the mapping lives while the slots do
         if done:
             for t in self._threads:
                 t.join(timeout=1.0)

@@ -221,17 +221,17 @@ class HostTier(LiveStats, Tier):
         forgotten)."""
         if not self._copying:
             return []
-        events: dict[int, torch.cuda.Event] = {}
+        pending: dict[int, tuple[torch.cuda.Event, bool]] = {}  # one query per batch's event
         with self._lock:
             for slot in slots:
                 event = self._copying.get(slot)
                 if event is None:
                     continue
-                if event.query():
+                if id(event) not in pending:
+                    pending[id(event)] = (event, not event.query())
+                if not pending[id(event)][1]:
                     del self._copying[slot]
-                else:
-                    events[id(event)] = event
-        return list(events.values())
+        return [event for event, running in pending.values() if running]
 
     def acquire(self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]]) -> list[int]:
         """Slots of the leading ``keys`` held with exactly these ``tokens``, pinned against reuse
