@@ -113,6 +113,7 @@ def main() -> None:
     timed(hmod.KVHierarchy, "plan", "plan")
     timed(hmod.KVHierarchy, "_write", "io write", cpu=True)
     timed(hmod.KVHierarchy, "_load", "io load", cpu=True)
+    timed(hmod.KVHierarchy, "load_on_device", "queue device load")
     init, close = emod.Engine.__init__, emod.Engine.close
 
     def traced_init(self: emod.Engine, *a: Any, **k: Any) -> None:

@@ -65,6 +65,54 @@ def test_host_tier_loads_to_the_gpu_and_rejects_a_flipped_bit() -> None:
         hierarchy.close()
 
 
+def test_host_loads_queued_on_the_device_match_and_reject_a_flipped_bit() -> None:
+    """``load_on_device`` queues the copies and their check on a stream and returns at once: the
+    blocks match the CPU path's, a flipped bit ends the run there (a counted, deleted miss), and
+    the slots are pinned until the result is read, then free."""
+    keys, tokens, kv = keys_and_blocks(12, seed=6)
+    host = HostTier(LAYOUT, "fp", 64 * LAYOUT.bytes_per_block, pin_memory=True)
+    for i, key in enumerate(keys):
+        host.store(key, tokens[i], kv[i])
+    hierarchy = KVHierarchy([host], [None], LAYOUT, "fp", device="cuda")
+    try:
+        plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
+        assert hierarchy.loads_on_device(plan)
+        torch.cuda._sleep(50_000_000)  # the load's stream waits for nothing of this one
+        load = hierarchy.load_on_device(plan, tokens)
+        assert len(host._pins) == 12  # held while the copy may still run
+        out = load.result()
+        assert load.done() and torch.equal(out.cpu(), kv) and not host._pins
+        assert hierarchy.stats.blocks_loaded == 12 and hierarchy.stats.per_tier_loaded["host"] == 12
+
+        slots = host.acquire(keys[8:9], tokens[8:9])
+        host._row(slots[0])[77] ^= 0x10
+        host.release(slots)
+        out = hierarchy.load_on_device(plan, tokens).result()
+        assert out.shape[0] == 8 and torch.equal(out.cpu(), kv[:8])
+        assert hierarchy.stats.corrupt == 1 and host.lookup(keys) == 8 and not host._pins
+    finally:
+        hierarchy.close()
+
+
+def test_a_device_load_whose_request_went_away_releases_its_slots() -> None:
+    """A cancelled device load gives its slots back once its copy has run (the next load reaps
+    it); one still queued when the hierarchy closes is finished first, and its blocks are whole."""
+    keys, tokens, kv = keys_and_blocks(6, seed=7)
+    host = HostTier(LAYOUT, "fp", 16 * LAYOUT.bytes_per_block, pin_memory=True)
+    for i, key in enumerate(keys):
+        host.store(key, tokens[i], kv[i])
+    hierarchy = KVHierarchy([host], [None], LAYOUT, "fp", device="cuda")
+    plan = LoadPlan(keys, [Segment(0, 0, len(keys))], 0.0, 0.0)
+    abandoned = hierarchy.load_on_device(plan, tokens)
+    abandoned.cancel()
+    torch.cuda.synchronize()
+    kept = hierarchy.load_on_device(plan, tokens)  # reaps the cancelled one
+    assert all(count == 1 for count in host._pins.values()) and len(host._pins) == 6
+    hierarchy.close()
+    assert torch.equal(kept.result().cpu(), kv)
+    assert hierarchy.stats.blocks_loaded == 0  # neither was counted as used: the close finished them
+
+
 def test_evicted_blocks_go_into_the_host_tier_straight_from_the_pool() -> None:
     """``stage_writes`` on CUDA copies host-tier blocks from the pool into the page-locked slots
     (``store_from_device``): a load right after, with no wait in between, gets exactly the blocks
@@ -127,7 +175,8 @@ def test_engine_on_cuda_loads_from_host_and_disk_with_the_same_tokens(tmp_path: 
     ref = [o.outputs[0].token_ids for o in cold.generate(prompts, greedy)]
     block_bytes = cold.engine.layout.bytes_per_block
     cold.close()
-    for tiers in ("host", "disk"):
+    # host at once (in the admitting step), host queued on the device (load_at_once_s=0), disk
+    for tiers, at_once in (("host", 2e-3), ("host", 0.0), ("disk", 2e-3)):
         llm = LLM(
             "synthetic:tiny",
             device="cuda",
@@ -135,17 +184,59 @@ def test_engine_on_cuda_loads_from_host_and_disk_with_the_same_tokens(tmp_path: 
             disk_path=str(tmp_path),
             kv_cache_memory=10 * block_bytes,
             load_policy="always",
+            load_at_once_s=at_once,
         )
         try:
             assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == ref
             again = llm.generate(prompts[:1], greedy)  # evicted from the 10-block pool: from below
             assert again[0].outputs[0].token_ids == ref[0]
             assert again[0].metrics["num_loaded_tokens"] == 96
-            assert llm.engine.hierarchy is not None
-            assert llm.engine.hierarchy.stats.per_tier_loaded[tiers] == 6
+            hierarchy = llm.engine.hierarchy
+            assert hierarchy is not None
+            assert hierarchy.stats.per_tier_loaded[tiers] == 6
+            assert hierarchy.stats.loads_on_device == (1 if tiers == "host" and not at_once else 0)
             llm.engine.pool.assert_idle()
         finally:
             llm.close()
+
+
+def test_a_request_aborted_while_its_device_load_runs_leaves_nothing_held() -> None:
+    """Abort a request whose load is queued on the device: its pool blocks are free, its host
+    slots are released once the copy has run, and the next request with the prefix is exact."""
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    rng = random.Random(9)
+    prompt = [rng.randrange(320) for _ in range(100)]
+    other = [rng.randrange(320) for _ in range(100)]
+    llm = LLM("synthetic:tiny", device="cuda", tiers="host", kv_cache_memory=64 << 20, load_policy="always")
+    block_bytes = llm.engine.layout.bytes_per_block
+    llm.close()
+    llm = LLM(
+        "synthetic:tiny",
+        device="cuda",
+        tiers="host",
+        kv_cache_memory=8 * block_bytes,
+        load_policy="always",
+        load_at_once_s=0.0,
+    )
+    try:
+        ref = llm.generate([prompt], greedy)[0].outputs[0].token_ids
+        llm.generate([other], greedy)  # pushes the prompt's blocks down to the host tier
+        engine, hierarchy = llm.engine, llm.engine.hierarchy
+        assert hierarchy is not None
+        (request_id,) = engine.add_request(prompt, greedy)
+        engine.step()
+        assert engine.scheduler.loading and hierarchy.stats.loads_on_device == 1
+        engine.abort(request_id)
+        torch.cuda.synchronize()
+        while engine.has_unfinished():
+            engine.step()
+        engine.pool.assert_idle()
+        again = llm.generate([prompt], greedy)[0]  # its load reaps the abandoned one first
+        assert again.outputs[0].token_ids == ref and again.metrics["num_loaded_tokens"] > 0
+        host = hierarchy.tiers[0]
+        assert isinstance(host, HostTier) and not host._pins
+    finally:
+        llm.close()
 
 
 def test_a_step_synchronises_with_the_gpu_once() -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -419,7 +420,7 @@ def test_abort_while_loading(tmp_path: Path, make_llm: MakeLLM, cold: Cold) -> N
         gate.set()
     for h in holds:
         h.result(timeout=10)
-    assert load.result(timeout=10).shape[0] == 12  # the abandoned load finishes...
+    assert isinstance(load, Future) and load.cancelled()  # still queued: the abort cancelled it...
     engine.step()  # ...and nothing installs it
     engine.pool.assert_idle()
     outs = llm.generate(prompts, greedy())

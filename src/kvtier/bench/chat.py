@@ -166,6 +166,7 @@ def run_chat(label: str, engine: Engine, work: ChatWorkload, clients: int) -> Ch
             "load_decisions": s.load_decisions,
             "recompute_decisions": s.recompute_decisions,
             "blocks_loaded": s.blocks_loaded,
+            "loads_on_device": s.loads_on_device,
             "per_tier_loaded": dict(s.per_tier_loaded),
             "blocks_written": s.blocks_written,
             "corrupt": s.corrupt,
@@ -194,6 +195,17 @@ def record(run: ChatRun, out: RequestOutput) -> None:
     run.output_tokens += len(out.outputs[0].token_ids)
 
 
+def variants(items: list[str] | None) -> list[tuple[str, dict[str, str]]]:
+    """``--variant LABEL:NAME=VALUE[,NAME=VALUE]`` options: (label, settings) of each."""
+    out = []
+    for item in items or []:
+        label, sep, settings = item.partition(":")
+        if not sep or not label.strip():
+            raise SystemExit(f"--variant wants LABEL:NAME=VALUE[,NAME=VALUE], got {item!r}")
+        out.append((label.strip(), set_options(settings.split(","))))
+    return out
+
+
 def warm_up(engine: Engine, rng: random.Random) -> None:
     """A few requests of their own (not the workload's tokens), then drop what they cached, in the
     pool and in the tiers: the disk and Redis tiers outlive an engine, and a closed engine writes its
@@ -207,6 +219,8 @@ def warm_up(engine: Engine, rng: random.Random) -> None:
         pass
     engine.pool.reset_cache()
     if engine.hierarchy is not None:
+        # a server starts its file writers long before its load: their ~3 s start is not the run's
+        engine.hierarchy.writes.wait_for_file_writers()
         engine.hierarchy.flush()
         for tier in engine.hierarchy.tiers:
             tier.clear()
@@ -297,11 +311,13 @@ def bench_chat(args: argparse.Namespace) -> None:
                 f"the working set is only {reusable / pool_blocks:.1f}x the pool"
             )
         print()
-        configs = [
-            ("tiers", {"tiers": tiers, "enable_prefix_caching": True}),
-            ("device pool only", {"tiers": "none", "enable_prefix_caching": True}),
-            ("no caching", {"tiers": "none", "enable_prefix_caching": False}),
-        ]
+        pool_only: tuple[str, dict[str, Any]] = ("device pool only", {"tiers": "none"})
+        pool_only[1]["enable_prefix_caching"] = True
+        configs = [("tiers", {"tiers": tiers, "enable_prefix_caching": True})]
+        configs += [(f"tiers, {label}", configs[0][1] | extra) for label, extra in variants(args.variant)]
+        configs.append(pool_only)
+        if not args.skip_no_caching:
+            configs.append(("no caching", {"tiers": "none", "enable_prefix_caching": False}))
         rng = random.Random(args.seed + 1)
 
         def engine_for(extra: dict[str, Any]) -> Engine:
@@ -312,8 +328,8 @@ def bench_chat(args: argparse.Namespace) -> None:
         # The first pass over the workload after the model loads ran ~1.4x slower than the next on
         # an H200, warm-up requests or not: one untimed pass on an engine thrown away.
         print("untimed pass (device pool only) ...", flush=True)
-        engine = engine_for(configs[1][1])
-        run_chat(configs[1][0], engine, work, args.clients)
+        engine = engine_for(pool_only[1])
+        run_chat(pool_only[0], engine, work, args.clients)
         engine.close()
         rounds = [ChatRounds(label) for label, _ in configs]
         orders = [round_order(len(configs), r) for r in range(args.rounds)]
@@ -406,7 +422,7 @@ def print_chat(rounds: list[ChatRounds]) -> None:
             per_tier = ", ".join(f"{k} {v}" for k, v in h["per_tier_loaded"].items()) or "none"
             print(
                 f"{r.label}: {h['blocks_written']} blocks written down, {h['blocks_loaded']} loaded "
-                f"({per_tier}); "
+                f"({per_tier}; {h['loads_on_device']} loads queued on the device); "
                 f"{h['load_decisions']} load / {h['recompute_decisions']} recompute decisions; load time "
                 f"predicted {h['predicted_load_s']:.2f} s, actual {h['actual_load_s']:.2f} s (learned "
                 + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in h["tier_bandwidth"].items())

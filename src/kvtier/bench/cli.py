@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tiers", help="tiers of the tiers run (default: disk, plus redis with --redis)")
     h.add_argument("--rounds", type=int, default=3, help="runs of each configuration, the order rotating")
     h.add_argument("--set", action="append", metavar="NAME=VALUE", help="an engine setting of every run")
+    h.add_argument(
+        "--variant",
+        action="append",
+        metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+        help="one more tiers run in every round, with these settings (A/B in the same rounds)",
+    )
+    h.add_argument("--skip-no-caching", action="store_true", help="leave out the no-caching run")
     q = sub.add_parser("policies", parents=[common], help="hit ratio of each eviction policy on a chat trace")
     q.add_argument("--requests", type=int, default=3000)
     q.add_argument("--apps", type=int, default=4, help="distinct system prompts")

@@ -139,6 +139,10 @@ class FileWriterProcess:
         was staged, as without the process."""
         return self._ready.is_set()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) until the child has started; False if it has not."""
+        return self._ready.wait(timeout)
+
     def _receive(self) -> None:
         try:
             self._conn.recv()  # the child's "ready"

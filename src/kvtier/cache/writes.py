@@ -291,6 +291,12 @@ class WriteQueue:
         self._write(job.key, list(job.tokens), self._slab[job.slot], job.sums, (self._file_tier,))
         return False
 
+    def wait_for_file_writers(self, timeout: float = 30.0) -> bool:
+        """Wait until every file writer process has started (a benchmark's warm-up: a server
+        starts them long before its load comes); True at once without them."""
+        deadline = time.monotonic() + timeout
+        return all(c.wait_ready(max(0.0, deadline - time.monotonic())) for c in list(self._files))
+
     def _child_for(self, job: WriteJob) -> tuple[FileWriterProcess | None, bool]:
         """(the child that takes ``job``'s file, in turn: its slot then waits for the answer;
         whether the file is skipped instead, the children being behind: ``files_skipped``). No

@@ -5,14 +5,13 @@ from __future__ import annotations
 import enum
 import math
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvtier.cache.hierarchy import LoadPlan
+from kvtier.cache.hierarchy import LoadPlan, PendingLoad
 from kvtier.cache.keys import BlockKey
 
 
@@ -259,7 +258,7 @@ class Request:
     num_committed_blocks: int = 0  # leading blocks registered in the pool's key map
     num_cached_tokens: int = -1  # prompt tokens found in the cache at first admission
     num_loaded_tokens: int = 0  # of those, loaded from a tier below the device pool
-    load_future: Future[torch.Tensor] | None = None
+    load_future: PendingLoad | None = None
     tier_plan: tuple[int, LoadPlan] | None = None  # (device hit blocks, plan) while waiting for room
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None

@@ -253,7 +253,10 @@ class Scheduler:
         block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(first, first + plan.num_blocks)]
         if self.load_now is not None and self.hierarchy.loads_at_once(plan):
             return self._load_now(req, hits, plan, block_tokens)
-        req.load_future = self.hierarchy.load_async(plan, block_tokens)
+        if self.hierarchy.loads_on_device(plan):
+            req.load_future = self.hierarchy.load_on_device(plan, block_tokens)
+        else:
+            req.load_future = self.hierarchy.load_async(plan, block_tokens)
         req.state = RequestState.LOADING
         self.loading.append(req)
         return True
@@ -354,6 +357,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.loading:
             self.loading.remove(req)
+            if req.load_future is not None:
+                req.load_future.cancel()  # a device load's slots are released once it has run
             req.load_future = None
         elif req in self.waiting:
             self.waiting.remove(req)

@@ -108,6 +108,7 @@ def build_hierarchy(
         load_at_once_s=settings.load_at_once_s,
         file_writer=settings.disk_write_process,
         direct_host_writes=settings.host_write_direct,
+        device_loads=settings.device_loads,
     )
     if "host" in names:
         hierarchy.seed_bandwidth(host_copy_bandwidth(device))

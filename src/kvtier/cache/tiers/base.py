@@ -30,6 +30,17 @@ from kvtier.cache.keys import BlockKey, check_namespace
 from kvtier.cache.tiers.loading import BlockIO, load_objects
 
 
+class PendingDeviceCopy(Protocol):
+    """Blocks on their way from a tier to the GPU, queued on a stream (``start_load_to_device``)."""
+
+    count: int  # blocks whose copy was queued (the leading held ones)
+
+    def finish(self, io: BlockIO) -> int:
+        """After the stream has passed the copy: release what it held, reject blocks that failed
+        their check (``io.reject``); returns how many leading blocks arrived intact."""
+        ...
+
+
 class TierError(Exception):
     """A maintenance operation failed on the backend; the message names the tier and the cause."""
 
@@ -224,6 +235,13 @@ class Tier(Protocol):
     ) -> int:
         """Keep blocks copied straight from the device on ``stream`` (``takes_device_blocks``)."""
         raise TypeError(f"the {self.name} tier takes no blocks from the device ({len(keys)} given)")
+
+    def start_load_to_device(
+        self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor
+    ) -> PendingDeviceCopy | None:
+        """``load_into`` queued on the current CUDA stream, nothing waited for: only tiers that
+        ``takes_device_blocks`` (their memory is page-locked) have it. None: nothing held."""
+        raise TypeError(f"the {self.name} tier has no loads queued on the device ({len(keys)} asked)")
 
     @property
     def file_target(self) -> tuple[str, str, bool] | None:

@@ -48,6 +48,28 @@ _Entry = tuple[str, BlockKey]
 CHUNK_BYTES = 256 << 20  # slab chunk (on CUDA all are made at start-up: _allocate_all)
 
 
+class DeviceCopy:
+    """Acquired slots being copied to the GPU by ``HostTier.start_load_to_device``, with the
+    verdict of their integrity check on its way to page-locked memory."""
+
+    def __init__(self, tier: HostTier, keys: list[BlockKey], slots: list[int], verdict: torch.Tensor) -> None:
+        self.tier = tier
+        self.keys = keys
+        self.slots = slots
+        self.verdict = verdict
+        self.count = len(slots)
+
+    def finish(self, io: BlockIO) -> int:
+        """Once the stream the copy was queued on has passed it: release the slots, reject the
+        blocks whose check failed; returns how many leading blocks arrived intact."""
+        self.tier.release(self.slots)
+        intact = self.verdict.tolist()
+        for key, ok in zip(self.keys, intact, strict=True):
+            if not ok:
+                io.reject(self.tier, key, CorruptObjectError("checksum: the block's integrity sums differ"))
+        return intact.index(False) if False in intact else len(intact)
+
+
 class HostTier(LiveStats, Tier):
     """Tier of raw KV blocks in host memory; ``pin_memory`` page-locks the slab (on CUDA)."""
 
@@ -447,6 +469,23 @@ class HostTier(LiveStats, Tier):
             if not ok:
                 io.reject(self, key, CorruptObjectError("checksum: the block's integrity sums differ"))
         return intact.index(False) if False in intact else len(slots)
+
+    def start_load_to_device(
+        self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor
+    ) -> DeviceCopy | None:
+        """``load_into`` without a wait: the copies into ``out`` (on the GPU) and the integrity
+        check are queued on the current stream, the check's verdict lands in page-locked memory.
+        The slots stay pinned until ``DeviceCopy.finish`` (after the stream has passed them).
+        None: the first key is not held."""
+        slots = self.acquire(keys, tokens)
+        if not slots:
+            return None
+        dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
+        expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
+        self.copy_out(slots, dst, expected)
+        verdict = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
+        verdict.copy_((integrity_sums(dst) == expected).all(dim=1), non_blocking=True)
+        return DeviceCopy(self, list(keys[: len(slots)]), slots, verdict)
 
     def holds(self, key: BlockKey) -> bool:
         """An indexed block (a dict read, safe without the lock); refreshed in the policy when the
