@@ -265,3 +265,24 @@ def test_a_step_synchronises_with_the_gpu_once() -> None:
         llm.close()
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert steps > 0 and len(syncs) <= steps
+
+
+def test_shared_staging_is_unregistered_when_it_closes() -> None:
+    """The file writers' shared staging is page-locked in place (``cudaHostRegister``); closing it
+    unregisters it, so the next one's mapping (often at the same address) registers as well and
+    no stale CUDA error reaches the next kernel launch (the H200's chat bench: "resource already
+    mapped" at the engine after the second with file writers)."""
+    from kvtier.cache.file_writer import SharedSlots
+    from kvtier.cache.writes import _map_shared
+
+    for _ in range(3):
+        shared = SharedSlots(LAYOUT, 8)
+        slots = _map_shared(LAYOUT, shared, pin=True)
+        assert slots is not None and shared.registered
+        slots[1].copy_(torch.ones(LAYOUT.block_shape, dtype=torch.bfloat16, device="cuda"), non_blocking=True)
+        torch.cuda.synchronize()
+        assert slots[1].float().sum().item() == LAYOUT.bytes_per_block // 2
+        shared.close()
+        assert not shared.registered
+        del slots, shared
+        assert torch.ones(1, device="cuda").add_(1).item() == 2

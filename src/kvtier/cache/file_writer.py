@@ -81,8 +81,18 @@ class SharedSlots:
         self.fd = os.memfd_create("kvtier-staging", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.nbytes)  # sparse: pages cost nothing until first written
         self.mapping = mmap.mmap(self.fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.registered = 0  # the address page-locked with cudaHostRegister (the engine's side), if any
 
     def close(self) -> None:
+        """Unregister the page-locked mapping (the caller has waited for every copy into it) and
+        close the file. Why unregister: the mapping goes when its last view does, and a later
+        mapping at the same address (the next engine's) failed to register ("resource already
+        mapped"), an error that the next kernel launch then raised."""
+        if self.registered:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.registered)
+            self.registered = 0
         os.close(self.fd)
 
 

@@ -377,6 +377,8 @@ class WriteQueue:
         for child in list(self._files):
             child.close()
         if self._shared is not None:
+            if self._stream is not None:
+                self._stream.synchronize()  # no copy may still fill the memory unregistered next
             self._shared.close()  # the children are gone; the mapping lives while the slots do
         if done:
             for t in self._threads:
@@ -523,8 +525,18 @@ def _map_shared(layout: KVLayout, shared: SharedSlots, pin: bool) -> torch.Tenso
         err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), shared.nbytes, 0)
         if int(err) != 0:
             log.warning("could not page-lock the shared staging memory (%s): staging in-process", err)
+            _consume_cuda_error()
             return None
+        shared.registered = flat.data_ptr()
     return flat.view(dtype).view(-1, *layout.block_shape)
+
+
+def _consume_cuda_error() -> None:
+    """A failed runtime call leaves its error as the thread's last one, which the next kernel
+    launch's check raises as if the kernel had failed; one launch here takes it (torch binds no
+    ``cudaGetLastError``)."""
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda").add_(1)
 
 
 def _allocate(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:
