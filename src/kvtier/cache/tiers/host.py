@@ -63,11 +63,15 @@ class DeviceCopy:
         """Once the stream the copy was queued on has passed it: release the slots, reject the
         blocks whose check failed; returns how many leading blocks arrived intact."""
         self.tier.release(self.slots)
-        intact = self.verdict.tolist()
-        for key, ok in zip(self.keys, intact, strict=True):
-            if not ok:
-                io.reject(self.tier, key, CorruptObjectError("checksum: the block's integrity sums differ"))
-        return intact.index(False) if False in intact else len(intact)
+        return leading_intact(self.tier, self.keys, self.verdict.tolist(), io)
+
+
+def leading_intact(tier: Tier, keys: Sequence[BlockKey], intact: list[bool], io: BlockIO) -> int:
+    """Reject each block whose integrity check failed; how many leading blocks passed."""
+    for key, ok in zip(keys, intact, strict=False):
+        if not ok:
+            io.reject(tier, key, CorruptObjectError("checksum: the block's integrity sums differ"))
+    return intact.index(False) if False in intact else len(intact)
 
 
 class HostTier(LiveStats, Tier):
@@ -465,10 +469,7 @@ class HostTier(LiveStats, Tier):
             intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
         finally:
             self.release(slots)
-        for key, ok in zip(keys, intact, strict=False):
-            if not ok:
-                io.reject(self, key, CorruptObjectError("checksum: the block's integrity sums differ"))
-        return intact.index(False) if False in intact else len(slots)
+        return leading_intact(self, keys, intact, io)
 
     def start_load_to_device(
         self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor
