@@ -147,3 +147,24 @@ def test_prefix_tier_row_loads_from_a_write_back_host_tier(tmp_path: Path) -> No
     run([*args, "--no-ceilings", "--threads", "1", "--json", str(tmp_path / "p.json")])
     results = json.loads((tmp_path / "p.json").read_text())["results"]
     assert results["tier_load"]["loaded_tokens_median"] >= 64
+
+
+def test_chat_variants_run_in_every_round_with_their_own_settings(tmp_path: Path) -> None:
+    """``--variant`` adds a tiers run with other settings to every round, the rotation covering it;
+    ``--skip-no-caching`` leaves that run out and the ratios compare against the pool alone."""
+    args = ["chat", "--model", "synthetic:tiny", "--device", "cpu", "--conversations", "3", "--turns", "2"]
+    args += ["--clients", "2", "--max-tokens", "4", "--rounds", "2", "--skip-no-caching", "--tiers", "disk"]
+    args += ["--variant", "none:tiers=none,load_policy=always", "--out", str(tmp_path)]
+    out = run(args)
+    results = json.loads((tmp_path / "chat.json").read_text())["results"]
+    labels = [r["label"] for r in results["runs"]]
+    assert labels == ["tiers", "tiers, none", "device pool only"]
+    assert all(len(r["rounds"]) == 2 for r in results["runs"])
+    orders = results["round_orders"]
+    assert sorted(orders[0]) == sorted(labels) and orders[0] != orders[1]
+    tiers, variant = results["runs"][0]["rounds"][0], results["runs"][1]["rounds"][0]
+    assert tiers["hierarchy"] and not variant["hierarchy"]  # the variant's own settings: no tiers
+    assert results["identical_outputs"]
+    assert "tiers, none vs device pool only" in out and "no caching" not in out
+    with pytest.raises(AssertionError, match="LABEL:NAME=VALUE"):
+        run(["chat", "--model", "synthetic:tiny", "--variant", "no-colon"])
