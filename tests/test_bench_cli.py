@@ -168,3 +168,5 @@ def test_chat_variants_run_in_every_round_with_their_own_settings(tmp_path: Path
     assert "tiers, none vs device pool only" in out and "no caching" not in out
     with pytest.raises(AssertionError, match="LABEL:NAME=VALUE"):
         run(["chat", "--model", "synthetic:tiny", "--variant", "no-colon"])
+    with pytest.raises(AssertionError, match="given twice"):  # two rows nobody could tell apart
+        run(["chat", "--model", "synthetic:tiny", "--variant", "a:x=1", "--variant", "a:x=2"])

@@ -197,11 +197,13 @@ def record(run: ChatRun, out: RequestOutput) -> None:
 
 def variants(items: list[str] | None) -> list[tuple[str, dict[str, str]]]:
     """``--variant LABEL:NAME=VALUE[,NAME=VALUE]`` options: (label, settings) of each."""
-    out = []
+    out: list[tuple[str, dict[str, str]]] = []
     for item in items or []:
         label, sep, settings = item.partition(":")
         if not sep or not label.strip():
             raise SystemExit(f"--variant wants LABEL:NAME=VALUE[,NAME=VALUE], got {item!r}")
+        if any(label.strip() == seen for seen, _ in out):
+            raise SystemExit(f"--variant labels must differ: {label.strip()!r} given twice")
         out.append((label.strip(), set_options(settings.split(","))))
     return out
 

@@ -91,8 +91,13 @@ class SharedSlots:
         if self.registered:
             import torch
 
-            torch.cuda.cudart().cudaHostUnregister(self.registered)
+            err = torch.cuda.cudart().cudaHostUnregister(self.registered)
             self.registered = 0
+            if int(err) != 0:
+                from kvtier.cache.writes import consume_cuda_error
+
+                log.warning("could not unregister the shared staging memory (%s)", err)
+                consume_cuda_error()
         os.close(self.fd)
 
 

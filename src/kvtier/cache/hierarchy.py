@@ -197,15 +197,15 @@ class DeviceLoad:
         plan: LoadPlan,
         out: torch.Tensor,
         copies: list[tuple[Segment, PendingDeviceCopy]],
-        queued: torch.cuda.Event,
+        queued: torch.cuda.Event | None,
     ) -> None:
         self._hierarchy = hierarchy
         self._plan = plan
         self._out = out
         self._copies = copies  # (segment, its copy), in plan order
-        self._queued = queued  # recorded after the copies and their checks
+        self._queued = queued  # recorded after the copies and their checks; None: nothing queued
         self._started = time.perf_counter()
-        self._finished: torch.Tensor | None = None
+        self._finished: torch.Tensor | None = None if queued is not None else out[:0]
         self.abandoned = False
 
     @property
@@ -213,7 +213,7 @@ class DeviceLoad:
         return self._finished is not None
 
     def done(self) -> bool:
-        return self._finished is not None or self._queued.query()
+        return self._finished is not None or (self._queued is not None and self._queued.query())
 
     def cancel(self) -> bool:
         """Its request went away: the hierarchy releases the slots once the copy has run."""
@@ -228,7 +228,8 @@ class DeviceLoad:
 
     def _finish(self, counted: bool) -> torch.Tensor:
         """Release every copy's slots; ``counted``: the blocks are used, count them as loaded."""
-        self._queued.synchronize()
+        if self._queued is not None:
+            self._queued.synchronize()
         h = self._hierarchy
         n = 0
         whole = True  # every block so far arrived: the next segment's continue the prefix
@@ -315,6 +316,7 @@ class KVHierarchy:
         self.load_at_once_s = load_at_once_s
         self.device_loads = device_loads
         self._device_loads: list[DeviceLoad] = []  # queued on the device, not finished when last reaped
+        self._device_load_stream: torch.cuda.Stream | None = None  # made at the first device load
         self._raw_copy_bps = 0.0  # measured host-to-device copy rate (seed_bandwidth); 0: unknown
         self.device = torch.device(device)
         self.stats = HierarchyStats()
@@ -437,19 +439,20 @@ class KVHierarchy:
         )
 
     def load_on_device(self, plan: LoadPlan, block_tokens: Sequence[Sequence[int]]) -> DeviceLoad:
-        """Queue the plan's copies and integrity checks on this thread's CUDA stream and return at
-        once; the caller polls ``done()`` at its next step. Why: through an I/O thread a long host
-        load (290 blocks, 580 MB on the 8B's long chat) took 33 ms of that thread's time in the
-        engine's interpreter lock, then waited for a step; queued on the device it overlaps the
-        step in flight and costs the engine thread a few launches."""
-        self._reap()
-        self.stats.loads_on_device += 1
-        stream = self._io_stream()
-        assert stream is not None, "loads on the device need a CUDA device"
+        """Queue the plan's copies and integrity checks on the device loads' own CUDA stream and
+        return at once; the caller polls ``done()`` at its next step. Why: through an I/O thread a
+        long host load (290 blocks, 580 MB on the 8B's long chat) took 33 ms of that thread's time
+        in the engine's interpreter lock, then waited for a step; queued on the device it overlaps
+        the step in flight and costs the engine thread a few launches. Never raises: a load that
+        fails to queue (out of device memory for its buffer) comes back done and empty, a miss."""
+        self.reap()
+        if self._device_load_stream is None:  # not the engine thread's load_now stream: a load at
+            self._device_load_stream = torch.cuda.Stream(self.device)  # once must not wait for these
+        stream = self._device_load_stream
         copies: list[tuple[Segment, PendingDeviceCopy]] = []
-        with torch.cuda.stream(stream):
-            out = self._output_buffer(plan.num_blocks)
-            try:
+        try:
+            with torch.cuda.stream(stream):
+                out = self._output_buffer(plan.num_blocks)
                 for seg in plan.segments:
                     span = slice(seg.start, seg.start + seg.count)
                     tier = self.tiers[seg.tier]
@@ -459,19 +462,22 @@ class KVHierarchy:
                     copies.append((seg, copy))
                     if copy.count < seg.count:
                         break
-            except Exception:  # a failed load is a miss: what was queued is released, none used
-                log.exception("load queued on the device failed; recomputing")
                 queued = torch.cuda.Event()
                 queued.record(stream)
-                DeviceLoad(self, plan, out, copies, queued)._finish(counted=False)
-                copies = []
-            queued = torch.cuda.Event()
-            queued.record(stream)
+        except Exception:  # a failed load is a miss: what was queued is released, none used
+            log.exception("load queued on the device failed; recomputing")
+            with contextlib.suppress(Exception):
+                stream.synchronize()
+            for seg, copy in copies:
+                with contextlib.suppress(Exception):
+                    copy.finish(self.io[seg.tier])
+            return DeviceLoad(self, plan, torch.empty(0), [], None)
+        self.stats.loads_on_device += 1
         load = DeviceLoad(self, plan, out, copies, queued)
         self._device_loads.append(load)
         return load
 
-    def _reap(self, wait: bool = False) -> None:
+    def reap(self, wait: bool = False) -> None:
         """Forget finished device loads; release the slots of those whose request went away once
         their copies have run. ``wait``: finish every one (the tiers are closing: no copy may
         read a slab given back; a load finished here is still installed by its ``result``)."""
@@ -694,7 +700,7 @@ class KVHierarchy:
         close the tiers. Returns whether every queued write made it."""
         done = self.writes.close(timeout)
         self._io.shutdown(wait=True)
-        self._reap(wait=True)
+        self.reap(wait=True)
         for tier in self.tiers:
             tier.close()
         return done

@@ -525,13 +525,13 @@ def _map_shared(layout: KVLayout, shared: SharedSlots, pin: bool) -> torch.Tenso
         err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), shared.nbytes, 0)
         if int(err) != 0:
             log.warning("could not page-lock the shared staging memory (%s): staging in-process", err)
-            _consume_cuda_error()
+            consume_cuda_error()
             return None
         shared.registered = flat.data_ptr()
     return flat.view(dtype).view(-1, *layout.block_shape)
 
 
-def _consume_cuda_error() -> None:
+def consume_cuda_error() -> None:
     """A failed runtime call leaves its error as the thread's last one, which the next kernel
     launch's check raises as if the kernel had failed; one launch here takes it (torch binds no
     ``cudaGetLastError``)."""

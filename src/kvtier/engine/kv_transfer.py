@@ -42,6 +42,7 @@ class KVTransfer:
 
     def install_loads(self, scheduler: Scheduler) -> None:
         """Copy finished loads into their device blocks; the requests then run."""
+        self.hierarchy.reap()  # device loads done with, or whose request went away, let go
         for req in list(scheduler.loading):
             future = req.load_future
             if future is None or not future.done():

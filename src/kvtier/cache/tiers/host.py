@@ -21,6 +21,7 @@ Slots are allocated in chunks on demand, so a large capacity costs nothing until
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -481,11 +482,17 @@ class HostTier(LiveStats, Tier):
         slots = self.acquire(keys, tokens)
         if not slots:
             return None
-        dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
-        expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
-        self.copy_out(slots, dst, expected)
-        verdict = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
-        verdict.copy_((integrity_sums(dst) == expected).all(dim=1), non_blocking=True)
+        try:
+            dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
+            expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
+            self.copy_out(slots, dst, expected)
+            verdict = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
+            verdict.copy_((integrity_sums(dst) == expected).all(dim=1), non_blocking=True)
+        except BaseException:  # no copy may still read the slots when they are let go
+            with contextlib.suppress(Exception):
+                torch.cuda.current_stream(out.device).synchronize()
+            self.release(slots)
+            raise
         return DeviceCopy(self, list(keys[: len(slots)]), slots, verdict)
 
     def holds(self, key: BlockKey) -> bool:
