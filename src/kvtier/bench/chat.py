@@ -313,8 +313,10 @@ def bench_chat(args: argparse.Namespace) -> None:
                 f"the working set is only {reusable / pool_blocks:.1f}x the pool"
             )
         print()
-        pool_only: tuple[str, dict[str, Any]] = ("device pool only", {"tiers": "none"})
-        pool_only[1]["enable_prefix_caching"] = True
+        pool_only: tuple[str, dict[str, Any]] = (
+            "device pool only",
+            {"tiers": "none", "enable_prefix_caching": True},
+        )
         configs = [("tiers", {"tiers": tiers, "enable_prefix_caching": True})]
         configs += [(f"tiers, {label}", configs[0][1] | extra) for label, extra in variants(args.variant)]
         configs.append(pool_only)

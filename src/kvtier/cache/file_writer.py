@@ -83,22 +83,38 @@ class SharedSlots:
         self.mapping = mmap.mmap(self.fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.registered = 0  # the address page-locked with cudaHostRegister (the engine's side), if any
 
+    def pin(self) -> bool:
+        """Page-lock this process's mapping in place (``cudaHostRegister``), so a copy into it from
+        the GPU is one DMA; False (logged) if it cannot be."""
+        ptr = torch.frombuffer(self.mapping, dtype=torch.uint8).data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0)
+        if int(err) != 0:
+            log.warning("could not page-lock the shared staging memory (%s): staging in-process", err)
+            consume_cuda_error()
+            return False
+        self.registered = ptr
+        return True
+
     def close(self) -> None:
         """Unregister the page-locked mapping (the caller has waited for every copy into it) and
         close the file. Why unregister: the mapping goes when its last view does, and a later
         mapping at the same address (the next engine's) failed to register ("resource already
         mapped"), an error that the next kernel launch then raised."""
         if self.registered:
-            import torch
-
             err = torch.cuda.cudart().cudaHostUnregister(self.registered)
             self.registered = 0
             if int(err) != 0:
-                from kvtier.cache.writes import consume_cuda_error
-
                 log.warning("could not unregister the shared staging memory (%s)", err)
                 consume_cuda_error()
         os.close(self.fd)
+
+
+def consume_cuda_error() -> None:
+    """A failed runtime call leaves its error as the thread's last one, which the next kernel
+    launch's check raises as if the kernel had failed; one launch here takes it (torch binds no
+    ``cudaGetLastError``)."""
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda").add_(1)
 
 
 class FileWriterProcess:

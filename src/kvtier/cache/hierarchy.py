@@ -445,12 +445,12 @@ class KVHierarchy:
         in the engine's interpreter lock, then waited for a step; queued on the device it overlaps
         the step in flight and costs the engine thread a few launches. Never raises: a load that
         fails to queue (out of device memory for its buffer) comes back done and empty, a miss."""
-        self.reap()
         if self._device_load_stream is None:  # not the engine thread's load_now stream: a load at
             self._device_load_stream = torch.cuda.Stream(self.device)  # once must not wait for these
         stream = self._device_load_stream
         copies: list[tuple[Segment, PendingDeviceCopy]] = []
         try:
+            self.reap()
             with torch.cuda.stream(stream):
                 out = self._output_buffer(plan.num_blocks)
                 for seg in plan.segments:

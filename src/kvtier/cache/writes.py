@@ -517,26 +517,12 @@ def _raw(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 def _map_shared(layout: KVLayout, shared: SharedSlots, pin: bool) -> torch.Tensor | None:
-    """The shared memory file as ``[slots, *block_shape]``, page-locked in place when ``pin``
-    (``cudaHostRegister``); None if it cannot be (the caller stages in memory of its own)."""
+    """The shared memory file as ``[slots, *block_shape]``, page-locked in place when ``pin``;
+    None if it cannot be (the caller stages in memory of its own)."""
+    if pin and not shared.pin():
+        return None
     dtype = getattr(torch, layout.dtype)
-    flat = torch.frombuffer(shared.mapping, dtype=torch.uint8)
-    if pin:
-        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), shared.nbytes, 0)
-        if int(err) != 0:
-            log.warning("could not page-lock the shared staging memory (%s): staging in-process", err)
-            consume_cuda_error()
-            return None
-        shared.registered = flat.data_ptr()
-    return flat.view(dtype).view(-1, *layout.block_shape)
-
-
-def consume_cuda_error() -> None:
-    """A failed runtime call leaves its error as the thread's last one, which the next kernel
-    launch's check raises as if the kernel had failed; one launch here takes it (torch binds no
-    ``cudaGetLastError``)."""
-    with contextlib.suppress(RuntimeError):
-        torch.zeros(1, device="cuda").add_(1)
+    return torch.frombuffer(shared.mapping, dtype=dtype).view(-1, *layout.block_shape)
 
 
 def _allocate(layout: KVLayout, num_slots: int, pin: bool) -> torch.Tensor:

@@ -460,17 +460,22 @@ class HostTier(LiveStats, Tier):
         slots = self.acquire(keys, tokens)
         if not slots:
             return 0
+        try:
+            intact = self._copy_checked(slots, out).tolist()  # waits for the copies
+        finally:
+            self.release(slots)
+        return leading_intact(self, keys, intact, io)
+
+    def _copy_checked(self, slots: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Queue the acquired ``slots``' copies into ``out`` and the check of their integrity sums
+        where they landed; returns the per-block verdict (bool, on ``out``'s device)."""
         dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
         # the recorded sums travel with the blocks, run by run (from pinned memory on CUDA): a
         # gather of them on the CPU was a dozen more tensor ops per load, each of which gives up
         # and retakes the interpreter lock that the writer threads compete for
         expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
-        try:
-            self.copy_out(slots, dst, expected)
-            intact = (integrity_sums(dst) == expected).all(dim=1).tolist()  # waits for the copies
-        finally:
-            self.release(slots)
-        return leading_intact(self, keys, intact, io)
+        self.copy_out(slots, dst, expected)
+        return (integrity_sums(dst) == expected).all(dim=1)
 
     def start_load_to_device(
         self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor
@@ -483,11 +488,8 @@ class HostTier(LiveStats, Tier):
         if not slots:
             return None
         try:
-            dst = out[: len(slots)].reshape(len(slots), -1).view(torch.uint8)
-            expected = torch.empty((len(slots), self._sums_width()), dtype=torch.int64, device=dst.device)
-            self.copy_out(slots, dst, expected)
             verdict = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
-            verdict.copy_((integrity_sums(dst) == expected).all(dim=1), non_blocking=True)
+            verdict.copy_(self._copy_checked(slots, out), non_blocking=True)
         except BaseException:  # no copy may still read the slots when they are let go
             with contextlib.suppress(Exception):
                 torch.cuda.current_stream(out.device).synchronize()
