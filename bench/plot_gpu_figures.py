@@ -46,6 +46,20 @@ HOST_OF_COLD_TARGET = 0.10
 TARGET_COLOR = "C3"
 
 
+def label_above(ax, x: float, y: float, text: str) -> None:
+    """A bar's value in bold just above its top."""
+    ax.annotate(
+        text,
+        (x, y),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=9,
+        fontweight="bold",
+    )
+
+
 def _load(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -127,16 +141,7 @@ def plot_throughput(paths: list[str], dst: str) -> None:
     top = max(b[1] for b in bars)
     for rect, (_, value, _, _, note) in zip(rects, bars, strict=True):
         text = f"{value:,.0f}" + (f"\n{note}" if note else "")
-        ax.annotate(
-            text,
-            (rect.get_x() + rect.get_width() / 2, value),
-            xytext=(0, 3),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            fontweight="bold",
-        )
+        label_above(ax, rect.get_x() + rect.get_width() / 2, value, text)
     first = True
     for x, (_, _, model, _, _) in zip(xs, bars, strict=True):
         target = THROUGHPUT_TARGET_TOK_S.get(model) if model else None
@@ -186,16 +191,7 @@ def plot_throughput(paths: list[str], dst: str) -> None:
                 ax2.annotate("not measured", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center")
                 continue
             ax2.bar(x, 100 * share, color="C1", width=0.62)
-            ax2.annotate(
-                f"{100 * share:.1f}%",
-                (x, 100 * share),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=9,
-                fontweight="bold",
-            )
+            label_above(ax2, x, 100 * share, f"{100 * share:.1f}%")
         ax2.set_ylim(0, max(100 * s for s in shares if s is not None) * 1.35 + 1)
         ax2.set_ylabel("device idle\nbetween steps, %")
         ax2.set_title("share of device time the device waited for the host", fontsize=9)
