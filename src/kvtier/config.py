@@ -100,8 +100,9 @@ class TierSettings:
     write_policy: str = "auto"
     write_queue_bytes: int = 1 << 30  # blocks waiting to be written, at most; full: the oldest dropped
     # the disk's writes encoded and written by processes of their own (cache/file_writer.py), off
-    # the engine's interpreter lock. Off by default: ahead of the writer threads on the H200's long
-    # chat in three pairs of rounds, but not yet measured for TTFT (docs/benchmarks.md, issue 12)
+    # the engine's interpreter lock. Off by default: on the H200's long chat, three rounds at
+    # 051618f, neither wall nor TTFT beat the writer threads by more than the spread between rounds
+    # (docs/benchmarks.md, issue 12), and each engine would start two child processes
     disk_write_process: bool = False
     # on CUDA, evicted blocks go into the host tier's page-locked slots by one DMA from the pool,
     # without a staging slot or a writer thread (False: through the write queue, as the others)
