@@ -8,7 +8,7 @@ addressing) and gather any list of slots in one launch, or one launch per group 
 layer-by-layer load would need. Each way below is timed with CUDA events, median of 10, and
 checked against the slab byte for byte.
 
-    python3 bench/host_copy_probe.py [--blocks 290] [--block-mib 2] [--groups 4]
+    PYTHONPATH=src python3 bench/host_copy_probe.py [--blocks 290] [--block-mib 2] [--groups 4]
 """
 
 import argparse
@@ -17,6 +17,8 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+
+from kvtier.cache.writes import slot_runs
 
 
 @triton.jit
@@ -62,14 +64,11 @@ def main() -> None:
     nbytes = args.blocks * row_bytes
 
     def per_run_memcpy(slots: list[int]):
+        runs = slot_runs(slots, args.slab_blocks)  # the host tier's own split (one slab, one chunk)
+
         def run() -> None:
-            i = 0
-            while i < len(slots):
-                j = i + 1
-                while j < len(slots) and slots[j] == slots[j - 1] + 1:
-                    j += 1
-                out[i:j].copy_(slab[slots[i] : slots[i] + (j - i)], non_blocking=True)
-                i = j
+            for i, first, count in runs:
+                out[i : i + count].copy_(slab[first : first + count], non_blocking=True)
 
         return run
 
