@@ -119,6 +119,13 @@ class TierSettings:
     # on CUDA, a longer load from the page-locked host tier is queued on a device stream by the
     # engine thread and polled at the next step (False: on the I/O threads, as other tiers' are)
     device_loads: bool = True
+    # on CUDA, a load from the page-locked host tier is copied layer by layer under the compute of
+    # the step that admits its request (the model waits for each layer's copy before that layer),
+    # instead of in full before it; the step's tokens are read only after the load's integrity
+    # check, and a failed check recomputes the request. Needs a layer's K (or V) piece of a block
+    # to be whole 4 KiB rows of the check's sums (8B at 16 tokens: 32 KiB); other layouts and
+    # tiers load whole blocks as above
+    layered_loads: bool = True
     host_capacity: int = 4 << 30  # raw blocks in pinned memory: no codec (see HostTier)
     disk_path: str | None = None  # None: the user cache folder (~/.cache/kvtier)
     disk_capacity: int = 16 << 30

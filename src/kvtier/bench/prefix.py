@@ -144,6 +144,13 @@ def bench_prefix_ttft(args: argparse.Namespace) -> None:
             f"{t['loaded_bytes'] / 1e6:.3g} MB loaded at >= {t['bytes_per_s'] / 1e9:.3g} GB/s"
             f"{ceiling} (the whole TTFT counted as load time)"
         )
+        if t["layered_copy_bytes_per_s"]:
+            rate = t["layered_copy_bytes_per_s"]
+            share = f" = {fraction(rate, h2d)} of the pinned copy" if h2d else ""
+            print(
+                f"layered: {t['layered_loads']} loads copied layer by layer under the compute, "
+                f"their copies at {rate / 1e9:.3g} GB/s{share} (CUDA events)"
+            )
     print(
         f"cold = {'pool reset before each prompt' if args.cold_mode == 'reset' else 'prefix caching off'}; "
         "warm = the prefix ran once, then prompts sharing it; the same suffixes in both. "
@@ -173,7 +180,14 @@ def _tier_load_summary(engine: Engine, runs: list[Timeline], cold_ttft: float) -
     loaded = statistics.median(int(t.output.metrics.get("num_loaded_tokens", 0)) for t in runs)
     ttft = statistics.median(t.engine_ttft for t in runs)
     loaded_bytes = loaded * engine.layout.bytes_per_token
+    stats = engine.hierarchy.stats if engine.hierarchy is not None else None
+    layered = stats is not None and stats.layered_copy_seconds > 0
     return {
+        # loads copied layer by layer under the compute: the copies' own rate (CUDA events)
+        "layered_loads": stats.loads_layered if stats is not None else 0,
+        "layered_copy_bytes_per_s": (
+            stats.layered_copy_bytes / stats.layered_copy_seconds if stats is not None and layered else None
+        ),
         "loaded_tokens_median": loaded,
         "loaded_bytes": loaded_bytes,
         "ttft_of_cold": ttft / cold_ttft,

@@ -167,6 +167,9 @@ class HierarchyStats:
     recompute_decisions: int = 0
     blocks_loaded: int = 0
     loads_on_device: int = 0  # loads queued on a CUDA stream by the caller (``load_on_device``)
+    loads_layered: int = 0  # loads copied layer by layer under a step's compute (``start_layered``)
+    layered_copy_seconds: float = 0.0  # device time of their copies and checks (CUDA events)
+    layered_copy_bytes: int = 0  # KV bytes those copies moved
     blocks_written: int = 0
     writes_skipped: int = 0  # blocks not staged: every tier they were for held them already
     corrupt: int = 0
@@ -249,6 +252,53 @@ class DeviceLoad:
         return self._finished
 
 
+class LayeredLoad:
+    """A load from a tier that copies layer by layer (``KVHierarchy.reserve_layered``): its slots
+    are acquired when its request is admitted, its copies are queued with the step that first runs
+    the request (``start_layered``), whose model waits for each layer's copy before that layer,
+    and its verdict is read when that step is collected (``finish``): the blocks are the request's
+    only if every one arrived intact (the engine recomputes otherwise)."""
+
+    def __init__(self, hierarchy: KVHierarchy, tier: int, keys: list[BlockKey], slots: list[int]) -> None:
+        self._hierarchy = hierarchy
+        self.tier = tier
+        self.keys = keys
+        self.slots = slots
+        self.count = len(slots)
+        self.block_ids: list[int] = []  # the pool blocks it fills (set by the caller)
+        self.copy: PendingDeviceCopy | None = None  # queued (start_layered)
+        self.done: torch.cuda.Event | None = None  # recorded after the copies and their check
+        # (start, done) timing events of the launch it was queued in; on its first load only
+        self.timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._settled = False
+
+    def cancel(self) -> None:
+        """Its request was not admitted after all: let the slots go (nothing was queued)."""
+        if not self._settled and self.copy is None:
+            self._settled = True
+            self._hierarchy.tiers[self.tier].release(self.slots)
+
+    def finish(self) -> int:
+        """Wait for the copies, let the slots go, reject the blocks that failed their check;
+        returns how many leading blocks arrived intact (0 when nothing was queued)."""
+        if self._settled:
+            return 0
+        self._settled = True
+        h = self._hierarchy
+        if self.copy is None:  # its launch failed before the copies were queued
+            h.tiers[self.tier].release(self.slots)
+            return 0
+        assert self.done is not None
+        self.done.synchronize()
+        good = self.copy.finish(h.io[self.tier])
+        if self.timing is not None:
+            h.stats.layered_copy_seconds += self.timing[0].elapsed_time(self.timing[1]) / 1e3
+        h.stats.layered_copy_bytes += self.count * h.layout.bytes_per_block
+        h.stats.blocks_loaded += good
+        h.stats.per_tier_loaded[h.tiers[self.tier].name] += good
+        return good
+
+
 class KVHierarchy:
     def __init__(
         self,
@@ -269,6 +319,7 @@ class KVHierarchy:
         file_writer: bool = False,
         direct_host_writes: bool = True,
         device_loads: bool = True,
+        layered_loads: bool = True,
     ) -> None:
         """``codecs``: one per tier, None for a tier of raw blocks (``raw_blocks``: the host tier).
         ``device``: where loads land (the engine's); on CUDA the staging buffer is page-locked, so
@@ -286,7 +337,9 @@ class KVHierarchy:
         on CUDA, blocks for the page-locked host tier are copied into its slots straight from the
         pool (``Tier.store_from_device``) instead of through the write queue's threads.
         ``device_loads``: on CUDA, loads from such page-locked tiers that are not run at once are
-        queued on the device by the caller (``load_on_device``) instead of the I/O threads."""
+        queued on the device by the caller (``load_on_device``) instead of the I/O threads.
+        ``layered_loads``: on CUDA, a load from a tier that ``takes_layered_loads`` is copied layer
+        by layer under the compute of the step that runs its request (``reserve_layered``)."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; supported: {', '.join(WRITE_POLICIES)}")
         if write_queue_bytes < layout.bytes_per_block:
@@ -315,6 +368,8 @@ class KVHierarchy:
         self.always_load = always_load
         self.load_at_once_s = load_at_once_s
         self.device_loads = device_loads
+        self.layered_loads = layered_loads
+        self._layered_stream: torch.cuda.Stream | None = None  # made at the first layered load
         self._device_loads: list[DeviceLoad] = []  # queued on the device, not finished when last reaped
         self._device_load_stream: torch.cuda.Stream | None = None  # made at the first device load
         self._raw_copy_bps = 0.0  # measured host-to-device copy rate (seed_bandwidth); 0: unknown
@@ -437,6 +492,69 @@ class KVHierarchy:
             and bool(plan.segments)
             and all(self.tiers[s.tier].takes_device_blocks for s in plan.segments)
         )
+
+    def loads_layered(self, plan: LoadPlan) -> bool:
+        """Whether the caller can load ``plan`` layer by layer under the compute of the step that
+        runs its request (``reserve_layered``): one segment, from the start, of a tier that
+        ``takes_layered_loads`` (the page-locked host tier), on CUDA."""
+        return (
+            self.layered_loads
+            and self.device.type == "cuda"
+            and len(plan.segments) == 1
+            and plan.segments[0].start == 0
+            and self.tiers[plan.segments[0].tier].takes_layered_loads
+        )
+
+    def reserve_layered(self, plan: LoadPlan, block_tokens: Sequence[Sequence[int]]) -> LayeredLoad | None:
+        """Acquire the slots of a ``loads_layered`` plan's leading held blocks; None: none held."""
+        segment = plan.segments[0]
+        keys = plan.keys[: segment.count]
+        slots = self.tiers[segment.tier].acquire(keys, block_tokens[: segment.count])
+        if not slots:
+            return None
+        return LayeredLoad(self, segment.tier, list(keys[: len(slots)]), slots)
+
+    def warm_layered(self, pool: torch.Tensor) -> None:
+        """Before any request: compile the layered copies' kernel (``Tier.warm_layered_loads``),
+        writing into ``pool``'s block 0, which must hold nothing yet."""
+        if self.layered_loads and self.device.type == "cuda":
+            for tier in self.tiers:
+                if tier.takes_layered_loads:
+                    tier.warm_layered_loads(pool)
+
+    def start_layered(
+        self, loads: Sequence[LayeredLoad], pool: torch.Tensor, layer_ready: Sequence[torch.cuda.Event]
+    ) -> None:
+        """Queue the copies of reserved ``loads`` (their ``block_ids`` set) into ``pool`` on the
+        layered loads' stream, after everything the current stream has queued (the copies out of
+        blocks this step's allocations evicted), one launch per layer for them all, recording
+        ``layer_ready[i]`` after layer i: the model waits for event i before layer i."""
+        if self._layered_stream is None:  # high priority: its copies hold up the step's layers
+            self._layered_stream = torch.cuda.Stream(self.device, priority=-1)
+        stream = self._layered_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        started = torch.cuda.Event(enable_timing=True)
+        started.record(stream)
+        try:
+            with torch.cuda.stream(stream):
+                for tier in {load.tier for load in loads}:  # one tier in practice: the host's
+                    mine = [load for load in loads if load.tier == tier]
+                    jobs = [(load.keys, load.slots, load.block_ids) for load in mine]
+                    copies = self.tiers[tier].start_layered_loads(jobs, pool, layer_ready)
+                    for load, copy in zip(mine, copies, strict=True):
+                        load.copy = copy
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(stream)
+        except BaseException:  # no copy may still run once the caller lets the slots go
+            with contextlib.suppress(Exception):
+                stream.synchronize()
+            for load in loads:
+                load.copy = None
+            raise
+        for load in loads:
+            load.done = done
+        loads[0].timing = (started, done)
+        self.stats.loads_layered += len(loads)
 
     def load_on_device(self, plan: LoadPlan, block_tokens: Sequence[Sequence[int]]) -> DeviceLoad:
         """Queue the plan's copies and integrity checks on the device loads' own CUDA stream and

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -213,9 +214,13 @@ class ExtendGraphs(_StepGraphs):
         max_tokens: int,
         max_model_len: int,
         device: torch.device,
+        layer_ready: Sequence[torch.cuda.Event] = (),
     ) -> None:
+        """``layer_ready``: external events the graphs wait for before each layer (a load copied
+        layer by layer records them; ``ModelRunner.layer_ready``)."""
         buckets = [b for b in EXTEND_BUCKETS if b <= max_tokens] or ([max_tokens] if max_tokens > 1 else [])
         super().__init__(model, kv_cache, buckets, max_model_len, device)
+        self.layer_ready = list(layer_ready) or None
         self.row = torch.zeros(3, dtype=torch.int32, device=device)  # query start 0, query end, context
         self.logits_row = torch.zeros(1, dtype=torch.int64, device=device)  # the last real token
         self.block_tables = torch.zeros((1, self.max_blocks), dtype=torch.int32, device=device)
@@ -244,7 +249,8 @@ class ExtendGraphs(_StepGraphs):
         for t in reversed(self.buckets):
             self.row.copy_(torch.tensor([0, t, t], dtype=torch.int32))
             self.logits_row.fill_(t - 1)
-            args = (self.ids[:t], self.positions[:t], self.kv_cache, self._meta(t), self.logits_row)
+            meta = self._meta(t)
+            args = (self.ids[:t], self.positions[:t], self.kv_cache, meta, self.logits_row, self.layer_ready)
             graph, self.logits[t], self.greedy[t] = capture_graph(self.model, args, stream, pool)
             pool = graph.pool()
             self.graphs[t] = graph
@@ -298,11 +304,15 @@ class MixedGraphs:
         max_tokens: int,
         max_model_len: int,
         device: torch.device,
+        layer_ready: Sequence[torch.cuda.Event] = (),
     ) -> None:
+        """``layer_ready``: as ``ExtendGraphs``'s (a follow-up turn whose prefix is loaded layer by
+        layer joins the decodes)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.max_model_len = max_model_len
+        self.layer_ready = list(layer_ready) or None
         self.decode_buckets = buckets_up_to(max_decodes)
         self.token_buckets = [t for t in EXTEND_BUCKETS if t <= max_tokens]
         nd = self.max_decodes
@@ -368,6 +378,7 @@ class MixedGraphs:
                     self.kv_cache,
                     self._meta(b, t),
                     self.logits_rows[: b + 1],
+                    self.layer_ready,
                 )
                 graph, self.logits[b, t], self.greedy[b, t] = capture_graph(self.model, args, stream, pool)
                 pool = graph.pool()

@@ -359,12 +359,22 @@ class Engine:
     def _can_overlap(self, step: InFlight) -> bool:
         """Whether the next step may be scheduled before ``step``'s tokens are known: not when
         overlap is off, and not when a request's sampling reads its full history (penalties)."""
+        if step.layered:  # its tokens stand only once its loads' integrity verdict is read
+            return False
         return self.config.scheduler.overlap_steps and not any(_reads_history(r) for r in step.sampling)
 
     def _launch(self, sched: SchedulerOutput) -> InFlight:
         """Start the batch on the device; the requests' counts move on as if it had run."""
         began = time.perf_counter()
-        launched = self.runner.launch(sched.chunks, self._in_flight)
+        layered: list[Request] = []
+        try:
+            if self.kv is not None:
+                layered = self.kv.start_layered(sched.chunks, self.runner.layer_ready)
+            launched = self.runner.launch(sched.chunks, self._in_flight, wait_layers=bool(layered))
+        except BaseException:  # its loads are settled now: a failed one restarts its request
+            self._settle_layered([c.request for c in sched.chunks if c.request.layered_load is not None])
+            raise
+        launched.layered = layered
         launched.launched_at = began
         launched.launch_seconds = time.perf_counter() - began
         for c in sched.chunks:
@@ -375,6 +385,31 @@ class Engine:
         self.stats.computed_tokens += sched.num_tokens
         return launched
 
+    def _settle_layered(self, reqs: list[Request]) -> set[str]:
+        """Read the verdicts of the requests' layered loads (waiting for their copies): a request
+        whose blocks all arrived intact goes on; one that had a corrupt block starts again
+        (``Scheduler.settle_layered``): returns their ids, whose step's tokens are dropped."""
+        restarted: set[str] = set()
+        for req in reqs:
+            load = req.layered_load
+            if load is None:
+                continue
+            intact = load.finish()
+            if not self._owns(req):  # aborted while its step ran: its blocks were freed
+                req.layered_load = None
+                continue
+            if not self.scheduler.settle_layered(req, intact):
+                req.num_pending = 0
+                restarted.add(req.request_id)
+                log.warning(
+                    "request %s: %d of %d blocks loaded from the %s tier failed their check; recomputing",
+                    req.request_id,
+                    load.count - intact,
+                    load.count,
+                    self.hierarchy.tiers[load.tier].name if self.hierarchy is not None else "?",
+                )
+        return restarted
+
     def _collect(self) -> list[RequestOutput]:
         """Wait for the step in flight (if any), then advance its requests."""
         step, self._in_flight = self._in_flight, None
@@ -383,12 +418,14 @@ class Engine:
         try:
             waited = time.perf_counter()
             result = self.runner.collect(step)
+            restarted = self._settle_layered(step.layered)
             done = time.perf_counter()
             step.wait_seconds = done - waited
             self.stats.wait_seconds += step.wait_seconds
             num_tokens = sum(c.num_new_tokens for c in step.chunks)
             busy = self._time_device(step, num_tokens)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
+            self._settle_layered(step.layered)
             failed: list[RequestOutput] = []
             for c in step.chunks:
                 if self._owns(c.request):
@@ -399,7 +436,8 @@ class Engine:
             # back (the CPU computes in launch). Not the time since the latest launch: with overlap
             # that is the next step's, and the cost model would learn steps as nearly free.
             self.hierarchy.observe_step(num_tokens, busy or done - step.launched_at)
-        return self._postprocess(step.chunks, result)
+        chunks = [c for c in step.chunks if c.request.request_id not in restarted]
+        return self._postprocess(chunks, result)
 
     def _time_device(self, step: InFlight, num_tokens: int) -> float:
         """Add the step's device time, and the device's idle time since the step before ended.
@@ -424,6 +462,8 @@ class Engine:
         log.warning("a step of %d requests failed (%s); running them one by one", len(sched.chunks), error)
         outputs: list[RequestOutput] = []
         for chunk in sched.chunks:
+            if chunk.request.state is not RequestState.RUNNING:
+                continue  # its layered load failed its check when the batch failed: it starts again
             try:
                 if len(sched.chunks) == 1:
                     raise error

@@ -4,7 +4,8 @@ Three movements, all batched so a step pays at most one device synchronisation f
 
 - loads: a finished tier load is copied into its device blocks (``install_loads``), then the
   request runs; a short load from this process's memory runs at once, in the step that admits
-  its request (``load_now``);
+  its request (``load_now``); a load from the page-locked host tier is copied layer by layer
+  under that step's compute (``start_layered``);
 - writes: blocks evicted from the pool (write-back) or just committed (write-through) are queued
   and handed to the hierarchy's write queue together, before anything can overwrite them
   (``flush``): the step pays their copy out of the pool, the tiers are written on other threads;
@@ -20,8 +21,9 @@ import torch
 from kvtier.cache.blocks import BlockPool
 from kvtier.cache.hierarchy import KVHierarchy, LoadPlan
 from kvtier.cache.keys import BlockKey
+from kvtier.engine.request import Request
 from kvtier.engine.runner import to_device_async
-from kvtier.engine.scheduler import Scheduler
+from kvtier.engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class KVTransfer:
         # (block id, key, tokens, tier indices) waiting for this step's flush
         self._pending: list[tuple[int, BlockKey, tuple[int, ...], tuple[int, ...]]] = []
         pool.on_evict = self.write_back
+        hierarchy.warm_layered(kv_cache)  # the pool holds nothing yet
 
     def install_loads(self, scheduler: Scheduler) -> None:
         """Copy finished loads into their device blocks; the requests then run."""
@@ -68,6 +71,18 @@ class KVTransfer:
             log.exception("load from memory failed; recomputing")
             return 0
         return self._install(block_ids, blocks)
+
+    def start_layered(
+        self, chunks: list[ScheduledChunk], layer_ready: list[torch.cuda.Event]
+    ) -> list[Request]:
+        """Queue the layer-by-layer copies of the layered loads reserved for this step's requests
+        (after the copies out of the blocks this step's allocations evicted, which ``flush`` has
+        queued), recording ``layer_ready[i]`` once layer i has landed; returns those requests."""
+        reqs = [c.request for c in chunks if c.request.layered_load is not None]
+        loads = [r.layered_load for r in reqs if r.layered_load is not None]
+        if loads:
+            self.hierarchy.start_layered(loads, self.kv_cache, layer_ready)
+        return reqs
 
     def _install(self, block_ids: list[int], blocks: torch.Tensor) -> int:
         """Copy a load's ``[n, L, 2, ...]`` blocks into the first n of ``block_ids``; returns n."""

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.cache.hierarchy import LoadPlan, PendingLoad
+from kvtier.cache.hierarchy import LayeredLoad, LoadPlan, PendingLoad
 from kvtier.cache.keys import BlockKey
 
 
@@ -259,6 +259,9 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens found in the cache at first admission
     num_loaded_tokens: int = 0  # of those, loaded from a tier below the device pool
     load_future: PendingLoad | None = None
+    # a load copied layer by layer with the first step that runs the request, until that step is
+    # collected and the load's integrity verdict read (Scheduler.settle_layered)
+    layered_load: LayeredLoad | None = None
     tier_plan: tuple[int, LoadPlan] | None = None  # (device hit blocks, plan) while waiting for room
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None

@@ -41,6 +41,7 @@ class InFlight:
     launched_at: float = 0.0  # perf_counter when its launch began
     launch_seconds: float = 0.0  # host time to launch it
     wait_seconds: float = 0.0  # host time waiting for it to finish
+    layered: list[Request] = field(default_factory=list)  # requests whose layered load it carried
 
     def __post_init__(self) -> None:
         if self.ready is not None:
@@ -96,6 +97,16 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(kv_cache_shape(layout, num_blocks), self.dtype, device)
         self._pin = device.type == "cuda"
         self.tables = BlockTables()
+        # One event per layer, recorded by a load copied layer by layer (``KVHierarchy.start_layered``)
+        # once that layer's KV is in the pool; the model waits for event i before layer i. External
+        # events: captured into the extend and mixed graphs as wait nodes, so a step carrying such
+        # a load still replays a graph (eager, its ~300 launches took ~20 ms of the 8B's 4k-prefix
+        # TTFT on the H200); a wait for an event already passed costs the replay nothing to speak of.
+        self.layer_ready = (
+            [torch.cuda.Event(external=True) for _ in range(layout.num_layers)]
+            if device.type == "cuda"
+            else []
+        )
         self.graphs: DecodeGraphs | None = None
         self.extend_graphs: ExtendGraphs | None = None
         graphable = device.type == "cuda" and isinstance(model.attention_backend, TritonPagedAttention)
@@ -104,12 +115,20 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, max_len, device)
             self.graphs.capture()
         if graph_extend_tokens > 1 and graphable and model.fused:
-            self.extend_graphs = ExtendGraphs(model, self.kv_cache, graph_extend_tokens, max_len, device)
+            self.extend_graphs = ExtendGraphs(
+                model, self.kv_cache, graph_extend_tokens, max_len, device, self.layer_ready
+            )
             self.extend_graphs.capture(self.graphs.pool if self.graphs is not None else None)
         self.mixed_graphs: MixedGraphs | None = None
         if graph_mixed_decodes > 0 and graph_extend_tokens > 1 and graphable and model.fused:
             self.mixed_graphs = MixedGraphs(
-                model, self.kv_cache, graph_mixed_decodes, graph_extend_tokens, max_len, device
+                model,
+                self.kv_cache,
+                graph_mixed_decodes,
+                graph_extend_tokens,
+                max_len,
+                device,
+                self.layer_ready,
             )
             self.mixed_graphs.capture(self.graphs.pool if self.graphs is not None else None)
         compute_dtype = next(model.parameters()).dtype
@@ -295,9 +314,16 @@ class ModelRunner:
         return logits.index_select(0, keep), greedy.index_select(0, keep)
 
     @torch.inference_mode()
-    def launch(self, chunks: list[ScheduledChunk], previous: InFlight | None = None) -> InFlight:
+    def launch(
+        self,
+        chunks: list[ScheduledChunk],
+        previous: InFlight | None = None,
+        wait_layers: bool = False,
+    ) -> InFlight:
         """Start one step on the device and return without waiting for it. A decode whose input is
-        the token ``previous`` sampled (still on the device) reads it there."""
+        the token ``previous`` sampled (still on the device) reads it there. ``wait_layers``: the
+        step carries a load copied layer by layer, which records ``layer_ready``; its model waits
+        for event i before layer i (the extend and mixed graphs always do)."""
         begin = _timing_event(self.device)
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
@@ -307,6 +333,7 @@ class ModelRunner:
             or self._extend_graph_logits(chunks)
             or self._mixed_graph_logits(chunks, fill)
         )
+        layer_ready = self.layer_ready if wait_layers else None
         if replayed is not None:
             logits, greedy = replayed
         else:
@@ -314,7 +341,7 @@ class ModelRunner:
             if fill is not None:
                 input_ids.index_copy_(0, fill.rows, fill.tokens)
             logits_index = self._to_device(logits_rows, torch.int64) if sampling else input_ids[:0]
-            logits = self.model(input_ids, positions, self.kv_cache, meta, logits_index)
+            logits = self.model(input_ids, positions, self.kv_cache, meta, logits_index, layer_ready)
         if not sampling:  # a prefill chunk short of its prompt's end (a graph computed a row anyway)
             return InFlight(chunks, [], None, None, _timing_event(self.device, record=False), begin=begin)
         if all(_plain_greedy(r) for r in sampling):

@@ -161,16 +161,20 @@ class Scheduler:
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self._restart(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    def _restart(self, req: Request) -> None:
+        """Back to the front of the queue with nothing computed (its cached blocks stay cached)."""
         self.running.remove(req)
         self.pool.release(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
         req.num_committed_blocks = 0
         req.state = RequestState.WAITING
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
-        out.preempted.append(req)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
@@ -210,6 +214,7 @@ class Scheduler:
         if new_blocks + hits_evictable > self.pool.num_available:
             if pinned:  # the loaded blocks stay cached: device hits when it is admitted
                 self.pool.release(hits)
+                self._cancel_layered(req)  # (reserved ones were never filled: they are freed)
             return None
         if not pinned:
             self._pin_hits(hits)
@@ -251,6 +256,10 @@ class Scheduler:
         tokens, bs = req.all_token_ids, self.block_size
         first = len(hits)
         block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(first, first + plan.num_blocks)]
+        if self.load_now is not None and self.hierarchy.loads_layered(plan):
+            layered = self._reserve_layered(req, hits, plan, block_tokens)
+            if layered is not None:
+                return layered
         if self.load_now is not None and self.hierarchy.loads_at_once(plan):
             return self._load_now(req, hits, plan, block_tokens)
         if self.hierarchy.loads_on_device(plan):
@@ -274,6 +283,54 @@ class Scheduler:
         req.block_table = []
         req.num_computed_tokens = req.num_committed_blocks = 0
         return cached
+
+    def _reserve_layered(
+        self, req: Request, hits: list[int], plan: LoadPlan, block_tokens: list[list[int]]
+    ) -> list[int] | None:
+        """Reserve the tier's blocks of ``plan`` for a load layer by layer with the step that admits
+        ``req`` (``Request.layered_load``): as ``_load_now``, the returned device hits and blocks to
+        fill, pinned, are its cached prefix this step, but the blocks are committed only once the
+        load's verdict is read (``settle_layered``). None: the tier no longer holds the first."""
+        assert self.hierarchy is not None
+        load = self.hierarchy.reserve_layered(plan, block_tokens)
+        if load is None:
+            return None
+        base = len(hits)
+        load.block_ids = req.block_table[base : base + load.count]
+        self.pool.release(req.block_table[base + load.count :])
+        req.layered_load = load
+        if req.num_cached_tokens < 0:
+            req.num_loaded_tokens = load.count * self.block_size
+        cached = hits + load.block_ids
+        req.block_table = []
+        req.num_computed_tokens = req.num_committed_blocks = 0
+        return cached
+
+    def _cancel_layered(self, req: Request) -> None:
+        """The request reserved a layered load but was not admitted: nothing was copied."""
+        if req.layered_load is not None:
+            req.layered_load.cancel()
+            req.layered_load = None
+            req.num_loaded_tokens = 0
+
+    def settle_layered(self, req: Request, num_intact: int) -> bool:
+        """The step that ran ``req`` with its layered load was collected and ``num_intact`` leading
+        blocks passed their check. All of them: they are committed to the pool's cache and the
+        request goes on (True). Fewer: what the step computed from them is wrong, so the intact
+        ones are committed and the request starts again from the pool (False: drop its token)."""
+        load = req.layered_load
+        assert load is not None
+        req.layered_load = None
+        first = req.block_table.index(load.block_ids[0]) if load.block_ids else 0
+        tokens, bs = req.all_token_ids, self.block_size
+        for i in range(first, first + num_intact):
+            self.pool.commit(req.block_table[i], req.block_keys[i], tokens[i * bs : (i + 1) * bs])
+        if num_intact == load.count:
+            return True
+        self._restart(req)
+        req.num_cached_tokens = -1  # counted again when it is admitted again
+        req.num_loaded_tokens = 0
+        return False
 
     def complete_load(self, req: Request, num_loaded: int) -> list[int]:
         """The request's load finished with ``num_loaded`` verified blocks (installed by the engine):

@@ -109,6 +109,7 @@ def build_hierarchy(
         file_writer=settings.disk_write_process,
         direct_host_writes=settings.host_write_direct,
         device_loads=settings.device_loads,
+        layered_loads=settings.layered_loads,
     )
     if "host" in names:
         hierarchy.seed_bandwidth(host_copy_bandwidth(device))

@@ -11,6 +11,7 @@ Both carry the residual stream separately (``x`` and ``residual``), so their rou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -254,16 +255,21 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         logits_indices: torch.Tensor | None = None,
+        layer_ready: Sequence[torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
         """Returns float32 logits for the tokens at ``logits_indices`` (all tokens when None).
 
         Computing the vocabulary projection only where a token is sampled saves a large matmul per
-        prefill chunk.
+        prefill chunk. ``layer_ready``: one CUDA event per layer, recorded once that layer's KV
+        has arrived in ``kv_cache`` (a load copied layer by layer): layer i waits for event i.
         """
         x = self.model.embed_tokens(input_ids)
         rope = self._rope(positions, x.dtype)
         residual: torch.Tensor | None = None
+        stream = torch.cuda.current_stream(x.device) if layer_ready is not None else None
         for i, layer in enumerate(self.model.layers):
+            if stream is not None and layer_ready is not None:
+                stream.wait_event(layer_ready[i])
             x, residual = layer(x, residual, rope, kv_cache[i], meta, self.attention_backend)
         assert residual is not None  # a model has at least one layer
         if logits_indices is not None:

@@ -236,6 +236,35 @@ class Tier(Protocol):
         """Keep blocks copied straight from the device on ``stream`` (``takes_device_blocks``)."""
         raise TypeError(f"the {self.name} tier takes no blocks from the device ({len(keys)} given)")
 
+    @property
+    def takes_layered_loads(self) -> bool:
+        """Whether the tier can copy its blocks into the device pool layer by layer, under the
+        model's compute (``HostTier.start_layered_loads``); False (the default): whole blocks."""
+        return False
+
+    def acquire(self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]]) -> list[int]:
+        """Slots of the leading held ``keys``, pinned against reuse until ``release`` (tiers that
+        ``takes_layered_loads``)."""
+        raise TypeError(f"the {self.name} tier has no slots to acquire ({len(keys)} asked)")
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Let go of acquired slots."""
+        raise TypeError(f"the {self.name} tier has no slots to release ({len(slots)} given)")
+
+    def warm_layered_loads(self, pool: torch.Tensor) -> None:
+        """Compile what ``start_layered_loads`` runs, before the first load needs it."""
+        raise TypeError(f"the {self.name} tier has no layered loads to warm")
+
+    def start_layered_loads(
+        self,
+        loads: Sequence[tuple[list[BlockKey], list[int], list[int]]],
+        pool: torch.Tensor,
+        layer_done: Sequence[torch.cuda.Event],
+    ) -> Sequence[PendingDeviceCopy]:
+        """Queue the layer-by-layer copies of acquired slots into the device pool (tiers that
+        ``takes_layered_loads``; see ``HostTier.start_layered_loads``)."""
+        raise TypeError(f"the {self.name} tier has no layered loads ({len(loads)} asked)")
+
     def start_load_to_device(
         self, keys: Sequence[BlockKey], tokens: Sequence[Sequence[int]], out: torch.Tensor
     ) -> PendingDeviceCopy | None:

@@ -42,6 +42,7 @@ from kvtier.cache.codec import (
 from kvtier.cache.keys import BlockKey, KVLayout, check_key, check_namespace, tokens_to_bytes
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierStats
+from kvtier.cache.tiers.host_gather import LayerGather, layer_rows_align
 from kvtier.cache.tiers.loading import BlockIO
 from kvtier.cache.writes import slot_runs
 
@@ -297,9 +298,16 @@ class HostTier(LiveStats, Tier):
                 event.synchronize()
         for i, chunk, first, run in self._runs(slots):
             out[i : i + run].copy_(self._chunks[chunk][first : first + run], non_blocking=non_blocking)
-            if sums_out is not None:
-                sums = self._chunk_sums[chunk][first : first + run]
-                sums_out[i : i + run].copy_(sums, non_blocking=non_blocking)
+        if sums_out is not None:
+            self._copy_sums(slots, sums_out)
+
+    def _copy_sums(self, slots: Sequence[int], sums_out: torch.Tensor) -> None:
+        """The recorded ``integrity_sums`` of acquired slots into ``sums_out`` (any device): one copy
+        per run of consecutive slots, asynchronous from pinned memory to a GPU."""
+        non_blocking = self.pin_memory and sums_out.device.type == "cuda"
+        for i, chunk, first, run in self._runs(slots):
+            sums = self._chunk_sums[chunk][first : first + run]
+            sums_out[i : i + run].copy_(sums, non_blocking=non_blocking)
 
     def expected_sums(self, slots: Sequence[int]) -> torch.Tensor:
         """The ``integrity_sums`` recorded when each acquired slot was stored (CPU)."""
@@ -496,6 +504,58 @@ class HostTier(LiveStats, Tier):
             self.release(slots)
             raise
         return DeviceCopy(self, list(keys[: len(slots)]), slots, verdict)
+
+    @property
+    def takes_layered_loads(self) -> bool:
+        """Whether ``start_layered_loads`` can copy this tier's blocks into a pool layer by layer:
+        the slab is page-locked (the GPU reads it) and a layer's K and V pieces of a block are
+        whole rows of its ``integrity_sums`` (so they are checked a layer at a time)."""
+        return self.pin_memory and layer_rows_align(self.block_bytes // (2 * self.layout.num_layers))
+
+    def warm_layered_loads(self, pool: torch.Tensor) -> None:
+        """Compile the layered copy's kernel now, not in the first load's TTFT (~0.3 s on the
+        H200): one layer of slot 0 into block 0 of ``pool``, which holds nothing yet."""
+        if not self.takes_layered_loads or not self._chunks:
+            return
+        table = torch.tensor([self._chunks[0].data_ptr(), 0, 0, 0], dtype=torch.int64, device=pool.device)
+        LayerGather(pool, table[:1], table[2:3]).copy_layer(0)  # aligned as start_layered_loads's
+        torch.cuda.synchronize(pool.device)
+
+    def start_layered_loads(
+        self,
+        loads: Sequence[tuple[list[BlockKey], list[int], list[int]]],
+        pool: torch.Tensor,
+        layer_done: Sequence[torch.cuda.Event],
+    ) -> list[DeviceCopy]:
+        """Queue on the current stream the copies of acquired slots into ``pool`` (``[L, 2,
+        num_blocks, ...]``), one launch per layer for all ``loads`` (keys, slots, pool block ids
+        each), recording ``layer_done[i]`` after layer i; then the comparison of the blocks'
+        ``integrity_sums`` (computed by the copy) with the recorded ones, whose verdict lands in
+        page-locked memory. The slots stay pinned until each ``DeviceCopy.finish``."""
+        slots = [s for _, load_slots, _ in loads for s in load_slots]
+        stream = torch.cuda.current_stream(pool.device)
+        for event in self._copies_into(slots):  # blocks still arriving from the device
+            stream.wait_event(event)
+        n = len(slots)
+        rows = [divmod(s, self._chunk_slots) for s in slots]
+        table = [self._chunks[c].data_ptr() + r * self.block_bytes for c, r in rows]
+        # the pool ids from an even index: 16-byte aligned, as Triton specialises its pointers
+        width = n + n % 2
+        table += [0] * (width - n) + [b for _, _, ids in loads for b in ids]
+        on_device = torch.tensor(table, dtype=torch.int64, pin_memory=True).to(pool.device, non_blocking=True)
+        gather = LayerGather(pool, on_device[:n], on_device[width:])
+        for layer, done in enumerate(layer_done):
+            gather.copy_layer(layer)
+            done.record(stream)
+        expected = torch.empty((n, self._sums_width()), dtype=torch.int64, device=pool.device)
+        self._copy_sums(slots, expected)
+        verdict = torch.empty(n, dtype=torch.bool, pin_memory=True)
+        verdict.copy_((gather.sums() == expected).all(dim=1), non_blocking=True)
+        copies, start = [], 0
+        for keys, load_slots, _ in loads:
+            copies.append(DeviceCopy(self, keys, load_slots, verdict[start : start + len(load_slots)]))
+            start += len(load_slots)
+        return copies
 
     def holds(self, key: BlockKey) -> bool:
         """An indexed block (a dict read, safe without the lock); refreshed in the policy when the
