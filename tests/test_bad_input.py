@@ -178,12 +178,12 @@ def test_an_interrupted_generate_leaves_nothing_queued(llm: LLM, expected: list[
     launch = engine.runner.launch
     calls = 0
 
-    def interrupted(*args: Any) -> Any:  # Ctrl-C arriving in the middle of the second step
+    def interrupted(*args: Any, **kwargs: Any) -> Any:  # Ctrl-C in the middle of the second step
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt
-        return launch(*args)
+        return launch(*args, **kwargs)
 
     engine.runner.launch = interrupted  # type: ignore[method-assign]
     try:
