@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -741,3 +743,21 @@ def test_close_releases_memory() -> None:
     check_held(tier, list(range(8, 16)))
     tier.close()
     assert tier._chunks == []
+
+
+def test_the_host_tier_runs_without_triton() -> None:
+    """A CPU install has no triton (it comes with CUDA torch, or with the test extras): the engine
+    with a host tier must import and run without it (the layered copy's kernel needs it, and is
+    imported only where it runs). A fresh interpreter in which importing triton fails."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from kvtier import LLM, SamplingParams\n"
+        "llm = LLM('synthetic:tiny', tiers='host', kv_cache_memory=1 << 20)\n"
+        "out = llm.generate(['the cache'], SamplingParams(max_tokens=3, temperature=0))\n"
+        "assert len(out[0].outputs[0].token_ids) == 3\n"
+        "assert not llm.engine.hierarchy.tiers[0].takes_layered_loads\n"
+        "llm.close()\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -42,9 +42,9 @@ from kvtier.cache.codec import (
 from kvtier.cache.keys import BlockKey, KVLayout, check_key, check_namespace, tokens_to_bytes
 from kvtier.cache.policy import make_policy
 from kvtier.cache.tiers.base import LiveStats, StoredObject, Tier, TierStats
-from kvtier.cache.tiers.host_gather import LayerGather, layer_rows_align
 from kvtier.cache.tiers.loading import BlockIO
 from kvtier.cache.writes import slot_runs
+from kvtier.model.kernels import triton_installed
 
 _Entry = tuple[str, BlockKey]
 CHUNK_BYTES = 256 << 20  # slab chunk (on CUDA all are made at start-up: _allocate_all)
@@ -509,14 +509,21 @@ class HostTier(LiveStats, Tier):
     def takes_layered_loads(self) -> bool:
         """Whether ``start_layered_loads`` can copy this tier's blocks into a pool layer by layer:
         the slab is page-locked (the GPU reads it) and a layer's K and V pieces of a block are
-        whole rows of its ``integrity_sums`` (so they are checked a layer at a time)."""
-        return self.pin_memory and layer_rows_align(self.block_bytes // (2 * self.layout.num_layers))
+        whole rows of its ``integrity_sums`` (so they are checked a layer at a time). The copy is a
+        Triton kernel: without triton (a CPU install) loads copy whole blocks."""
+        if not self.pin_memory or not triton_installed():
+            return False
+        from kvtier.cache.tiers.host_gather import layer_rows_align  # imports triton
+
+        return layer_rows_align(self.block_bytes // (2 * self.layout.num_layers))
 
     def warm_layered_loads(self, pool: torch.Tensor) -> None:
         """Compile the layered copy's kernel now, not in the first load's TTFT (~0.3 s on the
         H200): one layer of slot 0 into block 0 of ``pool``, which holds nothing yet."""
         if not self.takes_layered_loads or not self._chunks:
             return
+        from kvtier.cache.tiers.host_gather import LayerGather
+
         table = torch.tensor([self._chunks[0].data_ptr(), 0, 0, 0], dtype=torch.int64, device=pool.device)
         LayerGather(pool, table[:1], table[2:3]).copy_layer(0)  # aligned as start_layered_loads's
         torch.cuda.synchronize(pool.device)
@@ -532,6 +539,8 @@ class HostTier(LiveStats, Tier):
         each), recording ``layer_done[i]`` after layer i; then the comparison of the blocks'
         ``integrity_sums`` (computed by the copy) with the recorded ones, whose verdict lands in
         page-locked memory. The slots stay pinned until each ``DeviceCopy.finish``."""
+        from kvtier.cache.tiers.host_gather import LayerGather
+
         slots = [s for _, load_slots, _ in loads for s in load_slots]
         stream = torch.cuda.current_stream(pool.device)
         for event in self._copies_into(slots):  # blocks still arriving from the device
