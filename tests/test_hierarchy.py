@@ -481,6 +481,30 @@ def test_host_load_runs_in_the_step_that_admits_it(at_once: bool, make_llm: Make
     engine.pool.assert_idle()
 
 
+def test_a_loaded_prompt_waiting_for_a_step_of_its_own_holds_nothing(make_llm: MakeLLM, cold: Cold) -> None:
+    """Chunked prefill off: a prompt whose prefix came from the host tier but whose rest is over the
+    step's budget waits for a step of its own (a decode runs). Each step it waits, its loaded
+    blocks must be let go, not pinned again: the pool ends idle and the tokens are the cold ones."""
+    prefix, rest = make_prompts(1, 4 * BS, seed=41)[0], make_prompts(1, 60, seed=43)[0]
+    long_prompt, short_prompt = prefix + rest, make_prompts(1, 20, seed=42)[0]
+    ref = cold([long_prompt, short_prompt], max_tokens=24)
+    llm = make_llm(
+        tiers="host", write_policy="write-through", enable_chunked_prefill=False, max_num_batched_tokens=32
+    )
+    engine = llm.engine
+    llm.generate([prefix], greedy(1))
+    engine.pool.evict_all()  # the prefix is in the host tier only
+    engine.hierarchy.flush()
+    (decoding,) = engine.add_request(short_prompt, greedy(24))
+    engine.step()  # the decode runs: the long prompt below is never first in a step while it does
+    (waiting,) = engine.add_request(long_prompt, greedy(24))
+    final = run_until_done(engine)
+    assert final[waiting].outputs[0].token_ids == ref[0]
+    assert final[decoding].outputs[0].token_ids == ref[1]
+    assert final[waiting].metrics["num_loaded_tokens"] == 4 * BS
+    engine.pool.assert_idle()
+
+
 # ---------------------------------------------------------------- 4. corruption and secrets
 
 

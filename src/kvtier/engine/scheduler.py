@@ -206,15 +206,14 @@ class Scheduler:
         remaining = req.num_tokens - num_cached
         num_new = min(remaining, budget)
         if num_new < remaining and not self.limits.enable_chunked_prefill:
-            if not first:
-                return None  # wait for a step of its own (False would read as "0 tokens, admitted")
+            if not first:  # wait for a step of its own (False would read as "0 tokens, admitted")
+                self._let_go_of_loaded(req, hits, pinned)
+                return None
             num_new = remaining  # whole prefill: a step may exceed the budget for one long prompt
         new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
         hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_evictable > self.pool.num_available:
-            if pinned:  # the loaded blocks stay cached: device hits when it is admitted
-                self.pool.release(hits)
-                self._cancel_layered(req)  # (reserved ones were never filled: they are freed)
+            self._let_go_of_loaded(req, hits, pinned)
             return None
         if not pinned:
             self._pin_hits(hits)
@@ -306,12 +305,20 @@ class Scheduler:
         req.num_computed_tokens = req.num_committed_blocks = 0
         return cached
 
+    def _let_go_of_loaded(self, req: Request, hits: list[int], pinned: bool) -> None:
+        """``req`` is not admitted this step after its load ran or was reserved (``pinned``): the
+        loaded blocks stay cached (device hits when it is admitted), reserved ones are freed."""
+        if pinned:
+            self.pool.release(hits)
+            self._cancel_layered(req)
+
     def _cancel_layered(self, req: Request) -> None:
         """The request reserved a layered load but was not admitted: nothing was copied."""
         if req.layered_load is not None:
             req.layered_load.cancel()
             req.layered_load = None
-            req.num_loaded_tokens = 0
+            if req.num_cached_tokens < 0:  # as _reserve_layered counted it: on first admission only
+                req.num_loaded_tokens = 0
 
     def settle_layered(self, req: Request, num_intact: int) -> bool:
         """The step that ran ``req`` with its layered load was collected and ``num_intact`` leading
