@@ -173,26 +173,29 @@ def test_a_request_that_fails_inside_a_step_is_finished_and_the_others_go_on(
     assert_serves(llm, expected)
 
 
-def test_an_interrupted_generate_leaves_nothing_queued(llm: LLM, expected: list[int]) -> None:
+@pytest.mark.parametrize("where", ["launch", "collect"])
+def test_an_interrupted_generate_leaves_nothing_queued(llm: LLM, expected: list[int], where: str) -> None:
+    """Ctrl-C while the second step starts on the device, or while the engine waits for it."""
     engine = llm.engine
-    launch = engine.runner.launch
+    original = getattr(engine.runner, where)
     calls = 0
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:  # Ctrl-C in the middle of the second step
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt
-        return launch(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    engine.runner.launch = interrupted  # type: ignore[method-assign]
+    setattr(engine.runner, where, interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate([PROMPT, random_prompt(30, seed=4)], greedy())
     finally:
-        engine.runner.launch = launch  # type: ignore[method-assign]
+        setattr(engine.runner, where, original)
     assert calls == 2
     assert not engine.requests
+    engine.pool.assert_idle()
     assert_serves(llm, expected)  # and the next call runs only its own request
 
 

@@ -289,7 +289,11 @@ class LayeredLoad:
             h.tiers[self.tier].release(self.slots)
             return 0
         assert self.done is not None
-        self.done.synchronize()
+        try:
+            self.done.synchronize()
+        except BaseException:  # the device failed, or the wait was interrupted: the blocks are not
+            h.tiers[self.tier].release(self.slots)  # the request's (it fails or is aborted)
+            raise
         good = self.copy.finish(h.io[self.tier])
         if self.timing is not None:
             h.stats.layered_copy_seconds += self.timing[0].elapsed_time(self.timing[1]) / 1e3

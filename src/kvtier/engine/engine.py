@@ -13,6 +13,7 @@ the outputs of the requests that moved. Bad input raises ``InvalidRequestError``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -424,17 +425,23 @@ class Engine:
             self.stats.wait_seconds += step.wait_seconds
             num_tokens = sum(c.num_new_tokens for c in step.chunks)
             busy = self._time_device(step, num_tokens)
+        except KeyboardInterrupt:  # generate() aborts the requests; their loads' slots go here
+            with contextlib.suppress(BaseException):
+                self._settle_layered(step.layered)
+            raise
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
-            self._settle_layered(step.layered)
+            with contextlib.suppress(Exception):  # (their loads' slots are let go whatever it says)
+                self._settle_layered(step.layered)
             failed: list[RequestOutput] = []
             for c in step.chunks:
                 if self._owns(c.request):
                     failed += self._fail_with(c.request, e)
             return failed
-        if self.hierarchy is not None:
+        if self.hierarchy is not None and not step.layered:
             # What the step cost the device (CUDA events), else its launch to the end of its read
             # back (the CPU computes in launch). Not the time since the latest launch: with overlap
-            # that is the next step's, and the cost model would learn steps as nearly free.
+            # that is the next step's, and the cost model would learn steps as nearly free. Not a
+            # step that carried layered loads: it waited for their copies, which is not compute.
             self.hierarchy.observe_step(num_tokens, busy or done - step.launched_at)
         chunks = [c for c in step.chunks if c.request.request_id not in restarted]
         return self._postprocess(chunks, result)

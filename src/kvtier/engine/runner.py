@@ -328,8 +328,10 @@ class ModelRunner:
         fill = _pending_fill(chunks, previous, self.device)
         sampling = [c.request for c in chunks if c.samples]
         greedy: torch.Tensor | None = None
+        # The decode graphs have no waits for layered copies: a step that carries one (its prompt
+        # may have one token left, a "decode") replays an extend or mixed graph, or runs eagerly.
         replayed = (
-            self._graph_logits(chunks, fill)
+            (None if wait_layers else self._graph_logits(chunks, fill))
             or self._extend_graph_logits(chunks)
             or self._mixed_graph_logits(chunks, fill)
         )
