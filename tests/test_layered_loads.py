@@ -29,10 +29,16 @@ if DEVICE == "cpu" and importlib.util.find_spec("triton") is not None:
 
 @needs_triton
 @pytest.mark.parametrize(
-    ("layers", "heads", "dim", "dtype"), [(3, 2, 64, torch.float32), (2, 1, 128, torch.bfloat16)]
+    ("layers", "heads", "dim", "dtype", "programs"),
+    [
+        (3, 2, 64, torch.float32, 16),  # 8 KiB pieces: one tile a piece, more programs than tiles
+        (2, 1, 128, torch.bfloat16, 16),
+        (2, 4, 128, torch.float32, 5),  # 32 KiB pieces (the 8B's): two tiles a piece, 5 programs loop
+        (2, 8, 128, torch.bfloat16, 3),  # the 8B's own piece shape
+    ],
 )
 def test_the_layer_gather_copies_each_layer_and_sums_what_it_moved(
-    layers: int, heads: int, dim: int, dtype: torch.dtype
+    layers: int, heads: int, dim: int, dtype: torch.dtype, programs: int
 ) -> None:
     """Layer by layer, scattered slots land in scattered pool blocks byte for byte, other blocks
     and other layers are untouched until their turn, and the sums are ``integrity_sums``'s."""
@@ -49,7 +55,7 @@ def test_the_layer_gather_copies_each_layer_and_sums_what_it_moved(
         slab = slab.pin_memory()
     slots, blocks = [4, 0, 5], [8, 2, 3]
     rows = torch.tensor([slab[s].data_ptr() for s in slots], dtype=torch.int64, device=DEVICE)
-    gather = LayerGather(pool, rows, torch.tensor(blocks, dtype=torch.int64, device=DEVICE))
+    gather = LayerGather(pool, rows, torch.tensor(blocks, dtype=torch.int64, device=DEVICE), programs)
     words = pool.view(torch.uint8).view(torch.int64).view(layers, 2, num_pool_blocks, -1)
     expected = slab[slots].view(len(slots), layers, 2, -1)
     for layer in range(layers):
