@@ -169,6 +169,17 @@ def test_logprobs(server: KvtierServer) -> None:
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert chosen <= 0 and 1 <= len(top) <= 3  # token texts may repeat ('\ufffd'): the dict merges them
         assert chosen == pytest.approx(max(top.values()))  # greedy took the most likely token
+    # streamed, each chunk's text_offset goes on from the chunk before: the same as in one answer
+    assert lp.text_offset is not None and lp.tokens is not None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+    chunks = list(c.completions.create(model=MODEL, prompt="logprobs", logprobs=3, stream=True, **GREEDY))
+    offsets = [
+        o
+        for ch in chunks
+        if ch.choices and ch.choices[0].logprobs
+        for o in ch.choices[0].logprobs.text_offset or []
+    ]
+    assert offsets == lp.text_offset
     msgs = [{"role": "user", "content": "chat logprobs"}]
     out2 = c.chat.completions.create(model=MODEL, messages=msgs, logprobs=True, top_logprobs=2, **GREEDY)  # type: ignore[arg-type]
     content = out2.choices[0].logprobs.content  # type: ignore[union-attr]
@@ -248,10 +259,28 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         post(server, "/v1/chat/completions", {**chat_body, "logprobs": True, "top_logprobs": 30}), 400
     )
     assert "[0, 20]" in err["message"]
-    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens"):
         client(server).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=MAX_MODEL_LEN
         )
+    hi = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    err = error_of(post(server, "/v1/chat/completions", {**hi, "max_completion_tokens": 0}), 400)
+    assert err["param"] == "max_completion_tokens" and "max_completion_tokens must be >= 1" in err["message"]
+    for empty in ("", [[]]):
+        err = error_of(post(server, "/v1/completions", {**ok, "prompt": empty}), 400)
+        assert err["param"] == "prompt" and "the prompt is empty" in err["message"], err
+    # a tenant's request salt is checked as sent: its length and limit, not the tenant-salted form's
+    err = error_of(post(server, "/v1/completions", {**ok, "cache_salt": "s" * 1025}), 400)
+    assert err["param"] == "cache_salt" and "cache_salt has 1025 characters; at most 1024" in err["message"]
+    assert post(server, "/v1/completions", {**ok, "cache_salt": "s" * 1024}).status_code == 200  # the limit
+    headers = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "x", ', headers=headers, timeout=30)
+    err = error_of(r, 422)
+    assert err["param"] is None and "JSON decode error" in err["message"]
+    err = error_of(httpx.get(server.url + "/v1/nothing", timeout=30), 404)  # OpenAI's body, not FastAPI's
+    assert err["type"] == "not_found_error" and "/v1/nothing" in err["message"]
+    err = error_of(httpx.get(server.url + "/v1/completions", timeout=30), 405)
+    assert "GET /v1/completions" in err["message"]
     server.wait_idle()  # nothing was left behind by the refused requests
     assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
 

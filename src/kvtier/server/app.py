@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,10 +23,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvtier
 from kvtier.engine.engine import Engine
-from kvtier.engine.request import InvalidRequestError
+from kvtier.engine.request import InvalidRequestError, SamplingParams
 from kvtier.metrics import CONTENT_TYPE_LATEST
 from kvtier.server import completions as cmpl
 from kvtier.server.auth import AuthError, Tenants, cache_salt
@@ -166,27 +168,46 @@ def _error(status: int, kind: str, message: str, param: str | None = None, **hea
     return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
 
 
-_PARAM = re.compile(r"^(?:stop token id|stop strings|([a-z_]+)) ")
+# The engine's InvalidRequestError names its parameter first ("temperature must be ..."); these
+# are the names it can start with, and the messages about the prompt itself.
+_ENGINE_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"cache_salt"}
+_PROMPT_MESSAGE = re.compile(r"^(?:the prompt|a prompt|token ids?|prompt) ")
+_STOP_MESSAGE = re.compile(r"^(?:stop token id|stop strings) ")
+
+
+def engine_error_param(message: str, path: str) -> str | None:
+    """The request parameter an engine error names, or None: a chat request's prompt is its
+    ``messages``."""
+    if _PROMPT_MESSAGE.match(message):
+        return "messages" if path.endswith("/chat/completions") else "prompt"
+    if _STOP_MESSAGE.match(message):
+        return "stop"
+    first = message.split(" ", 1)[0]
+    return first if first in _ENGINE_PARAMS else None
 
 
 def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     retry = {"Retry-After": str(settings.retry_after_s)}
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """An unknown route (404) or method (405): OpenAI's error body, not FastAPI's ``detail``."""
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return _error(e.status_code, kind, message, **(e.headers or {}))
+
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, e: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
-        param = next((str(err["loc"][-1]) for err in e.errors() if err.get("loc")), None)
-        return _error(422, "invalid_request_error", "malformed request body: " + "; ".join(parts), param)
+        return _error(422, "invalid_request_error", "malformed request body: " + "; ".join(parts), _field(e))
 
     @app.exception_handler(BadParam)
     async def bad_param(_: Request, e: BadParam) -> JSONResponse:
         return _error(400, "invalid_request_error", str(e), e.param)
 
     @app.exception_handler(InvalidRequestError)
-    async def invalid(_: Request, e: InvalidRequestError) -> JSONResponse:
-        m = _PARAM.match(str(e))
-        param = m.group(1) if m and m.group(1) else ("stop" if m else None)
-        return _error(400, "invalid_request_error", str(e), param)
+    async def invalid(request: Request, e: InvalidRequestError) -> JSONResponse:
+        return _error(400, "invalid_request_error", str(e), engine_error_param(str(e), request.url.path))
 
     @app.exception_handler(AuthError)
     async def unauthorized(_: Request, e: AuthError) -> JSONResponse:
@@ -213,6 +234,16 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
         return _error(503, "server_unavailable", str(e), **retry)
 
 
+def _field(e: RequestValidationError) -> str | None:
+    """The top-level body field a validation error is about (``messages`` for ``messages.0.content``);
+    None for a body that is not JSON (its location is a character offset) or not an object."""
+    for err in e.errors():
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        if loc and isinstance(loc[0], str):
+            return loc[0]
+    return None
+
+
 # -- routes ---------------------------------------------------------------------------------------
 
 
@@ -236,11 +267,13 @@ def check_model(state: ServerState, model: str | None) -> None:
         raise UnknownModel(f"the model {model!r} does not exist; this server serves {state.model_names}")
 
 
-def encode(state: ServerState, prompt: str | list[int], param: str) -> list[int]:
+def encode(
+    state: ServerState, prompt: str | list[int], param: str, add_special_tokens: bool = True
+) -> list[int]:
     if isinstance(prompt, str):
         if state.tokenizer is None:
             raise BadParam("this model has no tokenizer: send token ids", param)
-        return list(state.tokenizer.encode(prompt, add_special_tokens=True))
+        return list(state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     vocab = state.info.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -297,9 +330,8 @@ def _chat(state: ServerState) -> Any:
         check_model(state, body.model)
         ids = apply_chat_template(state, body.chat())
         logprobs = body.logprobs_count()
-        max_tokens = cmpl.resolve_max_tokens(
-            body.requested_max_tokens(), len(ids), state.max_model_len, "messages"
-        )
+        requested, name = body.requested_max_tokens()
+        max_tokens = cmpl.resolve_max_tokens(requested, len(ids), state.max_model_len, "messages", name)
         params = body.sampling_params(max_tokens, logprobs)
         job = cmpl.Job(state, True, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
         job.rid = job.rid.replace("cmpl-", "chatcmpl-", 1)
@@ -350,7 +382,8 @@ def _models(state: ServerState) -> Any:
 
 def _health(state: ServerState) -> Any:
     async def health() -> Response:
-        if (why := state.loop.unavailable()) is not None:
+        why = state.loop.unavailable() or (None if state.loop.accepting else "the server is shutting down")
+        if why is not None:  # a load balancer takes this instance out of rotation
             return _error(503, "server_unavailable", why)
         return JSONResponse({"status": "ok", "pending_requests": state.loop.num_pending})
 
@@ -377,7 +410,7 @@ def _tokenize(state: ServerState) -> Any:
         if body.messages is not None:
             ids = apply_chat_template(state, [{"role": m.role, "content": m.text()} for m in body.messages])
         else:
-            ids = encode(state, body.prompt or "", "prompt")
+            ids = encode(state, body.prompt or "", "prompt", body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
     return tokenize

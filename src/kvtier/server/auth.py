@@ -16,7 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from kvtier.engine.request import check_cache_salt
+
 DEFAULT_TENANT = "default"
+MAX_TENANT_CHARS = 256  # the salted form stays well under the engine's cache_salt limit
 _SEP = "\x1f"  # cannot occur in a tenant name read from a keys file (control character)
 
 
@@ -62,10 +65,17 @@ class Tenants:
 
 
 def cache_salt(tenant: str | None, request_salt: str | None) -> str | None:
-    """The salt a request's block keys are made with: its tenant, narrowed by its own cache_salt."""
+    """The salt a request's block keys are made with: its tenant, narrowed by its own cache_salt.
+
+    The request's salt is checked as sent (its error names its own length and limit, not the
+    tenant's), then enters as a digest: the salted form has one length whatever the salt's, so a
+    salt at the engine's limit still fits beside any tenant name."""
+    salt = check_cache_salt(request_salt)
     if tenant is None:
-        return request_salt or None
-    return f"tenant{_SEP}{tenant}" + (f"{_SEP}{request_salt}" if request_salt else "")
+        return salt or None
+    if not salt:
+        return f"tenant{_SEP}{tenant}"
+    return f"tenant{_SEP}{tenant}{_SEP}{hashlib.sha256(salt.encode()).hexdigest()}"
 
 
 def read_keys_file(path: str) -> dict[str, str]:
@@ -89,6 +99,11 @@ def read_keys_file(path: str) -> dict[str, str]:
     for key, tenant in out.items():
         if not key or not tenant or any(ord(c) < 32 for c in tenant):
             raise ValueError(f"{path}: empty key or tenant name, or a control character in {tenant!r}")
+        if len(tenant) > MAX_TENANT_CHARS:
+            raise ValueError(
+                f"{path}: the tenant name {tenant[:40]!r}... has {len(tenant)} characters; "
+                f"at most {MAX_TENANT_CHARS}"
+            )
     if not out:
         raise ValueError(f"{path}: no API keys in the file")
     return out

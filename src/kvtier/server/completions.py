@@ -51,7 +51,10 @@ class Job:
         return "text_completion"
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str, name: str = "max_tokens"
+) -> int:
+    """The tokens to generate: ``requested`` (the parameter ``name``), or what the context leaves."""
     if prompt_len >= max_model_len:
         raise BadParam(
             f"the prompt has {prompt_len} tokens; the model's context is {max_model_len} tokens, "
@@ -61,12 +64,12 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     if requested is None:
         return max_model_len - prompt_len
     if requested < 1:
-        raise BadParam(f"max_tokens must be >= 1, got {requested}", "max_tokens")
+        raise BadParam(f"{name} must be >= 1, got {requested}", name)
     if prompt_len + requested > max_model_len:
         raise BadParam(
-            f"max_tokens={requested} plus the prompt's {prompt_len} tokens is more than the model's "
+            f"{name}={requested} plus the prompt's {prompt_len} tokens is more than the model's "
             f"context of {max_model_len} tokens",
-            "max_tokens",
+            name,
         )
     return requested
 
@@ -128,6 +131,7 @@ class Finished:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     served_from: str = "model"
+    text_offset: int = 0  # a stream's logprobs: where the next token's text starts in the completion
 
     def add(self, d: Delta) -> None:
         self.text.append(d.text)
@@ -176,14 +180,17 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
                     return
                 index = p * job.n + d.completion
                 first = d.completion not in seen
-                seen.setdefault(d.completion, Finished(d.completion)).count(d)
+                counts = seen.setdefault(d.completion, Finished(d.completion))
+                counts.count(d)
                 lps = d.logprobs or []
                 if first and job.chat:  # sent with the first token, as OpenAI does: a client's TTFT
                     role = {"role": "assistant", "content": ""}
                     pending.append(_sse(_chunk(job, [_delta_choice(job, index, role, None, None)])))
                 # the first token always makes a chunk, even before it makes text (a partial character)
                 if d.text or d.finished or (lps and job.want_logprobs) or (first and not job.chat):
-                    pending.append(_sse(_chunk(job, [_choice(job, index, d.text, lps, d.finish_reason)])))
+                    choice = _choice(job, index, d.text, lps, d.finish_reason, counts.text_offset)
+                    pending.append(_sse(_chunk(job, [choice])))
+                    counts.text_offset += sum(len(job.state.token_text(lp.token_id)) for lp in lps)
             _raise_if_failed(stream)
             finals.append([seen[i] for i in sorted(seen)])
         if job.include_usage:
@@ -214,10 +221,12 @@ def _choice(
     text: str,
     lps: list[TokenLogprob],
     finish_reason: str | None,
+    text_offset: int = 0,
 ) -> dict[str, Any]:
+    """One choice; ``text_offset``: where ``lps``' first token starts in its completion's text."""
     logprobs = None
     if job.want_logprobs:
-        logprobs = _chat_logprobs(job, lps) if job.chat else _completion_logprobs(job, lps)
+        logprobs = _chat_logprobs(job, lps) if job.chat else _completion_logprobs(job, lps, text_offset)
     if not job.chat:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if job.streaming:
@@ -245,10 +254,10 @@ def _chat_logprobs(job: Job, lps: list[TokenLogprob]) -> dict[str, Any]:
     return {"content": content}
 
 
-def _completion_logprobs(job: Job, lps: list[TokenLogprob]) -> dict[str, Any]:
+def _completion_logprobs(job: Job, lps: list[TokenLogprob], at: int = 0) -> dict[str, Any]:
     text = job.state.token_text
     tokens = [text(lp.token_id) for lp in lps]
-    offsets, at = [], 0
+    offsets = []
     for t in tokens:
         offsets.append(at)
         at += len(t)

@@ -118,6 +118,11 @@ class EngineLoop:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    @property
+    def accepting(self) -> bool:
+        """False once a shutdown began: new requests are refused (503), /health says so."""
+        return self._accepting
+
     async def submit(
         self,
         request_id: str,

@@ -112,6 +112,11 @@ class ProcessEngineLoop:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    @property
+    def accepting(self) -> bool:
+        """False once a shutdown began: new requests are refused (503), /health says so."""
+        return self._accepting
+
     def unavailable(self) -> str | None:
         if self.fatal is not None:
             return self.fatal

@@ -145,8 +145,11 @@ class ChatCompletionRequest(_Sampling):
             raise BadParam("top_logprobs needs logprobs=true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The tokens asked for, and the parameter that asked (the newer name wins)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     def chat(self) -> list[dict[str, str]]:
         if not self.messages:
