@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -109,6 +110,40 @@ def test_sigterm_during_load_finishes_or_refuses_every_request() -> None:
     assert out.completed >= 32 and not out.broken, (out.broken, server.output())
     assert out.refused >= 1  # every worker ends on a refusal; some at least saw it
     assert "Traceback" not in server.output(), server.output()
+
+
+@pytest.mark.parametrize("layout", [(), ("--engine-process", "off")], ids=["engine-process", "engine-thread"])
+def test_sigterm_past_the_drain_time_ends_running_requests_cleanly(layout: tuple[str, ...]) -> None:
+    """Requests still running when the drain time (--shutdown-timeout) is up end with the shutdown
+    named, a stream with an error event and [DONE], a waiting request with a 503: no cut connection,
+    no traceback, and the process exits 0."""
+    server = KvtierServer(
+        "--model", MODEL, "--kv-cache-memory", str(64 << 20), "--max-model-len", "4096",
+        "--shutdown-timeout", "1", *layout,
+    )  # fmt: skip
+    url = server.url + "/v1/completions"
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 4000, "ignore_eos": True}  # ~5 s of steps
+    plain: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: plain.append(httpx.post(url, json=body, timeout=60)))
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: {")  # it runs
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while server.metrics()["kvtier:num_requests_running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.terminate()
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    waiting.join(30)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 503 and "shutting down" in err["message"], err
+    assert len(events) > 3  # tokens came before the end
+    assert plain and plain[0].status_code == 503, plain
+    assert "shutting down" in plain[0].json()["error"]["message"]
+    assert plain[0].headers["retry-after"]
+    assert server.wait(60) == 0, server.output()
+    assert "Traceback" not in server.output() and "ASGI" not in server.output(), server.output()
 
 
 @pytest.mark.slow

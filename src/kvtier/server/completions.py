@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 from kvtier.engine.request import SamplingParams, TokenLogprob
-from kvtier.server.loop import RequestStream
+from kvtier.server.loop import RequestStream, ShuttingDown
 from kvtier.server.outputs import Delta
 from kvtier.server.protocol import BadParam, envelope, error_body, new_id, usage
 
@@ -191,7 +191,9 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
                     choice = _choice(job, index, d.text, lps, d.finish_reason, counts.text_offset)
                     pending.append(_sse(_chunk(job, [choice])))
                     counts.text_offset += sum(len(job.state.token_text(lp.token_id)) for lp in lps)
-            _raise_if_failed(stream)
+            if stream.error is not None:  # the engine failed, or the shutdown's drain time ran out
+                yield "".join([*pending, _sse(_stream_error_body(stream.error)), "data: [DONE]\n\n"])
+                return
             finals.append([seen[i] for i in sorted(seen)])
         if job.include_usage:
             pending.append(_sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals))))
@@ -291,8 +293,16 @@ def _usage(finals: list[list[Finished]]) -> dict[str, Any]:
 def _raise_if_failed(stream: RequestStream, d: Delta | None = None) -> None:
     if d is not None and d.error:
         raise EngineFailure(f"the request failed: {d.error}")
+    if isinstance(stream.error, ShuttingDown):  # 503 with Retry-After: another instance may serve it
+        raise ShuttingDown(str(stream.error))
     if stream.error is not None:
         raise EngineFailure(f"the engine failed: {stream.error}")
+
+
+def _stream_error_body(error: BaseException) -> dict[str, Any]:
+    if isinstance(error, ShuttingDown):
+        return error_body(str(error), "server_unavailable", 503)
+    return error_body(f"the engine failed: {error}", "internal_error", 500)
 
 
 async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:

@@ -79,6 +79,38 @@ class RequestStream:
         return not self.unfinished
 
 
+class OpenStreams:
+    """The streams handlers are reading (event-loop side). A shutdown whose drain time runs out
+    ends them with ``ShuttingDown`` before uvicorn cancels their handlers: a stream then sends an
+    error event and [DONE], a waiting non-streaming handler answers 503, instead of a cut
+    connection."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, RequestStream] = {}
+
+    def add(self, stream: RequestStream) -> None:
+        self._streams[id(stream)] = stream
+
+    def discard(self, stream: RequestStream) -> None:
+        self._streams.pop(id(stream), None)
+
+    def end_all(self, reason: str) -> int:
+        """On the event loop: end every open stream (its handler's release aborts the engine's
+        side); returns how many."""
+        ended = [s for s in self._streams.values() if not s.finished]
+        for stream in ended:
+            if stream.error is None:
+                stream.error = ShuttingDown(reason)
+            stream.queue.put_nowait(None)
+        if ended:
+            log.warning("%s: ending %d requests", reason, len(ended))
+        return len(ended)
+
+    def end_all_after(self, event_loop: asyncio.AbstractEventLoop, delay_s: float, reason: str) -> None:
+        """From any thread (a signal handler): ``end_all(reason)`` in ``delay_s`` seconds."""
+        event_loop.call_soon_threadsafe(event_loop.call_later, delay_s, self.end_all, reason)
+
+
 class EngineLoop:
     def __init__(
         self,
@@ -102,6 +134,7 @@ class EngineLoop:
         self._accepting = True
         self._stop = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.open_streams = OpenStreams()
         self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
         self._last_metrics = 0.0
         self.fatal: BaseException | None = None
@@ -153,16 +186,19 @@ class EngineLoop:
             self.stages.stamp(request_id, "sent")
         self._send(add)
         try:
-            return await done
+            stream = await done
         except BaseException:
             self._pending -= 1
             if not done.done():  # the handler was cancelled (client gone): undo the add, queued after it
                 self._send(lambda: self._abort_id(request_id))
             raise
+        self.open_streams.add(stream)
+        return stream
 
     def release(self, stream: RequestStream) -> None:
         """The handler is done with ``stream`` (finished, failed or disconnected): abort what runs."""
         self._pending -= 1
+        self.open_streams.discard(stream)
         if not stream.finished:
             self._send(lambda: self._abort(stream))
 

@@ -27,7 +27,7 @@ from typing import Any
 from kvtier.config import EngineConfig
 from kvtier.engine.request import InvalidRequestError, SamplingParams, completion_ids
 from kvtier.server.engine_proc import run_engine_process
-from kvtier.server.loop import EngineUnavailable, RequestStream, check_admission
+from kvtier.server.loop import EngineUnavailable, OpenStreams, RequestStream, check_admission
 from kvtier.server.outputs import Delta, EngineInfo, failed
 from kvtier.server.stages import StageLog
 
@@ -82,6 +82,7 @@ class ProcessEngineLoop:
         self.closed_ok: bool | None = None  # the child's Engine.close: every write stored
         self.fatal: str | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.open_streams = OpenStreams()
         self._reader = threading.Thread(target=self._read, name="kvtier-engine-outputs", daemon=True)
 
     def _wait_ready(self, timeout: float) -> tuple[EngineInfo, Any]:
@@ -155,11 +156,13 @@ class ProcessEngineLoop:
             if not done.done():  # the handler was cancelled (client gone): undo the add
                 self._try_send(("abort", request_id))
             raise
+        self.open_streams.add(stream)
         return stream
 
     def release(self, stream: RequestStream) -> None:
         """The handler is done with ``stream``: abort what still runs."""
         self._pending -= 1
+        self.open_streams.discard(stream)
         if not stream.finished:
             self._drop(stream)
             self._try_send(("abort", stream.request_id))

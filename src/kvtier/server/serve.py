@@ -8,6 +8,7 @@ them in the engine), and the app's lifespan ends the engine loop and flushes the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from kvtier.server.stages import StageLog
 
 log = logging.getLogger(__name__)
 
+DRAIN_MARGIN_S = 1.0  # before uvicorn's graceful timeout: the error events' time to be written
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server, telling the engine loop to refuse new requests the moment a signal comes."""
@@ -36,11 +39,29 @@ class _Server(uvicorn.Server):
         self.engine_loop = loop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
         self.engine_loop.stop_accepting()
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal after its shutdown, so the process would die of it (-15);
         # a shutdown that drained and flushed is a success: exit 0.
         self._captured_signals.clear()
+        if first:
+            self._end_requests_before_the_drain_time_is_up()
+
+    def _end_requests_before_the_drain_time_is_up(self) -> None:
+        """uvicorn cancels the handlers still running when its graceful timeout ends: their clients
+        would see a cut connection. A moment before, the loop ends their streams instead: each gets
+        an error event naming the shutdown (or a 503), then the handlers return on their own."""
+        timeout = self.config.timeout_graceful_shutdown
+        try:
+            event_loop = asyncio.get_running_loop()  # the signal is handled on the loop's thread
+        except RuntimeError:  # before the loop runs: nothing is in flight
+            return
+        if timeout is None:
+            return
+        reason = f"the server is shutting down; the request did not finish within {timeout} s"
+        delay = max(0.0, timeout - min(DRAIN_MARGIN_S, timeout / 4))
+        self.engine_loop.open_streams.end_all_after(event_loop, delay, reason)
 
 
 def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = "info") -> None:
