@@ -1,8 +1,8 @@
 """``kvtier serve``: build the engine, then run the app on uvicorn until SIGTERM or SIGINT.
 
 Shutdown order: the signal stops new requests (503, and uvicorn closes its listening socket), uvicorn
-waits up to ``shutdown_timeout_s`` for in-flight requests to finish (then cancels them, which aborts
-them in the engine), and the app's lifespan ends the engine loop and flushes the tiers
+waits up to ``shutdown_timeout_s`` for in-flight requests to finish (a moment before that, those
+left are ended with an error event or a 503 naming the shutdown, and aborted), and the app's lifespan ends the engine loop and flushes the tiers
 (``Engine.close``). The process then exits 0.
 """
 
