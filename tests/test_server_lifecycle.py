@@ -20,7 +20,8 @@ SERVER_ARGS = ("--model", MODEL, "--kv-cache-memory", str(8 << 20), "--max-model
 
 
 def test_full_queue_answers_503_with_retry_after() -> None:
-    server = KvtierServer(*SERVER_ARGS, "--max-pending-requests", "1")
+    # the bound from the environment: server options take KVTIER_* as the engine's settings do
+    server = KvtierServer(*SERVER_ARGS, env={"KVTIER_MAX_PENDING_REQUESTS": "1"})
     try:
         # 1000 engine steps: the one HTTP round trip below comes long before the first request ends
         body = {"model": MODEL, "prompt": "first", "max_tokens": 1000, "ignore_eos": True, "stream": True}

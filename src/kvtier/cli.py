@@ -152,19 +152,29 @@ def serve(
     ] = None,
     api_keys_file: Annotated[
         str | None,
-        typer.Option(help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)"),
+        typer.Option(
+            help="file mapping keys to tenant names (YAML/JSON, or '<key> <tenant>' lines)",
+            envvar="KVTIER_API_KEYS_FILE",
+        ),
     ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="model name clients use")] = None,
-    max_pending_requests: Annotated[int, typer.Option(help="accepted, unfinished requests; then 503")] = 1024,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="model name clients use", envvar="KVTIER_SERVED_MODEL_NAME")
+    ] = None,
+    max_pending_requests: Annotated[
+        int,
+        typer.Option(help="accepted, unfinished requests; then 503", envvar="KVTIER_MAX_PENDING_REQUESTS"),
+    ] = 1024,
     shutdown_timeout: Annotated[
-        float, typer.Option(help="SIGTERM: seconds in-flight requests may take")
+        float,
+        typer.Option(help="SIGTERM: seconds in-flight requests may take", envvar="KVTIER_SHUTDOWN_TIMEOUT"),
     ] = 30.0,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level", envvar="KVTIER_LOG_LEVEL")] = "info",
     step_handoff: Annotated[
         float | None,
         typer.Option(
             help="after a step, wait for its outputs to be sent: at most this x the step "
-            "(0: never; default 1 on CPU, 0 on CUDA)"
+            "(0: never; default 1 on CPU, 0 on CUDA)",
+            envvar="KVTIER_STEP_HANDOFF",
         ),
     ] = None,
     engine_process: Annotated[
@@ -185,7 +195,8 @@ def serve(
         float | None,
         typer.Option(
             help="engine process: between steps, wait for new requests up to this fraction of the "
-            "time the steps wait for the device (default 0: never; it hurt on the H200; none on a CPU)"
+            "time the steps wait for the device (default 0: never; it hurt on the H200; none on a CPU)",
+            envvar="KVTIER_JOIN_WINDOW",
         ),
     ] = None,
     *,

@@ -2,8 +2,8 @@
 
 Shutdown order: the signal stops new requests (503, and uvicorn closes its listening socket), uvicorn
 waits up to ``shutdown_timeout_s`` for in-flight requests to finish (a moment before that, those
-left are ended with an error event or a 503 naming the shutdown, and aborted), and the app's lifespan ends the engine loop and flushes the tiers
-(``Engine.close``). The process then exits 0.
+left are ended with an error event or a 503 naming the shutdown, and aborted), and the app's
+lifespan ends the engine loop and flushes the tiers (``Engine.close``). The process then exits 0.
 """
 
 from __future__ import annotations
