@@ -143,6 +143,22 @@ def test_n_and_seeds(server: KvtierServer) -> None:
     assert finished == {0, 1}
 
 
+def test_a_list_of_prompts_streams_interleaved(server: KvtierServer) -> None:
+    """Prompts of one request run in one batch; streamed, their chunks come as they are made (a later
+    prompt's first token does not wait for the first prompt's last), with the texts of one answer."""
+    c = client(server)
+    # long enough that the handler reads while they are made (what was made already comes in order)
+    many = {**GREEDY, "max_tokens": 400}
+    args: dict[str, Any] = dict(model=MODEL, prompt=["first prompt", "second prompt"], **many)
+    whole = c.completions.create(**args)
+    chunks = [ch for ch in c.completions.create(stream=True, **args) if ch.choices]
+    order = [ch.choices[0].index for ch in chunks]
+    assert set(order) == {0, 1} and order.index(1) < len(order) - 1 - order[::-1].index(0), order
+    for i in (0, 1):
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == i)
+        assert text == next(ch.text for ch in whole.choices if ch.index == i)
+
+
 def test_stop_strings(server: KvtierServer) -> None:
     c = client(server)
     args: dict[str, Any] = dict(model=MODEL, prompt="stop here", temperature=0, max_tokens=40)

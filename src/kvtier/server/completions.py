@@ -150,7 +150,8 @@ class Finished:
 
 
 async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
-    """Server-sent events: the new text of each completion as it is generated, then [DONE].
+    """Server-sent events: the new text of each completion as it is generated, then [DONE]. A list
+    of prompts streams its completions interleaved, as they come (as vLLM does).
 
     Everything ready is sent in one write: events pile up in ``pending`` and leave only when the next
     output is not there yet. Each write releases the interpreter lock and takes it back from the engine
@@ -158,51 +159,87 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
     content), its last (finish, usage, [DONE]) and a handler that fell behind by several steps each
     cost one write, not one per event."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
-    finals: list[list[Finished]] = []
+    deltas = _Deltas(job.streams)
+    # per prompt: completion index -> its counts (text is not kept)
+    seen: list[dict[int, Finished]] = [{} for _ in job.streams]
     pending: list[str] = []
     stages = job.state.loop.stages  # --trace-stages: the first delta's "got" and "written"
     try:
-        for p, stream in enumerate(job.streams):
-            seen: dict[int, Finished] = {}  # completion index -> its counts (text is not kept)
-            while True:
-                if pending and stream.queue.empty():
-                    if stages is not None:
-                        stages.stamp(job.rid, "written")
-                    yield "".join(pending)
-                    pending.clear()
-                if (d := await stream.queue.get()) is None:
-                    break
+        while deltas.open:
+            if pending and deltas.empty():
                 if stages is not None:
-                    stages.stamp(job.rid, "got")
-                if d.error:  # headers are sent: the error goes in the stream, as vLLM does
-                    pending += [_sse(error_body(f"the request failed: {d.error}", "internal_error", 500))]
-                    yield "".join([*pending, "data: [DONE]\n\n"])
+                    stages.stamp(job.rid, "written")
+                yield "".join(pending)
+                pending.clear()
+            p, d = await deltas.get()
+            if d is None:
+                if (error := job.streams[p].error) is not None:  # the engine failed, or the drain ran out
+                    yield "".join([*pending, _sse(_stream_error_body(error)), "data: [DONE]\n\n"])
                     return
-                index = p * job.n + d.completion
-                first = d.completion not in seen
-                counts = seen.setdefault(d.completion, Finished(d.completion))
-                counts.count(d)
-                lps = d.logprobs or []
-                if first and job.chat:  # sent with the first token, as OpenAI does: a client's TTFT
-                    role = {"role": "assistant", "content": ""}
-                    pending.append(_sse(_chunk(job, [_delta_choice(job, index, role, None, None)])))
-                # the first token always makes a chunk, even before it makes text (a partial character)
-                if d.text or d.finished or (lps and job.want_logprobs) or (first and not job.chat):
-                    choice = _choice(job, index, d.text, lps, d.finish_reason, counts.text_offset)
-                    pending.append(_sse(_chunk(job, [choice])))
-                    counts.text_offset += sum(len(job.state.token_text(lp.token_id)) for lp in lps)
-            if stream.error is not None:  # the engine failed, or the shutdown's drain time ran out
-                yield "".join([*pending, _sse(_stream_error_body(stream.error)), "data: [DONE]\n\n"])
+                continue
+            if stages is not None:
+                stages.stamp(job.rid, "got")
+            if d.error:  # headers are sent: the error goes in the stream, as vLLM does
+                pending += [_sse(error_body(f"the request failed: {d.error}", "internal_error", 500))]
+                yield "".join([*pending, "data: [DONE]\n\n"])
                 return
-            finals.append([seen[i] for i in sorted(seen)])
+            index = p * job.n + d.completion
+            first = d.completion not in seen[p]
+            counts = seen[p].setdefault(d.completion, Finished(d.completion))
+            counts.count(d)
+            lps = d.logprobs or []
+            if first and job.chat:  # sent with the first token, as OpenAI does: a client's TTFT
+                role = {"role": "assistant", "content": ""}
+                pending.append(_sse(_chunk(job, [_delta_choice(job, index, role, None, None)])))
+            # the first token always makes a chunk, even before it makes text (a partial character)
+            if d.text or d.finished or (lps and job.want_logprobs) or (first and not job.chat):
+                choice = _choice(job, index, d.text, lps, d.finish_reason, counts.text_offset)
+                pending.append(_sse(_chunk(job, [choice])))
+                counts.text_offset += sum(len(job.state.token_text(lp.token_id)) for lp in lps)
         if job.include_usage:
+            finals = [[done[i] for i in sorted(done)] for done in seen]
             pending.append(_sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals))))
         if stages is not None:  # a stream whose first event leaves with its last
             stages.stamp(job.rid, "written")
         yield "".join([*pending, "data: [DONE]\n\n"])
     finally:
+        deltas.close()
         watcher.cancel()
         release_all(job)
+
+
+class _Deltas:
+    """The deltas of a job's streams as they arrive, each with its prompt's index; ``(p, None)``
+    when stream p ends. One stream is read directly; several through one queue that a task per
+    stream feeds, so a later prompt's tokens are not held back until the first prompt ends."""
+
+    def __init__(self, streams: list[RequestStream]) -> None:
+        self.open = len(streams)
+        self._one = streams[0].queue if len(streams) == 1 else None
+        self._merged: asyncio.Queue[tuple[int, Delta | None]] = asyncio.Queue()
+        self._feeders = (
+            []
+            if self._one is not None
+            else [asyncio.create_task(self._feed(p, s)) for p, s in enumerate(streams)]
+        )
+
+    async def _feed(self, p: int, stream: RequestStream) -> None:
+        while (d := await stream.queue.get()) is not None:
+            self._merged.put_nowait((p, d))
+        self._merged.put_nowait((p, None))
+
+    def empty(self) -> bool:
+        return self._one.empty() if self._one is not None else self._merged.empty()
+
+    async def get(self) -> tuple[int, Delta | None]:
+        got = (0, await self._one.get()) if self._one is not None else await self._merged.get()
+        if got[1] is None:
+            self.open -= 1
+        return got
+
+    def close(self) -> None:
+        for feeder in self._feeders:
+            feeder.cancel()
 
 
 def _chunk(job: Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
