@@ -320,6 +320,20 @@ def test_disconnect_mid_stream_frees_blocks(server: KvtierServer) -> None:
     assert m["kvtier:pool_blocks_available"] == m["kvtier:pool_blocks"]  # every block free or evictable
 
 
+def test_a_client_that_gives_up_waiting_frees_the_blocks(server: KvtierServer) -> None:
+    """Not streaming: a client that times out and closes its connection aborts the request."""
+    asked = MAX_MODEL_LEN - 16
+    body = {"model": MODEL, "prompt": "gives up", "max_tokens": asked, "ignore_eos": True}
+    headers = {"Authorization": "Bearer key-a"}
+    before = server.metrics()["kvtier:generated_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.3)
+    m = server.wait_idle()
+    assert m["kvtier:generated_tokens_total"] - before < asked  # stopped, not run to its end
+    assert m["kvtier:pool_blocks_in_use"] == 0 and m["kvtier:num_requests_running"] == 0
+    assert m["kvtier:pool_blocks_available"] == m["kvtier:pool_blocks"]
+
+
 def test_side_routes(server: KvtierServer) -> None:
     models = client(server).models.list()
     assert [m.id for m in models.data] == [MODEL]
