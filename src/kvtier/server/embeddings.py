@@ -23,7 +23,7 @@ import kvtier
 from kvtier.engine.embedder import Embedder
 from kvtier.server.app import ServerSettings, UnknownModel, add_error_handlers
 from kvtier.server.auth import Tenants
-from kvtier.server.loop import QueueFull, ShuttingDown
+from kvtier.server.loop import OpenStreams, QueueFull, ShuttingDown
 from kvtier.server.protocol import BadParam
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
@@ -58,6 +58,8 @@ class EmbedGate:
         self.pending = 0
         self.accepting = True
         self.lock = threading.Lock()
+        # serve.py's drain deadline ends the streams left; embeddings answer whole: never any
+        self.open_streams = OpenStreams()
 
     def stop_accepting(self) -> None:
         self.accepting = False
