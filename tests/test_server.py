@@ -110,8 +110,9 @@ def test_stream_sends_what_is_ready_in_one_write(server: KvtierServer) -> None:
     ]
     first, last = events[0], events[-1]
     assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert len(first) <= 2
-    if len(first) == 2:  # the first token made text (it may end inside a character): it rode with the role
+    # the first token rides with the role when it made text (it may end inside a character); more
+    # tokens too when they were ready before the first write (a tiny model outruns the handler)
+    if len(first) >= 2:
         assert first[1]["choices"][0]["delta"]["content"]
     assert last[-1] is None and last[-2]["usage"]["completion_tokens"] == 5
     assert last[-3]["choices"][0]["finish_reason"] == "length"
@@ -330,6 +331,7 @@ def test_a_client_that_gives_up_waiting_frees_the_blocks(server: KvtierServer) -
         httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.3)
     m = server.wait_idle()
     assert m["kvtier:generated_tokens_total"] - before < asked  # stopped, not run to its end
+    assert "Exception in ASGI application" not in server.output()  # a quiet end, not a traceback
     assert m["kvtier:pool_blocks_in_use"] == 0 and m["kvtier:num_requests_running"] == 0
     assert m["kvtier:pool_blocks_available"] == m["kvtier:pool_blocks"]
 

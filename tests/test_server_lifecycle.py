@@ -122,29 +122,33 @@ def test_sigterm_past_the_drain_time_ends_running_requests_cleanly(layout: tuple
         "--model", MODEL, "--kv-cache-memory", str(64 << 20), "--max-model-len", "4096",
         "--shutdown-timeout", "1", *layout,
     )  # fmt: skip
-    url = server.url + "/v1/completions"
-    body = {"model": MODEL, "prompt": "long", "max_tokens": 4000, "ignore_eos": True}  # ~5 s of steps
-    plain: list[httpx.Response] = []
-    waiting = threading.Thread(target=lambda: plain.append(httpx.post(url, json=body, timeout=60)))
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
-        lines = stream.iter_lines()
-        assert next(lines).startswith("data: {")  # it runs
-        waiting.start()
-        deadline = time.monotonic() + 30
-        while server.metrics()["kvtier:num_requests_running"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        server.terminate()
-        events = [line[6:] for line in lines if line.startswith("data: ")]
-    waiting.join(30)
-    assert events[-1] == "[DONE]"
-    err = json.loads(events[-2])["error"]
-    assert err["code"] == 503 and "shutting down" in err["message"], err
-    assert len(events) > 3  # tokens came before the end
-    assert plain and plain[0].status_code == 503, plain
-    assert "shutting down" in plain[0].json()["error"]["message"]
-    assert plain[0].headers["retry-after"]
-    assert server.wait(60) == 0, server.output()
-    assert "Traceback" not in server.output() and "ASGI" not in server.output(), server.output()
+    try:
+        url = server.url + "/v1/completions"
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 4000, "ignore_eos": True}  # ~5 s of steps
+        plain: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: plain.append(httpx.post(url, json=body, timeout=60)))
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: {")  # it runs
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while server.metrics()["kvtier:num_requests_running"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            server.terminate()
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        waiting.join(30)
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == 503 and "shutting down" in err["message"], err
+        assert len(events) > 3  # tokens came before the end
+        assert plain and plain[0].status_code == 503, plain
+        assert "shutting down" in plain[0].json()["error"]["message"]
+        assert plain[0].headers["retry-after"]
+        assert server.wait(60) == 0, server.output()
+        assert "Traceback" not in server.output() and "ASGI" not in server.output(), server.output()
+    finally:
+        if server.proc.poll() is None:  # an assertion failed before the signal
+            server.stop()
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def _error(status: int, kind: str, message: str, param: str | None = None, **hea
 # are the names it can start with, and the messages about the prompt itself.
 _ENGINE_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"cache_salt"}
 _PROMPT_MESSAGE = re.compile(r"^(?:the prompt|a prompt|token ids?|prompt) ")
-_STOP_MESSAGE = re.compile(r"^(?:stop token id|stop strings) ")
+_STOP_MESSAGE = re.compile(r"^(?:stop strings|a stop string) ")
 
 
 def engine_error_param(message: str, path: str) -> str | None:
@@ -180,6 +180,8 @@ def engine_error_param(message: str, path: str) -> str | None:
     ``messages``."""
     if _PROMPT_MESSAGE.match(message):
         return "messages" if path.endswith("/chat/completions") else "prompt"
+    if message.startswith("stop token id "):
+        return "stop_token_ids"
     if _STOP_MESSAGE.match(message):
         return "stop"
     first = message.split(" ", 1)[0]
@@ -220,6 +222,10 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, e: QueueFull) -> JSONResponse:
         return _error(503, "server_overloaded", str(e), **retry)
+
+    @app.exception_handler(cmpl.ClientDisconnected)
+    async def client_gone(_: Request, e: cmpl.ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(cmpl.EngineFailure)
     async def engine_failure(_: Request, e: cmpl.EngineFailure) -> JSONResponse:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from kvtier.server.app import ServerState
 
 
+class ClientDisconnected(Exception):
+    """The client of a non-streaming request went away; its requests were aborted."""
+
+
 class EngineFailure(RuntimeError):
     """The engine finished a request with an error (its own failure; others keep running): HTTP 500."""
 
@@ -97,7 +101,8 @@ def release_all(job: Job) -> None:
 
 
 async def collect(job: Job, request: Request) -> dict[str, Any]:
-    """Wait for every completion; a client that disconnects meanwhile cancels this (and aborts)."""
+    """Wait for every completion; a client that disconnects meanwhile cancels this (and aborts):
+    ``ClientDisconnected``, which the app answers quietly (no traceback logged per client)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
     finals: list[list[Finished]] = []
     try:
@@ -108,6 +113,13 @@ async def collect(job: Job, request: Request) -> dict[str, Any]:
                 done.setdefault(d.completion, Finished(d.completion)).add(d)
             _raise_if_failed(stream)
             finals.append([done[i] for i in sorted(done)])
+    except asyncio.CancelledError:
+        if not getattr(request.state, "client_gone", False):
+            raise  # the server cancels it (shutdown): not ours to swallow
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        raise ClientDisconnected("the client closed its connection before the answer") from None
     finally:
         watcher.cancel()
         release_all(job)
@@ -349,5 +361,6 @@ async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 break
+        request.state.client_gone = True
         if task is not None:
             task.cancel()
