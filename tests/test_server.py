@@ -261,6 +261,7 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         ({"top_p": 1.5}, "top_p", "(0, 1]"),
         ({"n": 0}, "n", "n must be >= 1 and <= 256"),
         ({"stop": ["x"] * 65}, "stop", "at most 64"),
+        ({"stop_token_ids": [10**6]}, "stop_token_ids", "outside the vocabulary"),
         ({"logprobs": 21}, "logprobs", "[0, 20]"),
         ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
         ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", f"context of {MAX_MODEL_LEN} tokens"),
