@@ -127,12 +127,13 @@ def test_sigterm_past_the_drain_time_ends_running_requests_cleanly(layout: tuple
         body = {"model": MODEL, "prompt": "long", "max_tokens": 4000, "ignore_eos": True}  # ~5 s of steps
         plain: list[httpx.Response] = []
         waiting = threading.Thread(target=lambda: plain.append(httpx.post(url, json=body, timeout=60)))
-        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as stream:
+        two = {**body, "prompt": ["long", "longer"], "stream": True}  # a stream of two prompts
+        with httpx.stream("POST", url, json=two, timeout=60) as stream:
             lines = stream.iter_lines()
             assert next(lines).startswith("data: {")  # it runs
             waiting.start()
             deadline = time.monotonic() + 30
-            while server.metrics()["kvtier:num_requests_running"] < 2 and time.monotonic() < deadline:
+            while server.metrics()["kvtier:num_requests_running"] < 3 and time.monotonic() < deadline:
                 time.sleep(0.02)
             server.terminate()
             events = [line[6:] for line in lines if line.startswith("data: ")]

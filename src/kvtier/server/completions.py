@@ -81,11 +81,14 @@ def resolve_max_tokens(
 async def submit_all(
     job: Job, prompts: list[list[int]], params: list[SamplingParams], salt: str | None
 ) -> None:
-    """Queue every prompt; if one is refused, the ones already queued are aborted."""
+    """Queue every prompt; if one is refused, the ones already queued are aborted. A stream's
+    prompts share one queue: their deltas reach the handler in the order they are made."""
+    queue: asyncio.Queue[Delta | None] = asyncio.Queue()
     try:
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
             rid = job.rid if len(prompts) == 1 else f"{job.rid}-{i}"
-            job.streams.append(await job.state.loop.submit(rid, ids, p, salt, final_only=not job.streaming))
+            shared = queue if job.streaming else None
+            job.streams.append(await job.state.loop.submit(rid, ids, p, salt, not job.streaming, shared))
     except BaseException:
         release_all(job)
         raise
@@ -185,7 +188,7 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
                 pending.clear()
             p, d = await deltas.get()
             if d is None:
-                if (error := job.streams[p].error) is not None:  # the engine failed, or the drain ran out
+                if p >= 0 and (error := job.streams[p].error) is not None:  # engine failed, or drain ran out
                     yield "".join([*pending, _sse(_stream_error_body(error)), "data: [DONE]\n\n"])
                     return
                 continue
@@ -215,43 +218,37 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
             stages.stamp(job.rid, "written")
         yield "".join([*pending, "data: [DONE]\n\n"])
     finally:
-        deltas.close()
         watcher.cancel()
         release_all(job)
 
 
 class _Deltas:
-    """The deltas of a job's streams as they arrive, each with its prompt's index; ``(p, None)``
-    when stream p ends. One stream is read directly; several through one queue that a task per
-    stream feeds, so a later prompt's tokens are not held back until the first prompt ends."""
+    """The deltas of a job's streams, which share one queue (``submit_all``), each with its
+    prompt's index, as they are made; ``(p, None)`` when stream p ended (``open`` counts the
+    others). Each stream puts one None when it ends, finished or failed."""
 
     def __init__(self, streams: list[RequestStream]) -> None:
+        self.streams = streams
         self.open = len(streams)
-        self._one = streams[0].queue if len(streams) == 1 else None
-        self._merged: asyncio.Queue[tuple[int, Delta | None]] = asyncio.Queue()
-        self._feeders = (
-            []
-            if self._one is not None
-            else [asyncio.create_task(self._feed(p, s)) for p, s in enumerate(streams)]
-        )
-
-    async def _feed(self, p: int, stream: RequestStream) -> None:
-        while (d := await stream.queue.get()) is not None:
-            self._merged.put_nowait((p, d))
-        self._merged.put_nowait((p, None))
+        self._queue = streams[0].queue
+        self._prompt = {rid: p for p, s in enumerate(streams) for rid in s.ids}
+        self._ended: set[int] = set()
 
     def empty(self) -> bool:
-        return self._one.empty() if self._one is not None else self._merged.empty()
+        return self._queue.empty()
 
     async def get(self) -> tuple[int, Delta | None]:
-        got = (0, await self._one.get()) if self._one is not None else await self._merged.get()
-        if got[1] is None:
-            self.open -= 1
-        return got
-
-    def close(self) -> None:
-        for feeder in self._feeders:
-            feeder.cancel()
+        d = await self._queue.get()
+        if d is not None:
+            return self._prompt[d.request_id], d
+        # which stream ended: a failed one first (its error is sent), else one that finished
+        p = next(
+            (i for i, s in enumerate(self.streams) if i not in self._ended and s.error is not None),
+            next((i for i, s in enumerate(self.streams) if i not in self._ended and s.finished), -1),
+        )
+        self._ended.add(p)
+        self.open -= 1
+        return p, None
 
 
 def _chunk(job: Job, choices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class EngineLoop:
         params: SamplingParams,
         salt: str | None,
         final_only: bool = False,
+        queue: asyncio.Queue[Delta | None] | None = None,
     ) -> RequestStream:
         """Add a request; raises QueueFull, ShuttingDown, or the engine's InvalidRequestError."""
         check_admission(self.unavailable(), self._accepting, self._pending, self.max_pending)
@@ -177,7 +178,7 @@ class EngineLoop:
             except BaseException as e:  # InvalidRequestError, or a bug: the handler reports it
                 self._reply(done.set_exception, e)
                 return
-            stream = RequestStream(request_id, ids, final_only, unfinished=set(ids))
+            stream = RequestStream(request_id, ids, final_only, queue or asyncio.Queue(), set(ids))
             for rid in ids:
                 self._streams[rid] = stream
             self._reply(done.set_result, stream)

@@ -132,13 +132,14 @@ class ProcessEngineLoop:
         params: SamplingParams,
         salt: str | None,
         final_only: bool = False,
+        queue: asyncio.Queue[Delta | None] | None = None,
     ) -> RequestStream:
         """Add a request; raises QueueFull, ShuttingDown, EngineUnavailable or InvalidRequestError."""
         check_admission(self.unavailable(), self._accepting, self._pending, self.max_pending)
         # the completions' ids are known here (Engine.add_request's rule), so that deltas arriving
         # with the add's answer find their stream
         ids = completion_ids(request_id, params.n if isinstance(params.n, int) and params.n > 1 else 1)
-        stream = RequestStream(request_id, ids, final_only, unfinished=set(ids))
+        stream = RequestStream(request_id, ids, final_only, queue or asyncio.Queue(), set(ids))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._adds[request_id] = done
         for rid in ids:
