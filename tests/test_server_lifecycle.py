@@ -193,3 +193,24 @@ async def _load(url: str, requests: int, concurrency: int) -> list[tuple[int, in
         return list(await asyncio.gather(*(one(i) for i in range(requests))))
     finally:
         await c.close()
+
+
+def test_the_drain_deadline_ends_open_streams_and_any_added_after_it() -> None:
+    """``OpenStreams.end_all`` ends what is unfinished (a finished stream keeps its answer), and a
+    request accepted before the signal whose add is answered only after the deadline is ended too."""
+    from kvtier.server.loop import OpenStreams, RequestStream, ShuttingDown
+
+    async def run() -> None:
+        streams = OpenStreams()
+        running = RequestStream("a", ["a"], unfinished={"a"})
+        done = RequestStream("b", ["b"])  # finished: nothing unfinished
+        streams.add(running)
+        streams.add(done)
+        assert streams.end_all("the server is shutting down") == 1
+        assert isinstance(running.error, ShuttingDown) and running.queue.get_nowait() is None
+        assert done.error is None and done.queue.empty()
+        late = RequestStream("c", ["c"], unfinished={"c"})
+        streams.add(late)
+        assert isinstance(late.error, ShuttingDown) and late.queue.get_nowait() is None
+
+    asyncio.run(run())

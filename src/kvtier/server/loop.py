@@ -87,9 +87,17 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self._streams: dict[int, RequestStream] = {}
+        self._ended: str | None = None  # end_all's reason, once it ran
 
     def add(self, stream: RequestStream) -> None:
         self._streams[id(stream)] = stream
+        if self._ended is not None:  # accepted before the signal, added only after the deadline
+            self._end(stream, self._ended)
+
+    def _end(self, stream: RequestStream, reason: str) -> None:
+        if stream.error is None:
+            stream.error = ShuttingDown(reason)
+        stream.queue.put_nowait(None)
 
     def discard(self, stream: RequestStream) -> None:
         self._streams.pop(id(stream), None)
@@ -97,11 +105,10 @@ class OpenStreams:
     def end_all(self, reason: str) -> int:
         """On the event loop: end every open stream (its handler's release aborts the engine's
         side); returns how many."""
+        self._ended = reason
         ended = [s for s in self._streams.values() if not s.finished]
         for stream in ended:
-            if stream.error is None:
-                stream.error = ShuttingDown(reason)
-            stream.queue.put_nowait(None)
+            self._end(stream, reason)
         if ended:
             log.warning("%s: ending %d requests", reason, len(ended))
         return len(ended)
