@@ -7,11 +7,13 @@ import json
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.kvtier_servers import KvtierServer
 
@@ -154,11 +156,15 @@ def test_sigterm_past_the_drain_time_ends_running_requests_cleanly(layout: tuple
 
 @pytest.mark.slow
 def test_load_500_requests_100_concurrent() -> None:
+    """Every request completes with exactly its tokens and no block leaks; the run's figures are
+    printed (``pytest -s``: docs/benchmarks.md, "Serving", quotes them)."""
     server = KvtierServer(*SERVER_ARGS, "--max-num-seqs", "128")
     try:
+        began = time.perf_counter()
         results = asyncio.run(_load(server.url, requests=500, concurrency=100))
+        wall = time.perf_counter() - began
         assert len(results) == 500
-        bad = [r for r in results if r[1] != r[2]]
+        bad = [r for r in results if r.generated != r.asked]
         assert not bad, bad[:5]  # every request generated exactly what it asked for
         m = server.wait_idle()
         assert m["kvtier:pool_blocks_in_use"] == 0  # no leaked blocks
@@ -166,33 +172,101 @@ def test_load_500_requests_100_concurrent() -> None:
         assert m["kvtier:requests_finished_total"] == 500
     finally:
         assert server.stop() == 0, server.output()
+    print(_load_summary(results, wall))
+    offline = _offline_rate()
+    print(f"  the same requests offline (LLM.generate, the server's settings): {offline:.0f} tok/s")
 
 
-async def _load(url: str, requests: int, concurrency: int) -> list[tuple[int, int, int]]:
-    """(index, asked tokens, generated tokens) of each request: mixed lengths, streaming and not."""
+@dataclass
+class LoadResult:
+    index: int
+    streaming: bool
+    asked: int  # tokens
+    generated: int
+    latency_s: float  # sent -> the whole answer
+    ttft_s: float | None  # sent -> the first chunk (streaming only)
+
+
+def _workload(requests: int) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) of each request: prompts of 5-600 tokens, 1-48 tokens each."""
     rng = random.Random(0)
+    return [("load " * rng.randint(1, 120), rng.randint(1, 48)) for _ in range(requests)]
+
+
+def _offline_rate(requests: int = 500) -> float:
+    """Output tok/s of the same requests through ``LLM.generate`` in this process, on one torch
+    thread as the server's engine on this 2-core machine (the peer of the load test's figure)."""
+    from kvtier import LLM, SamplingParams
+
+    work = _workload(requests)
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.7, seed=i, ignore_eos=True)
+        for i, (_, n) in enumerate(work)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    llm = LLM(MODEL, kv_cache_memory=8 << 20, max_model_len=1024, max_num_seqs=128)
+    try:
+        began = time.perf_counter()
+        outs = llm.generate([p for p, _ in work], params)
+        took = time.perf_counter() - began
+    finally:
+        llm.close()
+        torch.set_num_threads(threads)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / took
+
+
+async def _load(url: str, requests: int, concurrency: int) -> list[LoadResult]:
+    """Mixed prompt and output lengths, half streaming; each request's tokens and times."""
+    work = _workload(requests)
     c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(i: int) -> tuple[int, int, int]:
-        prompt = "load " * rng.randint(1, 120)
-        max_tokens = rng.randint(1, 48)
+    async def one(i: int) -> LoadResult:
+        prompt, max_tokens = work[i]
         args: dict[str, Any] = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.7,
                                     seed=i, extra_body={"ignore_eos": True})  # fmt: skip
         async with gate:
+            sent = time.perf_counter()
             if i % 2:
                 stream = await c.completions.create(
                     stream=True, stream_options={"include_usage": True}, **args
                 )
-                usage = [ch.usage async for ch in stream if ch.usage]
-                return i, max_tokens, usage[-1].completion_tokens if usage else -1
+                first, usage = None, []
+                async for ch in stream:
+                    first = first or time.perf_counter()
+                    if ch.usage:
+                        usage.append(ch.usage)
+                made = usage[-1].completion_tokens if usage else -1
+                ttft = (first or sent) - sent
+                return LoadResult(i, True, max_tokens, made, time.perf_counter() - sent, ttft)
             res = await c.completions.create(**args)
-            return i, max_tokens, res.usage.completion_tokens if res.usage else -1
+            made = res.usage.completion_tokens if res.usage else -1
+            return LoadResult(i, False, max_tokens, made, time.perf_counter() - sent, None)
 
     try:
         return list(await asyncio.gather(*(one(i) for i in range(requests))))
     finally:
         await c.close()
+
+
+def _load_summary(results: list[LoadResult], wall: float) -> str:
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    tokens = sum(r.generated for r in results)
+    lines = [
+        f"load test: {len(results)} requests in {wall:.1f} s, {tokens} tokens, {tokens / wall:.0f} tok/s"
+    ]
+    for kind, streaming in (("streaming", True), ("non-streaming", False)):
+        lat = [r.latency_s for r in results if r.streaming == streaming]
+        lines.append(
+            f"  {kind}: {len(lat)} requests, latency p50 {pct(lat, 0.5):.2f} s, p99 {pct(lat, 0.99):.2f} s"
+        )
+    ttft = [r.ttft_s for r in results if r.ttft_s is not None]
+    lines.append(f"  streaming TTFT p50 {pct(ttft, 0.5):.2f} s, p99 {pct(ttft, 0.99):.2f} s")
+    return "\n".join(lines)
 
 
 def test_the_drain_deadline_ends_open_streams_and_any_added_after_it() -> None:
