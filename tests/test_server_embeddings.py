@@ -60,6 +60,29 @@ def test_a_repeated_corpus_is_served_from_the_cache(server: KvtierServer) -> Non
     ]
 
 
+def test_tenants_never_get_each_others_cached_embeddings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With API keys, a tenant's embeddings are cached under its own name: tenant B embedding what
+    tenant A did is computed again (no `kvtier_cached_inputs` to tell B that A sent it); A's second
+    call is answered from the cache, and both get the same vectors."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text("key-a: alpha\nkey-b: beta\n")
+    srv = KvtierServer("--model", MODEL, "--device", "cpu", "--api-keys-file", str(keys))
+    try:
+        url, texts = srv.url + "/v1/embeddings", ["a private note", "another one"]
+
+        def embed(key: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}"}
+            return httpx.post(url, json={"input": texts, "model": MODEL}, headers=headers, timeout=60)
+
+        a1, b1, a2 = embed("key-a"), embed("key-b"), embed("key-a")
+        assert a1.status_code == b1.status_code == a2.status_code == 200
+        cached = [r.json()["usage"]["kvtier_cached_inputs"] for r in (a1, b1, a2)]
+        assert cached == [0, 0, 2]
+        assert a1.json()["data"] == b1.json()["data"] == a2.json()["data"]
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
 def test_errors_name_the_problem(server: KvtierServer) -> None:
     c = client(server)
     with pytest.raises(openai.BadRequestError, match="token ids"):

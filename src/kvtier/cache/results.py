@@ -78,8 +78,13 @@ def result_key(
     )
 
 
-def embedding_key(fingerprint: str, text: str) -> BlockKey:
-    return _digest(b"kvtier-embedding/1", fingerprint.encode(), text.encode("utf-8", "surrogatepass"))
+def embedding_key(fingerprint: str, text: str, salt: str | None = None) -> BlockKey:
+    """``salt``: a tenant's (the server's), so no tenant is answered from another's embeddings;
+    None keeps the unsalted key of earlier stores."""
+    parts = [b"kvtier-embedding/1", fingerprint.encode(), text.encode("utf-8", "surrogatepass")]
+    if salt:
+        parts.append(salt.encode("utf-8", "surrogatepass"))
+    return _digest(*parts)
 
 
 # -- values --------------------------------------------------------------------------------------------

@@ -66,19 +66,22 @@ class Embedder:
     def dim(self) -> int:
         return self.encoder.dim
 
-    def embed(self, texts: str | Sequence[str], use_cache: bool = True) -> np.ndarray:
-        """``[len(texts), dim]`` float32 vectors (one text: still a 2-D array of one row)."""
+    def embed(
+        self, texts: str | Sequence[str], use_cache: bool = True, salt: str | None = None
+    ) -> np.ndarray:
+        """``[len(texts), dim]`` float32 vectors (one text: still a 2-D array of one row). ``salt``
+        keys the cached vectors apart (a server's tenants)."""
         items = [texts] if isinstance(texts, str) else list(texts)
         bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
         if bad:
             raise InvalidRequestError(f"input {bad[0]} is a {type(items[bad[0]]).__name__}, not a string")
         out = np.empty((len(items), self.dim), dtype=np.float32)
         unique = list(dict.fromkeys(items))
-        vectors = self._cached(unique) if use_cache and self.store is not None else {}
+        vectors = self._cached(unique, salt) if use_cache and self.store is not None else {}
         todo = [t for t in unique if t not in vectors]
         computed = self._compute(todo)
         if computed and use_cache and self.store is not None:
-            keys = [embedding_key(self.fingerprint, t) for t in todo]
+            keys = [embedding_key(self.fingerprint, t, salt) for t in todo]
             self.store.put_many([(k, embedding_to_bytes(v)) for k, v in zip(keys, computed, strict=True)])
         vectors.update(zip(todo, computed, strict=True))
         for i, t in enumerate(items):
@@ -89,9 +92,9 @@ class Embedder:
         s.cached += len(unique) - len(todo)
         return out
 
-    def _cached(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _cached(self, texts: list[str], salt: str | None) -> dict[str, np.ndarray]:
         assert self.store is not None
-        keys = [embedding_key(self.fingerprint, t) for t in texts]
+        keys = [embedding_key(self.fingerprint, t, salt) for t in texts]
         found: dict[str, np.ndarray] = {}
         for text, key, hit in zip(texts, keys, self.store.get_many(keys), strict=True):
             if hit is None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 import kvtier
 from kvtier.engine.embedder import Embedder
 from kvtier.server.app import ServerSettings, UnknownModel, add_error_handlers
-from kvtier.server.auth import Tenants
+from kvtier.server.auth import Tenants, cache_salt
 from kvtier.server.loop import OpenStreams, QueueFull, ShuttingDown
 from kvtier.server.protocol import BadParam
 
@@ -86,12 +86,13 @@ class EmbeddingState:
         self.model_names = [settings.served_model_name or name]
         self.work_lock = threading.Lock()
 
-    def embed(self, texts: list[str]) -> tuple[Any, int, int]:
-        """Vectors, prompt tokens, inputs served from the cache (one batch at a time)."""
+    def embed(self, texts: list[str], salt: str | None = None) -> tuple[Any, int, int]:
+        """Vectors, prompt tokens, inputs served from the cache (one batch at a time); ``salt``: the
+        tenant's, so no tenant learns from ``kvtier_cached_inputs`` (or timing) what another embedded."""
         with self.work_lock:
             stats = self.embedder.stats
             before = stats.cached
-            vectors = self.embedder.embed(texts)
+            vectors = self.embedder.embed(texts, salt=salt)
             cached = stats.cached - before
         enc = self.embedder.encoder
         tokens = enc.tokenizer(texts, truncation=True, max_length=enc.max_seq_length)["input_ids"]
@@ -106,7 +107,7 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-        state.tenants.authenticate(request.headers.get("authorization"))
+        tenant = state.tenants.authenticate(request.headers.get("authorization"))
         if body.model is not None and body.model not in state.model_names:
             raise UnknownModel(
                 f"the model {body.model!r} does not exist; this server serves {state.model_names}"
@@ -118,7 +119,9 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
         texts = body.texts()
         state.loop.enter()
         try:
-            vectors, prompt_tokens, cached = await asyncio.to_thread(state.embed, texts)
+            vectors, prompt_tokens, cached = await asyncio.to_thread(
+                state.embed, texts, cache_salt(tenant, None)
+            )
         finally:
             state.loop.leave()
         data = [
