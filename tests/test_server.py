@@ -234,6 +234,29 @@ def test_tenants_never_share_cached_blocks(server: KvtierServer) -> None:
     assert cached(a, "tenants", cache_salt="private") > 0
 
 
+def test_tenants_never_share_blocks_through_the_host_tier(tmp_path: Path) -> None:
+    """The tenant's salt holds below the device pool too: with a pool too small to keep tenant A's
+    prompt, A's second call loads it from the host tier, and tenant B's same prompt loads nothing."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("".join(f"{k}: {t}\n" for k, t in KEYS.items()))
+    srv = KvtierServer(
+        "--model", MODEL, "--kv-cache-memory", str(1 << 20), "--max-model-len", str(MAX_MODEL_LEN),
+        "--api-keys-file", str(keys), env={"KVTIER_TIERS": "host"},
+    )  # fmt: skip
+    try:
+        a, b = client(srv, "key-a"), client(srv, "key-b")
+        assert cached(a, "below") == 0
+        for i in range(4):  # other prompts push A's blocks out of the 128-block pool, to the host
+            cached(a, f"flood {i}")
+        loads = srv.metrics()['kvtier:tier_blocks_loaded_total{tier="host"}']
+        assert cached(b, "below") == 0  # B's same prompt: nothing of A's, from any tier
+        assert srv.metrics()['kvtier:tier_blocks_loaded_total{tier="host"}'] == loads
+        assert cached(a, "below") > 0  # A's own blocks, loaded back from the host tier
+        assert srv.metrics()['kvtier:tier_blocks_loaded_total{tier="host"}'] > loads
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
 def post(server: KvtierServer, path: str, body: Any, key: str | None = "key-a") -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
