@@ -187,8 +187,8 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
                 yield "".join(pending)
                 pending.clear()
             p, d = await deltas.get()
-            if d is None:
-                if p >= 0 and (error := job.streams[p].error) is not None:  # engine failed, or drain ran out
+            if d is None:  # a stream ended: finished, or failed (the engine, or the drain ran out)
+                if (error := deltas.error()) is not None:
                     yield "".join([*pending, _sse(_stream_error_body(error)), "data: [DONE]\n\n"])
                     return
                 continue
@@ -210,7 +210,8 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
             if d.text or d.finished or (lps and job.want_logprobs) or (first and not job.chat):
                 choice = _choice(job, index, d.text, lps, d.finish_reason, counts.text_offset)
                 pending.append(_sse(_chunk(job, [choice])))
-                counts.text_offset += sum(len(job.state.token_text(lp.token_id)) for lp in lps)
+                if lps and job.want_logprobs and not job.chat:  # the texts _choice made, not again
+                    counts.text_offset += sum(len(t) for t in choice["logprobs"]["tokens"])
         if job.include_usage:
             finals = [[done[i] for i in sorted(done)] for done in seen]
             pending.append(_sse(envelope(job.kind, job.rid, job.model, [], usage=_usage(finals))))
@@ -224,31 +225,28 @@ async def stream_events(job: Job, request: Request) -> AsyncIterator[str]:
 
 class _Deltas:
     """The deltas of a job's streams, which share one queue (``submit_all``), each with its
-    prompt's index, as they are made; ``(p, None)`` when stream p ended (``open`` counts the
-    others). Each stream puts one None when it ends, finished or failed."""
+    prompt's index, as they are made; ``(-1, None)`` when a stream ended (each puts one None,
+    finished or failed), ``open`` counting the others."""
 
     def __init__(self, streams: list[RequestStream]) -> None:
         self.streams = streams
         self.open = len(streams)
         self._queue = streams[0].queue
         self._prompt = {rid: p for p, s in enumerate(streams) for rid in s.ids}
-        self._ended: set[int] = set()
 
     def empty(self) -> bool:
         return self._queue.empty()
 
     async def get(self) -> tuple[int, Delta | None]:
         d = await self._queue.get()
-        if d is not None:
-            return self._prompt[d.request_id], d
-        # which stream ended: a failed one first (its error is sent), else one that finished
-        p = next(
-            (i for i, s in enumerate(self.streams) if i not in self._ended and s.error is not None),
-            next((i for i, s in enumerate(self.streams) if i not in self._ended and s.finished), -1),
-        )
-        self._ended.add(p)
-        self.open -= 1
-        return p, None
+        if d is None:
+            self.open -= 1
+            return -1, None
+        return self._prompt[d.request_id], d
+
+    def error(self) -> BaseException | None:
+        """Why a stream failed (the engine, or the shutdown's drain time), if one did."""
+        return next((s.error for s in self.streams if s.error is not None), None)
 
 
 def _chunk(job: Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
