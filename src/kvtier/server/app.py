@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -168,24 +167,29 @@ def _error(status: int, kind: str, message: str, param: str | None = None, **hea
     return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
 
 
-# The engine's InvalidRequestError names its parameter first ("temperature must be ..."); these
-# are the names it can start with, and the messages about the prompt itself.
+# The engine's InvalidRequestError names its parameter first ("temperature must be ..."): these
+# are the names it can start with; the messages that start otherwise, by their opening words.
 _ENGINE_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"cache_salt"}
-_PROMPT_MESSAGE = re.compile(r"^(?:the prompt|a prompt|token ids?|prompt) ")
-_STOP_MESSAGE = re.compile(r"^(?:stop strings|a stop string) ")
+_OPENINGS = (
+    ("the prompt ", "prompt"),
+    ("a prompt ", "prompt"),
+    ("token id", "prompt"),
+    ("stop token id ", "stop_token_ids"),
+    ("stop strings ", "stop"),
+    ("a stop string ", "stop"),
+)
 
 
 def engine_error_param(message: str, path: str) -> str | None:
     """The request parameter an engine error names, or None: a chat request's prompt is its
     ``messages``."""
-    if _PROMPT_MESSAGE.match(message):
-        return "messages" if path.endswith("/chat/completions") else "prompt"
-    if message.startswith("stop token id "):
-        return "stop_token_ids"
-    if _STOP_MESSAGE.match(message):
-        return "stop"
-    first = message.split(" ", 1)[0]
-    return first if first in _ENGINE_PARAMS else None
+    param = next((p for opening, p in _OPENINGS if message.startswith(opening)), None)
+    if param is None:
+        first = message.split(" ", 1)[0]
+        param = first if first in _ENGINE_PARAMS else None
+    if param == "prompt" and path.endswith("/chat/completions"):
+        return "messages"
+    return param
 
 
 def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
