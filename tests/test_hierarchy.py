@@ -498,10 +498,43 @@ def test_a_loaded_prompt_waiting_for_a_step_of_its_own_holds_nothing(make_llm: M
     (decoding,) = engine.add_request(short_prompt, greedy(24))
     engine.step()  # the decode runs: the long prompt below is never first in a step while it does
     (waiting,) = engine.add_request(long_prompt, greedy(24))
+    engine.step()
+    assert engine.hierarchy.stats.blocks_loaded == 0  # nothing is loaded for a prompt that must wait
     final = run_until_done(engine)
     assert final[waiting].outputs[0].token_ids == ref[0]
     assert final[decoding].outputs[0].token_ids == ref[1]
     assert final[waiting].metrics["num_loaded_tokens"] == 4 * BS
+    engine.pool.assert_idle()
+
+
+def test_a_host_load_waits_until_its_request_has_room_for_the_rest(make_llm: MakeLLM, cold: Cold) -> None:
+    """A load that runs in the admitting step is started only when the pool also has room for the
+    tail computed in that step. Otherwise it would be copied and let go each step it waits (and a
+    layered one, on CUDA, planned and counted again): here a decode holds 2 to 4 of 8 blocks, room
+    for the 4 loaded blocks but not for the 3 of the tail, until it ends."""
+    prefix, rest = make_prompts(1, 4 * BS, seed=51)[0], make_prompts(1, 3 * BS - 4, seed=53)[0]
+    long_prompt, short_prompt = prefix + rest, make_prompts(1, 20, seed=52)[0]
+    ref = cold([long_prompt], max_tokens=20) + cold([short_prompt], max_tokens=40)
+    block_bytes = make_llm(tiers="none").engine.layout.bytes_per_block
+    llm = make_llm(
+        tiers="host", write_policy="write-through", kv_cache_memory=8 * block_bytes, load_at_once_s=1.0
+    )
+    engine = llm.engine
+    llm.generate([prefix], greedy(1))
+    engine.pool.evict_all()
+    engine.hierarchy.flush()
+    (decoding,) = engine.add_request(short_prompt, greedy(40))  # 20 -> 60 tokens: 2 -> 4 blocks
+    engine.step()
+    (waiting,) = engine.add_request(long_prompt, greedy(20))  # 108 -> 128 tokens: 7 -> 8 blocks
+    for _ in range(3):
+        engine.step()
+        assert engine.hierarchy.stats.blocks_loaded == 0
+        assert not any(engine.pool.contains(k) for k in block_keys(engine, prefix))
+    final = run_until_done(engine)
+    assert final[waiting].outputs[0].token_ids == ref[0]
+    assert final[decoding].outputs[0].token_ids == ref[1]
+    assert final[waiting].metrics["num_loaded_tokens"] == 4 * BS
+    assert engine.hierarchy.stats.blocks_loaded == 4
     engine.pool.assert_idle()
 
 

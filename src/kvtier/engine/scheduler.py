@@ -197,22 +197,15 @@ class Scheduler:
         hits = self._match(req)
         pinned = False
         if self.hierarchy is not None:
-            loads = self._try_load(req, hits)
+            loads = self._try_load(req, hits, budget, first)
             if isinstance(loads, list):  # loaded now: the device hits and the loaded blocks, pinned
                 hits, pinned = loads, True
             elif loads is not None:
                 return 0 if loads else None
         num_cached = len(hits) * self.block_size
-        remaining = req.num_tokens - num_cached
-        num_new = min(remaining, budget)
-        if num_new < remaining and not self.limits.enable_chunked_prefill:
-            if not first:  # wait for a step of its own (False would read as "0 tokens, admitted")
-                self._let_go_of_loaded(req, hits, pinned)
-                return None
-            num_new = remaining  # whole prefill: a step may exceed the budget for one long prompt
-        new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
-        hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        if new_blocks + hits_evictable > self.pool.num_available:
+        num_new = self._tokens_to_schedule(req, num_cached, budget, first)
+        new_blocks = self._blocks_for(num_cached + (num_new or 0)) - len(hits)
+        if num_new is None or not self._room_for(hits, new_blocks):
             self._let_go_of_loaded(req, hits, pinned)
             return None
         if not pinned:
@@ -227,11 +220,12 @@ class Scheduler:
         out.chunks.append(ScheduledChunk(req, num_new))
         return num_new
 
-    def _try_load(self, req: Request, hits: list[int]) -> bool | list[int] | None:
+    def _try_load(self, req: Request, hits: list[int], budget: int, first: bool) -> bool | list[int] | None:
         """Start loading the blocks after the device hit from the tiers below, when that beats
         recomputing them. None: nothing worth loading (admit normally); False: no room yet; True:
         loading (the request waits in LOADING); a list: loaded at once (``load_now``), the device
-        hits and the loaded blocks, pinned, to admit now."""
+        hits and the loaded blocks, pinned, to admit now (``budget`` and ``first`` as in
+        ``_try_admit``, which admits it)."""
         assert self.hierarchy is not None
         max_blocks = (req.num_tokens - 1) // self.block_size
         if len(hits) >= max_blocks:
@@ -244,17 +238,18 @@ class Scheduler:
         if not plan.num_blocks:
             req.tier_plan = None
             return None
-        hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        if plan.num_blocks + hits_evictable > self.pool.num_available:
+        if not self._room_for(hits, plan.num_blocks):
             return False
+        if self.load_now is not None and not self._admits_after_load(req, hits, plan, budget, first):
+            return False  # loaded now, it would be let go (a layered one planned and counted again)
         req.tier_plan = None
         self._pin_hits(hits)
         req.block_table = hits + self.pool.allocate(plan.num_blocks)
         req.num_computed_tokens = len(hits) * self.block_size
         req.num_committed_blocks = len(hits)
         tokens, bs = req.all_token_ids, self.block_size
-        first = len(hits)
-        block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(first, first + plan.num_blocks)]
+        base = len(hits)
+        block_tokens = [tokens[i * bs : (i + 1) * bs] for i in range(base, base + plan.num_blocks)]
         if self.load_now is not None and self.hierarchy.loads_layered(plan):
             layered = self._reserve_layered(req, hits, plan, block_tokens)
             if layered is not None:
@@ -268,6 +263,37 @@ class Scheduler:
         req.state = RequestState.LOADING
         self.loading.append(req)
         return True
+
+    def _tokens_to_schedule(self, req: Request, num_cached: int, budget: int, first: bool) -> int | None:
+        """The tokens of ``req`` a step that admits it with ``num_cached`` of them cached schedules;
+        None: chunked prefill is off and the rest is over ``budget``, so it waits for a step of its
+        own (``first``: this one is, and may exceed the budget for one long prompt)."""
+        remaining = req.num_tokens - num_cached
+        if remaining <= budget or self.limits.enable_chunked_prefill:
+            return min(remaining, budget)
+        return remaining if first else None
+
+    def _room_for(self, hits: list[int], new_blocks: int) -> bool:
+        """Whether the pool can give ``new_blocks`` besides pinning the device ``hits`` (those no
+        request holds are evictable: pinning them takes them out of the available count)."""
+        hits_evictable = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        return new_blocks + hits_evictable <= self.pool.num_available
+
+    def _admits_after_load(
+        self, req: Request, hits: list[int], plan: LoadPlan, budget: int, first: bool
+    ) -> bool:
+        """Whether ``_try_admit`` will admit ``req`` in this step if ``plan`` is loaded now (at once
+        or layered, the roads that admit it in the loading step): its step fits and the pool has
+        room for the loaded blocks and the tail computed now. A load that goes on while its
+        request waits (LOADING) is not asked: it holds only what it loads."""
+        assert self.hierarchy is not None
+        if not (self.hierarchy.loads_layered(plan) or self.hierarchy.loads_at_once(plan)):
+            return True
+        num_cached = (len(hits) + plan.num_blocks) * self.block_size
+        num_new = self._tokens_to_schedule(req, num_cached, budget, first)
+        return num_new is not None and self._room_for(
+            hits, self._blocks_for(num_cached + num_new) - len(hits)
+        )
 
     def _load_now(
         self, req: Request, hits: list[int], plan: LoadPlan, block_tokens: list[list[int]]
