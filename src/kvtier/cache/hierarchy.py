@@ -537,14 +537,13 @@ class KVHierarchy:
             self._layered_stream = torch.cuda.Stream(self.device, priority=-1)
         stream = self._layered_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        started = torch.cuda.Event(enable_timing=True)
-        started.record(stream)
+        started = torch.cuda.Event(enable_timing=True)  # recorded after the waits for write-backs
         try:
             with torch.cuda.stream(stream):
                 for tier in {load.tier for load in loads}:  # one tier in practice: the host's
                     mine = [load for load in loads if load.tier == tier]
                     jobs = [(load.keys, load.slots, load.block_ids) for load in mine]
-                    copies = self.tiers[tier].start_layered_loads(jobs, pool, layer_ready)
+                    copies = self.tiers[tier].start_layered_loads(jobs, pool, layer_ready, started)
                     for load, copy in zip(mine, copies, strict=True):
                         load.copy = copy
                 done = torch.cuda.Event(enable_timing=True)

@@ -260,6 +260,7 @@ class Tier(Protocol):
         loads: Sequence[tuple[list[BlockKey], list[int], list[int]]],
         pool: torch.Tensor,
         layer_done: Sequence[torch.cuda.Event],
+        started: torch.cuda.Event | None = None,
     ) -> Sequence[PendingDeviceCopy]:
         """Queue the layer-by-layer copies of acquired slots into the device pool (tiers that
         ``takes_layered_loads``; see ``HostTier.start_layered_loads``)."""

@@ -518,14 +518,14 @@ class HostTier(LiveStats, Tier):
         return layer_rows_align(self.block_bytes // (2 * self.layout.num_layers))
 
     def warm_layered_loads(self, pool: torch.Tensor) -> None:
-        """Compile the layered copy's kernel now, not in the first load's TTFT (~0.3 s on the
-        H200): one layer of slot 0 into block 0 of ``pool``, which holds nothing yet."""
+        """Run a layered load's every launch once now, not in the first load's TTFT: the copy
+        kernel's compile (~0.3 s on the H200), and the first use of the check's kernels and of
+        the page-locked buffers. Slot 0 into block 0 of ``pool``, which holds nothing yet (the
+        verdict is not read)."""
         if not self.takes_layered_loads or not self._chunks:
             return
-        from kvtier.cache.tiers.host_gather import LayerGather
-
-        table = torch.tensor([self._chunks[0].data_ptr(), 0, 0, 0], dtype=torch.int64, device=pool.device)
-        LayerGather(pool, table[:1], table[2:3]).copy_layer(0)  # aligned as start_layered_loads's
+        events = [torch.cuda.Event() for _ in range(self.layout.num_layers)]
+        self._queue_layered_copies([0], [0], pool, events)
         torch.cuda.synchronize(pool.device)
 
     def start_layered_loads(
@@ -533,24 +533,46 @@ class HostTier(LiveStats, Tier):
         loads: Sequence[tuple[list[BlockKey], list[int], list[int]]],
         pool: torch.Tensor,
         layer_done: Sequence[torch.cuda.Event],
+        started: torch.cuda.Event | None = None,
     ) -> list[DeviceCopy]:
         """Queue on the current stream the copies of acquired slots into ``pool`` (``[L, 2,
         num_blocks, ...]``), one launch per layer for all ``loads`` (keys, slots, pool block ids
         each), recording ``layer_done[i]`` after layer i; then the comparison of the blocks'
         ``integrity_sums`` (computed by the copy) with the recorded ones, whose verdict lands in
-        page-locked memory. The slots stay pinned until each ``DeviceCopy.finish``."""
-        from kvtier.cache.tiers.host_gather import LayerGather
-
+        page-locked memory. ``started`` is recorded once the copies may start (after the blocks
+        still arriving from the device are in): the copy's time is timed from it. The slots stay
+        pinned until each ``DeviceCopy.finish``."""
         slots = [s for _, load_slots, _ in loads for s in load_slots]
         stream = torch.cuda.current_stream(pool.device)
         for event in self._copies_into(slots):  # blocks still arriving from the device
             stream.wait_event(event)
+        if started is not None:
+            started.record(stream)
+        verdict = self._queue_layered_copies(slots, [b for _, _, ids in loads for b in ids], pool, layer_done)
+        copies, start = [], 0
+        for keys, load_slots, _ in loads:
+            copies.append(DeviceCopy(self, keys, load_slots, verdict[start : start + len(load_slots)]))
+            start += len(load_slots)
+        return copies
+
+    def _queue_layered_copies(
+        self,
+        slots: list[int],
+        block_ids: list[int],
+        pool: torch.Tensor,
+        layer_done: Sequence[torch.cuda.Event],
+    ) -> torch.Tensor:
+        """The launches of ``start_layered_loads`` for ``slots`` into ``block_ids``; returns the
+        page-locked verdict, one bool a slot, filled once the current stream gets there."""
+        from kvtier.cache.tiers.host_gather import LayerGather
+
+        stream = torch.cuda.current_stream(pool.device)
         n = len(slots)
         rows = [divmod(s, self._chunk_slots) for s in slots]
         table = [self._chunks[c].data_ptr() + r * self.block_bytes for c, r in rows]
         # the pool ids from an even index: 16-byte aligned, as Triton specialises its pointers
         width = n + n % 2
-        table += [0] * (width - n) + [b for _, _, ids in loads for b in ids]
+        table += [0] * (width - n) + block_ids
         on_device = torch.tensor(table, dtype=torch.int64, pin_memory=True).to(pool.device, non_blocking=True)
         gather = LayerGather(pool, on_device[:n], on_device[width:])
         for layer, done in enumerate(layer_done):
@@ -560,11 +582,7 @@ class HostTier(LiveStats, Tier):
         self._copy_sums(slots, expected)
         verdict = torch.empty(n, dtype=torch.bool, pin_memory=True)
         verdict.copy_((gather.sums() == expected).all(dim=1), non_blocking=True)
-        copies, start = [], 0
-        for keys, load_slots, _ in loads:
-            copies.append(DeviceCopy(self, keys, load_slots, verdict[start : start + len(load_slots)]))
-            start += len(load_slots)
-        return copies
+        return verdict
 
     def holds(self, key: BlockKey) -> bool:
         """An indexed block (a dict read, safe without the lock); refreshed in the policy when the
