@@ -8,6 +8,7 @@ port, ``START_ATTEMPTS`` in all."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ START_TIMEOUT_S = 90.0
 START_ATTEMPTS = 3
 STOP_TIMEOUT_S = 60.0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+MODEL_LABEL = re.compile(r'model_name="[^"]*",?')  # on every sample: the served model's name
 
 
 class KvtierServer:
@@ -98,13 +100,14 @@ class KvtierServer:
         return self.proc.returncode
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled and labelled samples by their text name, e.g. 'kvtier:pool_blocks_in_use'."""
+        """Samples by their text name less the ``model_name`` label, e.g. 'kvtier:pool_blocks_in_use'
+        or 'kvtier:tier_blocks_loaded_total{tier="host"}'."""
         text = httpx.get(self.url + "/metrics", timeout=30.0).text
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
-                out[name] = float(value)
+                out[MODEL_LABEL.sub("", name).replace("{}", "")] = float(value)
         return out
 
     def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:

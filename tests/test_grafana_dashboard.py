@@ -23,6 +23,11 @@ def test_dashboard_metrics_exist() -> None:
             assert SPECS[name.removesuffix("_bucket")].kind == "histogram", name
         else:
             assert SPECS[name].kind == "gauge", name
+    for e in exprs:  # every selector filters by the dashboard's job and model_name variables
+        for selector in re.findall(r"kvtier:[a-z0-9_]+\{([^}]*)\}", e):
+            assert 'job=~"$job"' in selector and 'model_name=~"$model_name"' in selector, e
+    variables = {v["name"] for v in body["templating"]["list"]}
+    assert {"job", "model_name"} <= variables
     for e in exprs:  # counters are read through rate() or increase(), never raw
         for counter in re.findall(r"kvtier:[a-z0-9_]+_total\{[^}]*\}", e):
             assert re.search(r"(rate|increase)\(" + re.escape(counter), e), e

@@ -376,6 +376,28 @@ def test_side_routes(server: KvtierServer) -> None:
                  "kvtier:e2e_request_latency_seconds_sum", "kvtier:prefix_cache_hits_total",
                  "kvtier:kv_cache_usage_perc", "kvtier:num_preemptions_total"):  # fmt: skip
         assert name in text
+    samples = [line for line in text.splitlines() if line.startswith("kvtier:")]
+    assert samples and all(f'model_name="{MODEL}"' in line for line in samples)  # as vLLM's are labelled
+
+
+def test_the_served_model_name_is_the_one_clients_and_metrics_see() -> None:
+    """``--served-model-name``: /v1/models lists it, requests name it, other names are refused,
+    and every metric sample is labelled with it (the engine process is told it too)."""
+    srv = KvtierServer(
+        "--model", MODEL, "--kv-cache-memory", str(4 << 20), "--served-model-name", "team/chat-v2"
+    )
+    try:
+        openai_client = client(srv)
+        assert [m.id for m in openai_client.models.list().data] == ["team/chat-v2"]
+        done = openai_client.completions.create(model="team/chat-v2", prompt="abc", max_tokens=2)
+        assert done.model == "team/chat-v2" and done.usage is not None and done.usage.completion_tokens == 2
+        assert error_of(post(srv, "/v1/completions", {"model": MODEL, "prompt": "abc"}), 404)
+        samples = [
+            line for line in httpx.get(srv.url + "/metrics").text.splitlines() if line.startswith("kvtier:")
+        ]
+        assert samples and all('model_name="team/chat-v2"' in line for line in samples)
+    finally:
+        assert srv.stop() == 0
 
 
 def test_debug_stages_is_off_by_default(server: KvtierServer) -> None:

@@ -43,6 +43,8 @@ Metric names (all prefixed ``kvtier:``, vLLM's style):
   fixed time plus the per-token time for each token).
 
 Tier and hierarchy metrics are present only while the engine has a hierarchy (``engine.hierarchy``).
+Given a ``model_name`` (the server passes the name it serves), every sample carries it as the label
+``model_name``, as vLLM's do: dashboards and alerts written for a fleet of servers tell them apart.
 """
 
 from __future__ import annotations
@@ -181,28 +183,40 @@ _TIER_COUNTERS = {
 }
 
 
-def _family(name: str) -> Metric:
+MODEL_LABEL = "model_name"
+
+
+def _family(name: str, model_name: str | None = None) -> Metric:
     spec = SPECS[name]
     full = PREFIX + name
+    labels = [*([MODEL_LABEL] if model_name is not None else []), *spec.labels]
     if spec.kind == "counter":
-        return CounterMetricFamily(full, spec.doc, labels=spec.labels)
+        return CounterMetricFamily(full, spec.doc, labels=labels)
     if spec.kind == "gauge":
-        return GaugeMetricFamily(full, spec.doc, labels=spec.labels)
-    return HistogramMetricFamily(full, spec.doc, labels=spec.labels)
+        return GaugeMetricFamily(full, spec.doc, labels=labels)
+    return HistogramMetricFamily(full, spec.doc, labels=labels)
 
 
 class _Builder:
-    """Families of one snapshot, made on first use, in SPECS order."""
+    """Families of one snapshot, made on first use, in SPECS order; each sample labelled with
+    ``model_name`` first when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str | None) -> None:
+        self.model_name = model_name
+        self.leading = [model_name] if model_name is not None else []
         self.families: dict[str, Metric] = {}
 
     def add(self, name: str, value: float, labels: Sequence[str] = ()) -> None:
         family = self.families.get(name)
         if family is None:
-            family = self.families[name] = _family(name)
+            family = self.families[name] = _family(name, self.model_name)
         assert isinstance(family, CounterMetricFamily | GaugeMetricFamily)
-        family.add_metric(list(labels), float(value))
+        family.add_metric([*self.leading, *labels], float(value))
+
+    def add_histogram(self, hist: _ListHistogram) -> None:
+        family = self.families[hist.name] = _family(hist.name, self.model_name)
+        assert isinstance(family, HistogramMetricFamily)
+        family.add_metric(self.leading, hist.buckets(), hist.total)
 
     def done(self) -> tuple[Metric, ...]:
         return tuple(self.families[n] for n in SPECS if n in self.families)
@@ -232,29 +246,30 @@ class _ListHistogram:
             self.total += v
         self.seen = values.count
 
-    def family(self) -> Metric:
+    def buckets(self) -> list[tuple[str, float]]:
+        """(upper bound, cumulative count) of each bucket, +Inf last."""
         buckets: list[tuple[str, float]] = []
         running = 0
         for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             running += n
             buckets.append((floatToGoString(bound), running))
-        family = _family(self.name)
-        assert isinstance(family, HistogramMetricFamily)
-        family.add_metric([], buckets, self.total)
-        return family
+        return buckets
 
 
 class EngineMetrics(Collector):
-    """The metrics of one engine, registered on ``registry``; ``update(engine)`` refreshes them."""
+    """The metrics of one engine, registered on ``registry``; ``update(engine)`` refreshes them.
+    ``model_name``: the label every sample carries (none without it)."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
+        model_name: str | None = None,
         ttft_buckets: Sequence[float] = TTFT_BUCKETS,
         tpot_buckets: Sequence[float] = TPOT_BUCKETS,
         e2e_buckets: Sequence[float] = E2E_BUCKETS,
     ) -> None:
         self._lock = threading.Lock()
+        self.model_name = model_name
         self._snapshot: tuple[Metric, ...] = ()
         self._ttft = _ListHistogram("time_to_first_token_seconds", ttft_buckets)
         self._tpot = _ListHistogram("time_per_output_token_seconds", tpot_buckets)
@@ -263,7 +278,7 @@ class EngineMetrics(Collector):
 
     def update(self, engine: Engine) -> None:
         """Read the engine's counters into a new snapshot. Call it on the thread that runs the engine."""
-        b = _Builder()
+        b = _Builder(self.model_name)
         s = engine.stats
         b.add("prompt_tokens", s.prompt_tokens)
         b.add("cached_prompt_tokens", s.cached_prompt_tokens)
@@ -325,8 +340,8 @@ class EngineMetrics(Collector):
             hists = ((self._ttft, s.ttft), (self._tpot, s.tpot), (self._e2e, s.e2e))
             for hist, values in hists:
                 hist.feed(values)
-            families = (*b.done(), *(h.family() for h, _ in hists))
-            self._snapshot = families
+                b.add_histogram(hist)
+            self._snapshot = b.done()
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
@@ -334,7 +349,7 @@ class EngineMetrics(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Every family this collector can produce (empty), so a registry refuses duplicates up front."""
-        return [_family(name) for name in SPECS]
+        return [_family(name, self.model_name) for name in SPECS]
 
 
 def render(registry: CollectorRegistry) -> bytes:

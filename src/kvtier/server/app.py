@@ -126,7 +126,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     """The app over an engine in this process, driven by a thread (``engine_process=off``)."""
     settings = settings or ServerSettings()
     stages = StageLog() if settings.trace_stages else None
-    loop = EngineLoop(engine, settings.max_pending_requests, settings.handoff_for(engine.device.type), stages)
+    loop = EngineLoop(
+        engine,
+        settings.max_pending_requests,
+        settings.handoff_for(engine.device.type),
+        stages,
+        settings.served_model_name or EngineInfo.of(engine).model_name,
+    )
     tokenizer = copy.deepcopy(engine.tokenizer)
     return create_app_for(loop, EngineInfo.of(engine), tokenizer, settings)
 

@@ -57,6 +57,7 @@ def run_engine_process(
     threads: int | None,
     trace_stages: bool = False,
     join_window: float = 0.0,
+    served_model_name: str | None = None,
 ) -> None:
     """The child's main: build the engine, say ready, serve commands until shutdown or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
@@ -76,9 +77,11 @@ def run_engine_process(
     except BaseException as e:  # a model that does not load: the HTTP process reports it and exits
         outputs.send(("failed", f"the engine did not start: {type(e).__name__}: {e}"))
         sys.exit(1)
-    outputs.send(("ready", EngineInfo.of(engine), engine.tokenizer))
+    info = EngineInfo.of(engine)
+    outputs.send(("ready", info, engine.tokenizer))
     freeze_startup_heap()
-    core = EngineCore(engine, outputs, EngineStamps() if trace_stages else None, join_window)
+    stamps = EngineStamps() if trace_stages else None
+    core = EngineCore(engine, outputs, stamps, join_window, served_model_name or info.model_name)
     reader = threading.Thread(target=core.read, args=(commands,), name="kvtier-commands", daemon=True)
     reader.start()
     sys.exit(core.run())
@@ -115,7 +118,12 @@ def join_window_s(fraction: float, waited: float, waited_before: float) -> float
 
 class EngineCore:
     def __init__(
-        self, engine: Any, outputs: Connection, stamps: EngineStamps | None = None, join_window: float = 0.0
+        self,
+        engine: Any,
+        outputs: Connection,
+        stamps: EngineStamps | None = None,
+        join_window: float = 0.0,
+        model_name: str | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
@@ -126,7 +134,7 @@ class EngineCore:
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.tracker = DeltaTracker()
         self.registry = CollectorRegistry()
-        self.metrics = EngineMetrics(self.registry)
+        self.metrics = EngineMetrics(self.registry, model_name)  # the served name labels every sample
         self._last_metrics = 0.0
         # with overlapped steps only: without, the device idles from the end of step() to the next
         self.join_window = join_window if engine.config.scheduler.overlap_steps else 0.0

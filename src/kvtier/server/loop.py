@@ -125,12 +125,13 @@ class EngineLoop:
         max_pending: int,
         handoff: float = 1.0,
         stages: StageLog | None = None,
+        model_name: str | None = None,
     ) -> None:
         self.engine = engine
         self.stages = stages  # --trace-stages: the HTTP side's stamps (the engine's are not taken here)
         self.max_pending = max_pending
         self.registry = CollectorRegistry()
-        self.metrics = EngineMetrics(self.registry)
+        self.metrics = EngineMetrics(self.registry, model_name)  # the served name labels every sample
         self.handoff = handoff  # the most a step's outputs are waited for, as a fraction of the step
         self._delivered = threading.Event()
         self._commands: deque[Callable[[], None]] = deque()

@@ -52,6 +52,7 @@ class ProcessEngineLoop:
         start_timeout: float = 600.0,
         stages: StageLog | None = None,
         join_window: float = 0.0,
+        served_model_name: str | None = None,
     ) -> None:
         self.max_pending = max_pending
         self.stages = stages  # --trace-stages: the stamps of each request, engine's included
@@ -60,7 +61,16 @@ class ProcessEngineLoop:
         self._outputs, outputs_out = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=run_engine_process,
-            args=(commands_in, outputs_out, config, log_level, threads, stages is not None, join_window),
+            args=(
+                commands_in,
+                outputs_out,
+                config,
+                log_level,
+                threads,
+                stages is not None,
+                join_window,
+                served_model_name,
+            ),
             name="kvtier-engine",
         )
         self.process.start()

@@ -90,6 +90,7 @@ def run_server(config: EngineConfig, settings: ServerSettings, log_level: str = 
             threads,
             stages=stages,
             join_window=settings.join_window_fraction(),
+            served_model_name=settings.served_model_name,
         )
         app = create_app_for(loop, loop.info, loop.tokenizer, settings)
         where = f"engine process {loop.process.pid}"
