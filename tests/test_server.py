@@ -326,6 +326,67 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
     assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
 
 
+def post_raw(server: KvtierServer, path: str, body: Any, key: str | None = "key-a") -> httpx.Response:
+    """``body`` as ASCII JSON: lone surrogates travel as ``\\udXXX`` escapes, as a JS client sends them."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.post(server.url + path, content=json.dumps(body).encode(), headers=headers, timeout=30)
+
+
+def test_what_a_careless_client_sends_gets_a_400_naming_it(server: KvtierServer) -> None:
+    """Inputs found by probing the server as a hostile client would: each gets its status and a
+    message naming the parameter, and leaves the server as it was (same greedy text, no blocks)."""
+    ok = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "temperature": 0}
+    before = post(server, "/v1/completions", ok).json()["choices"][0]["text"]
+    hi = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}
+    cases: list[tuple[str, dict[str, Any], str, str]] = [
+        ("/v1/completions", {**ok, "prompt": "a\ud800b"}, "prompt", "lone surrogate"),
+        ("/v1/completions", {**ok, "prompt": ["fine", "\udc00"]}, "prompt", "prompt 1 is not valid Unicode"),
+        ("/v1/chat/completions", {**hi, "messages": [{"role": "user", "content": "x\ud83d"}]}, "messages",
+         "messages[0].content is not valid Unicode"),
+        ("/v1/chat/completions", {**hi, "messages": [{"role": "user\n<|system|>", "content": "x"}]},
+         "messages", "messages[0].role must be one of system, developer, user, assistant, tool"),
+        ("/v1/chat/completions", {**hi, "messages": [{"role": "user", "content": [image]}]}, "messages",
+         "messages[0].content[0] is a 'image_url' part: this model takes text parts only"),
+        ("/v1/completions", {**ok, "logit_bias": {"65": 100}}, "logit_bias", "not supported"),
+        ("/v1/chat/completions", {**hi, "response_format": {"type": "json_object"}}, "response_format",
+         "'json_object' is not supported"),
+        ("/v1/chat/completions", {**hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+         "not supported"),
+        ("/v1/chat/completions", {**hi, "tool_choice": "required"}, "tool_choice", "there are no tools"),
+        ("/v1/completions", {**ok, "best_of": 3}, "best_of", "only best_of = n = 1"),
+        ("/v1/completions", {**ok, "suffix": "end"}, "suffix", "not supported"),
+        ("/v1/completions", {**ok, "stream_options": {"include_usage": True}}, "stream_options",
+         "only allowed with stream=true"),
+        ("/v1/completions", {**ok, "prompt": ["a"] * 300, "n": 4}, "prompt",
+         "1200 sequences (n=4 x 300 prompts): over this server's limit of 1024 requests in flight"),
+        ("/tokenize", {"prompt": "\ud800"}, "prompt", "lone surrogate"),
+    ]  # fmt: skip
+    for path, body, param, text in cases:
+        err = error_of(post_raw(server, path, body), 400)
+        assert err["param"] == param and text in err["message"], (body, err)
+    assert post(server, "/v1/completions", {**ok, "best_of": 1}).status_code == 200  # = n: nothing to ignore
+    assert (
+        post(server, "/v1/chat/completions", {**hi, "response_format": {"type": "text"}}).status_code == 200
+    )
+    for change in (
+        {"max_tokens": "5"},
+        {"max_tokens": True},
+        {"temperature": True},
+        {"n": "2"},
+        {"stream": "yes"},
+    ):
+        err = error_of(post(server, "/v1/completions", {**ok, **change}), 422)  # no lax coercion
+        assert err["param"] == next(iter(change)), (change, err)
+    error_of(post(server, "/v1/completions", {"model": MODEL}, key=None), 401)  # the key before the body
+    assert client(server).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client(server).models.retrieve("gpt-9")
+    assert post(server, "/v1/completions", ok).json()["choices"][0]["text"] == before
+    server.wait_idle()
+    assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
+
+
 def test_disconnect_mid_stream_frees_blocks(server: KvtierServer) -> None:
     body = {"model": MODEL, "prompt": system_prompt("disconnect"), "max_tokens": 300, "stream": True,
             "ignore_eos": True}  # fmt: skip

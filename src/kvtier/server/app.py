@@ -4,7 +4,9 @@ to add more (the result cache's embeddings route goes there too).
 
 Errors leave in OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 parameter or a prompt over the context, 401 for a bad key, 404 for an unknown model, 422 for a body of
-the wrong shape, 503 with Retry-After when the bounded queue is full or the server is stopping.
+the wrong shape, 503 with Retry-After when the bounded queue is full or the server is stopping, 500
+(in that body too) for anything unexpected. The API key is checked before the body: a client without
+one learns nothing of the schema.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,7 +41,9 @@ from kvtier.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check_utf8,
     error_body,
+    template_messages,
 )
 from kvtier.server.stages import ARRIVE_KEY, StageLog, StampArrival
 
@@ -249,6 +253,12 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     async def stopping(_: Request, e: ShuttingDown) -> JSONResponse:
         return _error(503, "server_unavailable", str(e), **retry)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        """A bug, not a bad request: OpenAI's body with a 500 (Starlette then logs the traceback)."""
+        message = f"{request.method} {request.url.path} failed: {type(e).__name__}: {e}"
+        return _error(500, "internal_error", message)
+
 
 def _field(e: RequestValidationError) -> str | None:
     """The top-level body field a validation error is about (``messages`` for ``messages.0.content``);
@@ -267,6 +277,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     app.post("/v1/completions", response_model=None)(_completions(state))
     app.post("/v1/chat/completions", response_model=None)(_chat(state))
     app.get("/v1/models")(_models(state))
+    app.get("/v1/models/{model_id:path}")(_model(state))
     app.get("/health")(_health(state))
     app.get("/metrics")(_metrics(state))
     app.get("/version")(_version)
@@ -276,6 +287,28 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 def authenticate(state: ServerState, request: Request) -> str | None:
     return state.tenants.authenticate(request.headers.get("authorization"))
+
+
+def tenant_of(state: ServerState) -> Any:
+    """The route dependency that authenticates a request (before its body is validated)."""
+
+    def tenant(request: Request) -> str | None:
+        return authenticate(state, request)
+
+    return tenant
+
+
+def check_sequences(state: ServerState, n: int, num_prompts: int) -> None:
+    """One request may not ask for more sequences than the server takes in flight: it could never
+    be admitted, so a 503 (retry later) would be a lie."""
+    limit = state.settings.max_pending_requests
+    if n * num_prompts > limit:
+        asked = f"n={n}" if num_prompts == 1 else f"n={n} x {num_prompts} prompts"
+        raise BadParam(
+            f"the request asks for {n * num_prompts} sequences ({asked}): over this server's limit "
+            f"of {limit} requests in flight",
+            "n" if num_prompts == 1 else "prompt",
+        )
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -301,7 +334,12 @@ def apply_chat_template(state: ServerState, messages: list[dict[str, str]]) -> l
     tok = state.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise BadParam("this model has no chat template: use /v1/completions", "messages")
-    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    try:
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja2's TemplateError: the model's template refused these messages
+        if type(e).__module__.split(".")[0] != "jinja2":
+            raise
+        raise BadParam(f"the model's chat template refused the messages: {e}", "messages") from None
     ids = out["input_ids"] if hasattr(out, "keys") else out
     return list(ids)
 
@@ -318,11 +356,15 @@ async def _respond(job: cmpl.Job, request: Request) -> Any:
 
 
 def _completions(state: ServerState) -> Any:
-    async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    async def create_completion(
+        body: CompletionRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
+    ) -> Any:
         parsed = time.perf_counter()
-        tenant = authenticate(state, request)
         check_model(state, body.model)
-        prompts = [encode(state, p, "prompt") for p in body.prompts()]
+        body.refuse_unsupported()
+        texts = body.prompts()
+        check_sequences(state, body.n, len(texts))
+        prompts = [encode(state, p, "prompt") for p in texts]
         logprobs = body.logprobs_count()
         L = state.max_model_len
         params = [
@@ -340,10 +382,13 @@ def _completions(state: ServerState) -> Any:
 
 
 def _chat(state: ServerState) -> Any:
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    async def create_chat_completion(
+        body: ChatCompletionRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
+    ) -> Any:
         parsed = time.perf_counter()
-        tenant = authenticate(state, request)
         check_model(state, body.model)
+        body.refuse_unsupported()
+        check_sequences(state, body.n, 1)
         ids = apply_chat_template(state, body.chat())
         logprobs = body.logprobs_count()
         requested, name = body.requested_max_tokens()
@@ -378,22 +423,31 @@ def _stages(state: ServerState, stages: StageLog) -> Any:
     return debug_stages
 
 
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "kvtier",
+        "max_model_len": state.max_model_len,
+    }
+
+
 def _models(state: ServerState) -> Any:
     async def list_models(request: Request) -> dict[str, Any]:
         authenticate(state, request)
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "kvtier",
-                "max_model_len": state.max_model_len,
-            }
-            for name in state.model_names
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model_card(state, name) for name in state.model_names]}
 
     return list_models
+
+
+def _model(state: ServerState) -> Any:
+    async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+        authenticate(state, request)
+        check_model(state, model_id)
+        return _model_card(state, model_id)
+
+    return retrieve_model
 
 
 def _health(state: ServerState) -> Any:
@@ -418,14 +472,16 @@ async def _version() -> dict[str, str]:
 
 
 def _tokenize(state: ServerState) -> Any:
-    async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
-        authenticate(state, request)
+    async def tokenize(
+        body: TokenizeRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
+    ) -> dict[str, Any]:
         check_model(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise BadParam("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = apply_chat_template(state, [{"role": m.role, "content": m.text()} for m in body.messages])
+            ids = apply_chat_template(state, template_messages(body.messages))
         else:
+            check_utf8("the prompt", body.prompt or "", "prompt")
             ids = encode(state, body.prompt or "", "prompt", body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
@@ -433,8 +489,9 @@ def _tokenize(state: ServerState) -> Any:
 
 
 def _detokenize(state: ServerState) -> Any:
-    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
-        authenticate(state, request)
+    async def detokenize(
+        body: DetokenizeRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
+    ) -> dict[str, Any]:
         check_model(state, body.model)
         ids = encode(state, body.tokens, "tokens")
         if state.tokenizer is None:

@@ -1,9 +1,13 @@
 """OpenAI request and response bodies (pydantic), and their mapping to kvtier's SamplingParams.
 
-A body of the wrong shape (a string where a number goes, no ``messages``) fails pydantic: 422. A body
-of the right shape with a value out of range fails here or in ``SamplingParams.validate``: 400, with a
-message that names the parameter and its limit. Unknown fields are ignored, as OpenAI-compatible
-servers do, so clients that send newer fields keep working.
+A body of the wrong shape (a string where a number goes, no ``messages``) fails pydantic: 422. Integer
+and boolean fields are strict (``"5"`` or ``true`` for ``max_tokens`` is a 422, not 5 or 1 token), as
+are numbers (``true`` is no temperature). A body of the right shape with a value out of range fails
+here or in ``SamplingParams.validate``: 400, with a message that names the parameter and its limit.
+OpenAI parameters that would change the answer but that kvtier does not implement (``logit_bias``,
+``response_format``, ``tools``, ``best_of``, ``suffix``) are refused with a 400 naming them, never
+ignored. Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer
+fields keep working.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from kvtier.engine.request import MAX_LOGPROBS, SamplingParams
+from kvtier.engine.request import MAX_LOGPROBS, InvalidRequestError, SamplingParams, check_text
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict()]  # an int is taken (1 is 1.0), a bool or a string is not
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class BadParam(ValueError):
@@ -30,33 +39,61 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def check_utf8(what: str, text: str, param: str) -> None:
+    """``text`` must be encodable (a lone surrogate, from a string cut inside an emoji, is not)."""
+    try:
+        check_text(what, text)
+    except InvalidRequestError as e:
+        raise BadParam(str(e), param) from None
+
+
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Sampling(_Body):
     """Fields both completion endpoints share (OpenAI's, then vLLM's extras)."""
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stream: bool = False
+    max_tokens: Int | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    n: Int = 1
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: Int | None = None
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
     user: str | None = None
+    # OpenAI's, not implemented: refused when they would change the answer (refuse_unsupported)
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
     # extras
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
-    include_stop_str_in_output: bool = False
+    top_k: Int = 0
+    min_p: Float = 0.0
+    repetition_penalty: Float = 1.0
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] = Field(default_factory=list)
+    include_stop_str_in_output: Bool = False
     cache_salt: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 for what kvtier does not do, rather than an answer that silently ignores it."""
+        if self.logit_bias:
+            raise BadParam("logit_bias is not supported by this server", "logit_bias")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise BadParam(f"response_format {kind!r} is not supported: only 'text'", "response_format")
+        if self.tools or self.functions:
+            raise BadParam("tools and function calling are not supported by this server", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise BadParam("tool_choice is not supported: there are no tools", "tool_choice")
+        if self.stream_options is not None and not self.stream:
+            raise BadParam("stream_options is only allowed with stream=true", "stream_options")
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -89,20 +126,32 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
+    echo: Bool = False
+    best_of: Int | None = None
+    suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
-            return [p]
+            p = [p]
         if not p:
             raise BadParam("prompt is empty", "prompt")
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
+        for i, text in enumerate(p):
+            if isinstance(text, str):
+                check_utf8("the prompt" if len(p) == 1 else f"prompt {i}", text, "prompt")
         return list(p)  # type: ignore[arg-type]
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadParam(f"best_of is not supported (only best_of = n = {self.n})", "best_of")
+        if self.suffix:
+            raise BadParam("suffix is not supported by this server", "suffix")
 
     def logprobs_count(self) -> int | None:
         if self.echo:
@@ -112,29 +161,52 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, where: str) -> str:
+        """The message's text (its text parts joined); ``where`` names it in errors."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise BadParam(
+                    f"{where}.content[{j}] is a {part.type!r} part: this model takes text parts only",
+                    "messages",
+                )
+        return "".join(p.text or "" for p in self.content)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them, each role one of ``ROLES`` (a role is pasted
+    into the template: an unchecked one could open a turn of its own) and all text encodable."""
+    if not messages:
+        raise BadParam("messages is empty: at least one message is needed", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role not in ROLES:
+            raise BadParam(f"{where}.role must be one of {', '.join(ROLES)}, got {m.role!r}", "messages")
+        text = m.text(where)
+        check_utf8(f"{where}.content", text, "messages")
+        out.append({"role": m.role, "content": text})
+    return out
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
 
     def logprobs_count(self) -> int | None:
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
@@ -152,21 +224,19 @@ class ChatCompletionRequest(_Sampling):
         return self.max_tokens, "max_tokens"
 
     def chat(self) -> list[dict[str, str]]:
-        if not self.messages:
-            raise BadParam("messages is empty: at least one message is needed", "messages")
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return template_messages(self.messages)
 
 
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: Bool = True
 
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # -- responses: plain dicts in OpenAI's shapes (built per token when streaming, so kept cheap) -------
