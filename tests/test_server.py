@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from kvtier.model.bytetok import ByteTokenizer
 from tests.kvtier_servers import KvtierServer
 
 MODEL = "synthetic:tiny"
@@ -385,6 +386,35 @@ def test_what_a_careless_client_sends_gets_a_400_naming_it(server: KvtierServer)
     assert post(server, "/v1/completions", ok).json()["choices"][0]["text"] == before
     server.wait_idle()
     assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
+
+
+def test_bodies_and_prompts_too_large_to_fit_are_refused_before_they_are_read() -> None:
+    """A body over ``--max-request-bytes`` gets 413 (by its Content-Length, or chunked, once read);
+    a text prompt longer than any that fits the context gets 400 before it is tokenized; a long
+    one that may fit is tokenized on the tokenizing thread and answered as any other."""
+    srv = KvtierServer(
+        "--model", MODEL, "--kv-cache-memory", str(4 << 20), "--max-model-len", "2048",
+        "--max-request-bytes", "300000",
+    )  # fmt: skip
+    try:
+        headers = {"Content-Type": "application/json"}
+        big = json.dumps({"model": MODEL, "prompt": "x" * 400_000}).encode()
+        for content in (big, iter([big[:1000], big[1000:]])):  # the second is sent chunked
+            r = httpx.post(srv.url + "/v1/completions", content=content, headers=headers, timeout=30)
+            err = error_of(r, 413)
+            assert "over this server's limit of 300000 bytes (--max-request-bytes)" in err["message"]
+        limit = 4 * 2048 * max(len(k) for k in ByteTokenizer().get_vocab())
+        err = error_of(post(srv, "/v1/completions", {"model": MODEL, "prompt": "x" * (limit + 1)}), 400)
+        assert err["param"] == "prompt" and f"{limit + 1} characters" in err["message"], err
+        long_text = "ab" * 51_000  # over LONG_PROMPT_CHARS (tokenized on the thread), under the limit
+        assert post(srv, "/tokenize", {"prompt": long_text}).json()["count"] >= 102_000
+        err = error_of(post(srv, "/v1/completions", {"model": MODEL, "prompt": long_text}), 400)
+        assert err["param"] == "prompt" and "context is 2048 tokens" in err["message"], err
+        assert (
+            post(srv, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+        )
+    finally:
+        assert srv.stop() == 0
 
 
 def test_disconnect_mid_stream_frees_blocks(server: KvtierServer) -> None:

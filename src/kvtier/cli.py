@@ -164,6 +164,10 @@ def serve(
         int,
         typer.Option(help="accepted, unfinished requests; then 503", envvar="KVTIER_MAX_PENDING_REQUESTS"),
     ] = 1024,
+    max_request_bytes: Annotated[
+        int,
+        typer.Option(help="a larger request body gets 413", envvar="KVTIER_MAX_REQUEST_BYTES"),
+    ] = 32 << 20,
     shutdown_timeout: Annotated[
         float,
         typer.Option(help="SIGTERM: seconds in-flight requests may take", envvar="KVTIER_SHUTDOWN_TIMEOUT"),
@@ -213,6 +217,7 @@ def serve(
         api_keys_file=api_keys_file,
         served_model_name=served_model_name,
         max_pending_requests=max_pending_requests,
+        max_request_bytes=max_request_bytes,
         shutdown_timeout_s=shutdown_timeout,
         step_handoff=step_handoff,
         engine_process=engine_process,

@@ -15,9 +15,10 @@ import asyncio
 import copy
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -56,6 +57,7 @@ class ServerSettings:
     api_keys_file: str | None = None
     served_model_name: str | None = None  # default: the model setting (folder or synthetic:<name>)
     max_pending_requests: int = 1024  # accepted and unfinished; one more gets 503
+    max_request_bytes: int = 32 << 20  # a larger body gets 413 before it is read
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # after a step, the engine thread waits for its outputs to be sent, at most this x the step's time;
@@ -80,6 +82,8 @@ class ServerSettings:
             raise ValueError(
                 f"join_window must be between 0 and 1 (of the device wait), got {self.join_window}"
             )
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
         if self.engine_process not in ENGINE_PROCESS_CHOICES:
             choices = ", ".join(ENGINE_PROCESS_CHOICES)
             raise ValueError(f"engine_process must be one of {choices}, got {self.engine_process!r}")
@@ -104,6 +108,28 @@ class UnknownModel(Exception):
     pass
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+# a text prompt this long is tokenized on a thread of its own, not the event loop (~10 ms and more
+# for a fast tokenizer: every stream would stall for it)
+LONG_PROMPT_CHARS = 100_000
+# a text prompt over (this x the context x the longest token's characters) cannot fit: refused
+# before it is tokenized. 4: room for normalizers that merge characters (NFKC composes pairs)
+PROMPT_CHARS_SLACK = 4
+
+
+def prompt_char_limit(tokenizer: Any, max_model_len: int) -> int | None:
+    """The most characters a text prompt that fits the context can have, or None (unknown): no
+    token's text is longer than its vocabulary entry (byte-level BPE: a character a byte)."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return None
+    longest = max((len(k) for k in vocab()), default=0)
+    return PROMPT_CHARS_SLACK * max_model_len * longest if longest else None
+
+
 @dataclass
 class ServerState:
     info: EngineInfo
@@ -112,6 +138,16 @@ class ServerState:
     tenants: Tenants
     tokenizer: Any  # the HTTP side's own copy: a tokenizer object is not safe to share across threads
     model_names: list[str]
+    max_prompt_chars: int | None = None
+    # long prompts are tokenized here, on one thread with its own copy of the tokenizer
+    long_prompts: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kvtier-tokenize")
+    )
+    long_tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.info.max_model_len)
+        self.long_tokenizer = copy.deepcopy(self.tokenizer)
 
     @property
     def max_model_len(self) -> int:
@@ -159,15 +195,53 @@ def create_app_for(
         state.loop.start()
         yield
         await asyncio.to_thread(state.loop.shutdown)  # after uvicorn let in-flight requests finish
+        state.long_prompts.shutdown(wait=False)
 
     app = FastAPI(title="kvtier", version=kvtier.__version__, lifespan=lifespan)
     app.state.kvtier = state
     add_error_handlers(app, settings)
     add_routes(app, state)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if loop.stages is not None:
         app.add_middleware(StampArrival)
         app.get("/debug/stages")(_stages(state, loop.stages))
     return app
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    message = f"the request body is over this server's limit of {max_bytes} bytes (--max-request-bytes)"
+    return _error(413, "invalid_request_error", message)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before it is read (by its Content-Length)
+    or as soon as it is (a chunked one raises ``BodyTooLarge`` from the route's read; FastAPI makes
+    that a 400 "error parsing the body", which the error handler turns back into the 413)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        await self.app(scope, counted, send)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -208,6 +282,8 @@ def add_error_handlers(app: FastAPI, settings: ServerSettings) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """An unknown route (404) or method (405): OpenAI's error body, not FastAPI's ``detail``."""
+        if isinstance(e.__cause__, BodyTooLarge):  # FastAPI's "error parsing the body", from our read
+            return _too_large(settings.max_request_bytes)
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {e.detail}"
         return _error(e.status_code, kind, message, **(e.headers or {}))
@@ -316,13 +392,21 @@ def check_model(state: ServerState, model: str | None) -> None:
         raise UnknownModel(f"the model {model!r} does not exist; this server serves {state.model_names}")
 
 
-def encode(
+async def encode(
     state: ServerState, prompt: str | list[int], param: str, add_special_tokens: bool = True
 ) -> list[int]:
     if isinstance(prompt, str):
         if state.tokenizer is None:
             raise BadParam("this model has no tokenizer: send token ids", param)
-        return list(state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        text = prompt
+        ids = await _tokenized(
+            state,
+            len(text),
+            param,
+            "the prompt",
+            lambda tok: tok.encode(text, add_special_tokens=add_special_tokens),
+        )
+        return list(ids)
     vocab = state.info.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -330,16 +414,38 @@ def encode(
     return list(prompt)
 
 
-def apply_chat_template(state: ServerState, messages: list[dict[str, str]]) -> list[int]:
-    tok = state.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
+async def _tokenized(
+    state: ServerState, chars: int, param: str, what: str, work: Callable[[Any], Any]
+) -> Any:
+    """``work(tokenizer)`` for a text of ``chars`` characters: refused if it cannot fit the context
+    whatever it says, on the tokenizing thread if long, else here."""
+    limit = state.max_prompt_chars
+    if limit is not None and chars > limit:
+        raise BadParam(
+            f"{what} has {chars} characters: more than a context of {state.max_model_len} tokens can "
+            f"hold (at most {limit} characters with this tokenizer)",
+            param,
+        )
+    if chars > LONG_PROMPT_CHARS:
+        tok = state.long_tokenizer
+        return await asyncio.get_running_loop().run_in_executor(state.long_prompts, lambda: work(tok))
+    return work(state.tokenizer)
+
+
+async def apply_chat_template(state: ServerState, messages: list[dict[str, str]]) -> list[int]:
+    if state.tokenizer is None or not getattr(state.tokenizer, "chat_template", None):
         raise BadParam("this model has no chat template: use /v1/completions", "messages")
-    try:
-        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # jinja2's TemplateError: the model's template refused these messages
-        if type(e).__module__.split(".")[0] != "jinja2":
-            raise
-        raise BadParam(f"the model's chat template refused the messages: {e}", "messages") from None
+
+    def render(tok: Any) -> Any:
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # jinja2's TemplateError: the model's template refused these messages
+            if type(e).__module__.split(".")[0] != "jinja2":
+                raise
+            raise BadParam(f"the model's chat template refused the messages: {e}", "messages") from None
+
+    chars = sum(len(m["content"]) for m in messages)
+    out = await _tokenized(state, chars, "messages", "the messages", render)
     ids = out["input_ids"] if hasattr(out, "keys") else out
     return list(ids)
 
@@ -364,7 +470,7 @@ def _completions(state: ServerState) -> Any:
         body.refuse_unsupported()
         texts = body.prompts()
         check_sequences(state, body.n, len(texts))
-        prompts = [encode(state, p, "prompt") for p in texts]
+        prompts = [await encode(state, p, "prompt") for p in texts]
         logprobs = body.logprobs_count()
         L = state.max_model_len
         params = [
@@ -389,7 +495,7 @@ def _chat(state: ServerState) -> Any:
         check_model(state, body.model)
         body.refuse_unsupported()
         check_sequences(state, body.n, 1)
-        ids = apply_chat_template(state, body.chat())
+        ids = await apply_chat_template(state, body.chat())
         logprobs = body.logprobs_count()
         requested, name = body.requested_max_tokens()
         max_tokens = cmpl.resolve_max_tokens(requested, len(ids), state.max_model_len, "messages", name)
@@ -479,10 +585,10 @@ def _tokenize(state: ServerState) -> Any:
         if (body.prompt is None) == (body.messages is None):
             raise BadParam("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = apply_chat_template(state, template_messages(body.messages))
+            ids = await apply_chat_template(state, template_messages(body.messages))
         else:
             check_utf8("the prompt", body.prompt or "", "prompt")
-            ids = encode(state, body.prompt or "", "prompt", body.add_special_tokens)
+            ids = await encode(state, body.prompt or "", "prompt", body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
     return tokenize
@@ -493,7 +599,7 @@ def _detokenize(state: ServerState) -> Any:
         body: DetokenizeRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
     ) -> dict[str, Any]:
         check_model(state, body.model)
-        ids = encode(state, body.tokens, "tokens")
+        ids = await encode(state, body.tokens, "tokens")
         if state.tokenizer is None:
             raise BadParam("this model has no tokenizer", "tokens")
         return {"prompt": state.tokenizer.decode(ids)}
