@@ -95,6 +95,7 @@ CHANGES: dict[str, dict[str, Any]] = {
     "frequency_penalty": dict(frequency_penalty=0.5),
     "stop": dict(stop=["zz"]),
     "stop_token_ids": dict(stop_token_ids=[3]),
+    "logit_bias": dict(logit_bias={3: 5.0}),
     "ignore_eos": dict(ignore_eos=False),
     "include_stop_str_in_output": dict(include_stop_str_in_output=True),
 }
@@ -114,6 +115,9 @@ def test_any_changed_parameter_prompt_or_salt_is_a_miss(llm: LLM) -> None:
     llm.generate(PROMPT, GREEDY)
     same = dataclasses.replace(GREEDY, seed=5, top_k=3, top_p=0.5)
     assert llm.generate(PROMPT, same)[0].served_from == "result-cache"
+    llm.generate(PROMPT, dataclasses.replace(GREEDY, logit_bias={3: 5.0, 9: -2.0}))
+    reordered = dataclasses.replace(GREEDY, logit_bias={9: -2.0, 3: 5.0})  # a bias in another order
+    assert llm.generate(PROMPT, reordered)[0].served_from == "result-cache"
 
 
 def test_another_model_is_a_miss_on_a_shared_tier(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -46,6 +47,7 @@ def build(n: int, device: torch.device = CPU, **per_row: Any) -> SamplingBatch:
         args[name] = list(value) if isinstance(value, list) else [value] * n
     return SamplingBatch.build(
         **args,
+        logit_bias=per_row.pop("logit_bias", None),
         prompt_tokens=per_row.pop("prompt_tokens", None),
         output_tokens=per_row.pop("output_tokens", None),
         generators=per_row.pop("generators", None),
@@ -340,6 +342,31 @@ def test_repetition_penalty_matches_hf() -> None:
         torch.testing.assert_close(ours[r], theirs, rtol=0, atol=0)
     assert not torch.equal(ours, logits)
     assert torch.equal(ours[3], logits[3])  # penalty 1.0 leaves the row alone
+
+
+def test_logit_bias_matches_hf_and_comes_before_the_penalties() -> None:
+    """OpenAI's logit_bias is HF's sequence bias on one-token sequences; rows without one are left
+    alone; a +100 bias wins greedy and sampled rows alike; a penalty applies to the biased logit."""
+    logits, _, outputs = penalty_inputs()
+    biases: list[dict[int, float]] = [{5: 3.0, 7: -1.5}, {}, {39: 100.0}, {0: -100.0, 39: 2.0}]
+    batch = build(4, logit_bias=biases)
+    ours = apply_penalties(logits, batch)
+    ids = torch.tensor([[1]])
+    for r, bias in enumerate(biases):
+        hf = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()]) if bias else None
+        theirs = hf(ids, logits[r : r + 1].clone())[0] if hf else logits[r]
+        torch.testing.assert_close(ours[r], theirs)
+    assert torch.equal(ours[1], logits[1])
+    greedy = sample(logits, build(4, temperature=0.0, logit_bias=biases))
+    assert greedy[2] == 39 and torch.equal(greedy, ours.argmax(-1))
+    assert not build(4, temperature=0.0).bias_at  # no bias: nothing built, the plain argmax path
+    sampled = sample(logits, build(4, temperature=1.0, logit_bias=biases, seeds=[1, 2, 3, 4]))
+    assert sampled[2] == 39
+    both = build(4, logit_bias=biases, frequency_penalty=[0.0, 0.0, 0.0, 1.0], output_tokens=outputs)
+    expected = ours.clone()
+    expected[3, 39] -= 2.0  # row 3 generated 39 twice: the penalty is taken off the biased logit
+    expected[3, 20] -= 1.0
+    torch.testing.assert_close(apply_penalties(logits, both), expected)
 
 
 def test_presence_and_frequency_penalties_match_reference() -> None:

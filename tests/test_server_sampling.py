@@ -14,9 +14,11 @@ the other characters, each of which stands for one byte sequence (its tokens).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -81,6 +83,35 @@ def test_penalties_remove_the_repeats_of_greedy(
     penalised = text(c, chat, "hello", **{**kw, **penalty})
     assert repeats(penalised) < repeats(greedy), (greedy, penalised)
     assert repeats(penalised) <= 1, repr(penalised)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_logit_bias_forces_and_forbids_tokens(c: openai.OpenAI, chat: bool) -> None:
+    kw: dict[str, Any] = dict(temperature=0, max_tokens=12, extra_body=EOS)
+    (z,) = tokenize(c, "Z")
+    assert text(c, chat, **kw, logit_bias={str(z): 100}) == "Z" * 12
+    assert (
+        text(c, chat, **{**SAMPLED, "max_tokens": 12}, logit_bias={str(z): 100}, extra_body=EOS) == "Z" * 12
+    )
+    (y,) = tokenize(c, "Y")
+    assert text(c, chat, **kw, logit_bias={str(z): 100, str(y): 100.0 - 1e-3}) == "Z" * 12
+    assert text(c, chat, **kw, logit_bias={str(z): -100, str(y): 99}) == "Y" * 12
+    for bias, message in (
+        ({"x": 1}, "logit_bias keys must be token ids, got 'x'"),
+        ({"100000": 1}, "logit_bias token id int 100000 is outside the vocabulary"),
+        ({str(z): 101}, "logit_bias values must be in [-100, 100]; got 101"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=re.escape(message)) as raised:
+            text(c, chat, **kw, logit_bias=bias)
+        assert raised.value.param == "logit_bias"  # type: ignore[attr-defined]
+
+
+def tokenize(c: openai.OpenAI, s: str) -> list[int]:
+    url = str(c.base_url).removesuffix("/v1/")
+    ids: list[int] = httpx.post(url + "/tokenize", json={"prompt": s, "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    return ids
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])

@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     ignore_eos: bool = False
     n: int = 1
     include_stop_str_in_output: bool = False
@@ -81,6 +82,27 @@ class SamplingParams:
                     f"{f.name} must be true or false, got {_show(getattr(self, f.name))}"
                 )
         self._validate_stops(vocab_size)
+        self._validate_logit_bias(vocab_size)
+
+    def _validate_logit_bias(self, vocab_size: int) -> None:
+        """OpenAI's: token ids of the vocabulary, each mapped to a bias in [-100, 100]."""
+        bias = self.logit_bias
+        if not isinstance(bias, dict):
+            raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {_show(bias)}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for token, value in bias.items():
+            if not _is_int(token) or not 0 <= token < vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias token id {_show(token)} is outside the vocabulary [0, {vocab_size})"
+                )
+            _number(
+                "logit_bias",
+                value,
+                -MAX_BIAS,
+                MAX_BIAS,
+                f"logit_bias values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}]",
+            )
 
     def _validate_stops(self, vocab_size: int) -> None:
         if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
@@ -114,6 +136,7 @@ MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
 PENALTY_LIMIT = f"repetition_penalty must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 disables it)"
 MAX_N = 256  # completions per request: each is a request of its own in the scheduler
 MAX_STOPS = 64  # stop strings are searched in every step's new text
+MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0  # entries a request; OpenAI's range of a bias
 
 
 def _show(value: Any) -> str:

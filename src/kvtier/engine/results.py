@@ -54,6 +54,8 @@ def output_params(
         value = getattr(params, f.name)
         if params.greedy and f.name in ("seed", "top_k", "top_p", "min_p"):
             continue  # greedy ignores them: the same answer for any of their values
+        if isinstance(value, dict):  # logit_bias: the same bias in any order is the same answer
+            value = sorted(value.items())
         out[f.name] = list(value) if isinstance(value, list | tuple) else value
     out["eos_token_ids"] = list(eos_token_ids)
     out["max_model_len"] = max_model_len  # a long answer may stop at the context's end

@@ -392,6 +392,7 @@ class ModelRunner:
             presence_penalty=[p.presence_penalty for p in ps],
             frequency_penalty=[p.frequency_penalty for p in ps],
             seeds=[p.seed for p in ps],
+            logit_bias=[p.logit_bias for p in ps],
             prompt_tokens=[r.prompt_token_ids for r in reqs] if penalties else None,
             output_tokens=[r.output_token_ids for r in reqs] if penalties else None,
             device=self.device,
@@ -518,11 +519,13 @@ class BlockTables:
 
 
 def _plain_greedy(req: Request) -> bool:
-    """Greedy without penalties: the token is the argmax of the raw logits (what the graph computed)."""
+    """Greedy without penalties or biases: the token is the argmax of the raw logits (what the
+    graph computed)."""
     p = req.params
     return (
         p.temperature == 0
         and p.repetition_penalty == 1.0
         and not p.presence_penalty
         and not p.frequency_penalty
+        and not p.logit_bias
     )

@@ -5,9 +5,9 @@ request's SamplingParams into one :class:`SamplingBatch` per step with :meth:`Sa
 
 Order of operations, per row (Hugging Face ``generate`` order, vLLM/OpenAI penalty semantics):
 
-1. penalties: repetition (HF: over prompt and generated tokens, positive logits divided, negative
-   multiplied), then frequency (``-= f * count``) and presence (``-= p * [count > 0]``), generated
-   tokens only;
+1. OpenAI's ``logit_bias`` added to the raw logits, then the penalties: repetition (HF: over prompt
+   and generated tokens, positive logits divided, negative multiplied), then frequency
+   (``-= f * count``) and presence (``-= p * [count > 0]``), generated tokens only;
 2. greedy rows (temperature 0) take the argmax of the penalised logits;
 3. sampled rows: divide by temperature, top-k, top-p (keeps at least one token), min-p, then draw.
 
@@ -23,7 +23,7 @@ never on the other rows of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,9 @@ class SamplingBatch:
     # host-to-device copy); when None, apply_penalties makes them from prompt_tokens / output_tokens.
     prompt_ids: torch.Tensor | None = None
     output_ids: torch.Tensor | None = None
+    # logit_bias of the rows that have one, flat: (rows, token ids) int64 and biases float32; None: none
+    bias_at: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias_values: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -83,6 +86,7 @@ class SamplingBatch:
         presence_penalty: Sequence[float],
         frequency_penalty: Sequence[float],
         seeds: Sequence[int | None],
+        logit_bias: Sequence[Mapping[int, float]] | None = None,
         prompt_tokens: Sequence[Sequence[int]] | None,
         output_tokens: Sequence[Sequence[int]] | None,
         device: torch.device,
@@ -123,6 +127,7 @@ class SamplingBatch:
             output_tokens if (do_repetition or do_presence_frequency) else None,
             device,
         )
+        bias_at, bias_values = _build_bias(logit_bias, device)
         old = generators if generators is not None else [None] * n
         gens = [
             g if g is not None or s is None else make_generator(s, device)
@@ -149,7 +154,21 @@ class SamplingBatch:
             do_presence_frequency=do_presence_frequency,
             prompt_ids=prompt_ids,
             output_ids=output_ids,
+            bias_at=bias_at,
+            bias_values=bias_values,
         )
+
+
+def _build_bias(
+    logit_bias: Sequence[Mapping[int, float]] | None, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """The rows' biases as flat (row, token) indices and values, one host-to-device copy each."""
+    entries = [(row, t, b) for row, bias in enumerate(logit_bias or ()) for t, b in bias.items()]
+    if not entries:
+        return None, None
+    rows, tokens, values = zip(*entries, strict=True)
+    at = _to_device(torch.tensor([rows, tokens], dtype=torch.int64), device)
+    return (at[0], at[1]), _to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -166,6 +185,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     the vocabulary size beyond a few elementwise passes.
     """
     out = logits.float()
+    if batch.bias_at is not None and batch.bias_values is not None:
+        out = out.index_put(batch.bias_at, batch.bias_values, accumulate=True)
     do_rep, do_pf = _penalty_steps(batch)
     if do_rep and not (_has_prompt(batch) and _has_output(batch)):
         raise ValueError("repetition penalty needs prompt_tokens and output_tokens in the SamplingBatch")
@@ -236,7 +257,7 @@ def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """One token per row: ``[B, V]`` logits (any float dtype) -> ``[B]`` int64 ids on the same device."""
     if batch.all_greedy:
-        if not any(_penalty_steps(batch)):
+        if not any(_penalty_steps(batch)) and batch.bias_at is None:
             return logits.argmax(dim=-1)  # exact: a float upcast preserves order
         return apply_penalties(logits, batch).argmax(dim=-1)
 

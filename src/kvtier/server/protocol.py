@@ -4,8 +4,8 @@ A body of the wrong shape (a string where a number goes, no ``messages``) fails 
 and boolean fields are strict (``"5"`` or ``true`` for ``max_tokens`` is a 422, not 5 or 1 token), as
 are numbers (``true`` is no temperature). A body of the right shape with a value out of range fails
 here or in ``SamplingParams.validate``: 400, with a message that names the parameter and its limit.
-OpenAI parameters that would change the answer but that kvtier does not implement (``logit_bias``,
-``response_format``, ``tools``, ``best_of``, ``suffix``) are refused with a 400 naming them, never
+OpenAI parameters that would change the answer but that kvtier does not implement
+(``response_format``, ``tools``, ``best_of``, ``suffix``) are refused with a 400 naming them, never
 ignored. Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer
 fields keep working.
 """
@@ -66,8 +66,8 @@ class _Sampling(_Body):
     presence_penalty: Float = 0.0
     frequency_penalty: Float = 0.0
     user: str | None = None
+    logit_bias: dict[str, Float] | None = None  # token id (a JSON key: a string) -> bias
     # OpenAI's, not implemented: refused when they would change the answer (refuse_unsupported)
-    logit_bias: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -83,8 +83,6 @@ class _Sampling(_Body):
 
     def refuse_unsupported(self) -> None:
         """A 400 for what kvtier does not do, rather than an answer that silently ignores it."""
-        if self.logit_bias:
-            raise BadParam("logit_bias is not supported by this server", "logit_bias")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             raise BadParam(f"response_format {kind!r} is not supported: only 'text'", "response_format")
@@ -114,11 +112,21 @@ class _Sampling(_Body):
             frequency_penalty=self.frequency_penalty,
             stop=self.stops(),
             stop_token_ids=list(self.stop_token_ids),
+            logit_bias=self.token_biases(),
             ignore_eos=self.ignore_eos,
             n=self.n,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
         )
+
+    def token_biases(self) -> dict[int, float]:
+        """``logit_bias`` with its keys as token ids (the engine checks their range and values)."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.lstrip("-").isdigit()):
+                raise BadParam(f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias")
+            out[int(key)] = bias
+        return out
 
     @property
     def include_usage(self) -> bool:
