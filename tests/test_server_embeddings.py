@@ -93,6 +93,14 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
         c.embeddings.create(model="other-model", input="x")
     with pytest.raises(openai.BadRequestError, match="empty"):
         c.embeddings.create(model=MODEL, input=[])
+    body = json.dumps({"model": MODEL, "input": ["fine", "cut \ud83d"]}).encode()  # ASCII JSON escapes
+    r = httpx.post(server.url + "/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "input 1 is not valid Unicode" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "input"
+    r = httpx.post(
+        server.url + "/v1/embeddings", content=b"x" * (33 << 20), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"], r.text
 
 
 def test_the_completions_server_says_when_the_result_cache_answered() -> None:

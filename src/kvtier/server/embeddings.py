@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict
 
 import kvtier
 from kvtier.engine.embedder import Embedder
-from kvtier.server.app import ServerSettings, UnknownModel, add_error_handlers
+from kvtier.server.app import BodyLimit, ServerSettings, UnknownModel, add_error_handlers
 from kvtier.server.auth import Tenants, cache_salt
 from kvtier.server.loop import OpenStreams, QueueFull, ShuttingDown
-from kvtier.server.protocol import BadParam
+from kvtier.server.protocol import BadParam, Int, check_utf8
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -32,10 +32,10 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[Int] | list[list[Int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Int | None = None
     user: str | None = None
 
     def texts(self) -> list[str]:
@@ -46,6 +46,8 @@ class EmbeddingRequest(BaseModel):
             raise BadParam(f"input has {len(items)} items; at most {MAX_INPUTS} per request", "input")
         if not all(isinstance(t, str) for t in items):
             raise BadParam("input must be text (a string or a list of strings), not token ids", "input")
+        for i, text in enumerate(items):
+            check_utf8("the input" if len(items) == 1 else f"input {i}", str(text), "input")
         return [str(t) for t in items]
 
 
@@ -104,6 +106,7 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
     app = FastAPI(title="kvtier embeddings", version=kvtier.__version__)
     app.state.kvtier = state
     add_error_handlers(app, settings)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
