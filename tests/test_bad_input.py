@@ -94,6 +94,18 @@ BAD_PARAMS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "max-tokens-float": (dict(max_tokens=4.0), ("max_tokens must be an integer",)),
     "max-tokens-bool": (dict(max_tokens=True), ("max_tokens must be an integer",)),
     "ignore-eos-int": (dict(ignore_eos=1), ("ignore_eos must be true or false",)),
+    "temperature-int-too-large": (dict(temperature=10**400), ("temperature must be", "401 digits")),
+    "logit-bias-list": (dict(logit_bias=[5, 1.0]), ("logit_bias must map token ids to numbers", "list")),
+    "logit-bias-str-key": (
+        dict(logit_bias={"5": 1.0}),
+        ("logit_bias keys must be integer token ids", "str '5'"),
+    ),
+    "logit-bias-bool-key": (dict(logit_bias={True: 1.0}), ("logit_bias keys must be integer", "bool")),
+    "logit-bias-vocab": (dict(logit_bias={10**6: 1.0}), ("logit_bias token id int 1000000 is outside",)),
+    "logit-bias-value": (dict(logit_bias={5: 100.5}), ("logit_bias values must be in [-100, 100]",)),
+    "logit-bias-huge": (dict(logit_bias={5: 10**400}), ("logit_bias values", "401 digits")),
+    "logit-bias-nan": (dict(logit_bias={5: NAN}), ("logit_bias values", "finite")),
+    "logit-bias-many": (dict(logit_bias=dict.fromkeys(range(1025), 1.0)), ("1025 entries; at most 1024",)),
 }
 
 

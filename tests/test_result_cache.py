@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from kvtier import LLM, SamplingParams
@@ -118,6 +119,11 @@ def test_any_changed_parameter_prompt_or_salt_is_a_miss(llm: LLM) -> None:
     llm.generate(PROMPT, dataclasses.replace(GREEDY, logit_bias={3: 5.0, 9: -2.0}))
     reordered = dataclasses.replace(GREEDY, logit_bias={9: -2.0, 3: 5.0})  # a bias in another order
     assert llm.generate(PROMPT, reordered)[0].served_from == "result-cache"
+    as_numpy = dataclasses.replace(GREEDY, logit_bias={np.int64(9): -2.0, np.int32(3): np.float32(5.0)})
+    assert llm.generate(PROMPT, as_numpy)[0].served_from == "result-cache"  # numpy values: the same key
+    seeded = dataclasses.replace(SEEDED, seed=np.uint64(2**64 - 1), temperature=np.float64(0.7))
+    assert llm.generate(PROMPT, seeded)[0].served_from == "model"
+    assert llm.generate(PROMPT, dataclasses.replace(seeded, seed=2**64 - 1))[0].served_from == "result-cache"
 
 
 def test_another_model_is_a_miss_on_a_shared_tier(tmp_path: Path) -> None:

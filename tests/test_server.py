@@ -350,6 +350,8 @@ def test_what_a_careless_client_sends_gets_a_400_naming_it(server: KvtierServer)
         ("/v1/chat/completions", {**hi, "messages": [{"role": "user", "content": [image]}]}, "messages",
          "messages[0].content[0] is a 'image_url' part: this model takes text parts only"),
         ("/v1/completions", {**ok, "logit_bias": {"²": 1}}, "logit_bias", "keys must be token ids"),
+        ("/v1/completions", {**ok, "logit_bias": {"--5": 1}}, "logit_bias", "keys must be token ids"),
+        ("/v1/completions", {**ok, "logit_bias": {"9" * 5000: 1}}, "logit_bias", "keys must be token ids"),
         ("/v1/chat/completions", {**hi, "response_format": {"type": "json_object"}}, "response_format",
          "'json_object' is not supported"),
         ("/v1/chat/completions", {**hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",

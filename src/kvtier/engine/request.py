@@ -92,7 +92,9 @@ class SamplingParams:
         if len(bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
         for token, value in bias.items():
-            if not _is_int(token) or not 0 <= token < vocab_size:
+            if not _is_int(token):
+                raise InvalidRequestError(f"logit_bias keys must be integer token ids, got {_show(token)}")
+            if not 0 <= token < vocab_size:
                 raise InvalidRequestError(
                     f"logit_bias token id {_show(token)} is outside the vocabulary [0, {vocab_size})"
                 )
@@ -168,7 +170,11 @@ def _number(
     """A finite real in [low, high] ((low, high] when ``open_low``): NaN and inf are refused."""
     if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
         raise InvalidRequestError(f"{limit}; got {_show(value)}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise InvalidRequestError(f"{limit}; got an integer of {len(str(value))} digits") from None
+    if not finite:
         raise InvalidRequestError(f"{limit} and finite; got {value}")
     if value < low or (open_low and value == low) or (high is not None and value > high):
         raise InvalidRequestError(f"{limit}; got {value}")

@@ -11,6 +11,8 @@ import os
 from dataclasses import fields
 from typing import Any
 
+import numpy as np
+
 from kvtier.cache.codec import CorruptObjectError, secret_from_env
 from kvtier.cache.keys import BlockKey, tier_namespace
 from kvtier.cache.results import KIND_RESULT, CachedResult, ResultStore, result_key
@@ -56,10 +58,20 @@ def output_params(
             continue  # greedy ignores them: the same answer for any of their values
         if isinstance(value, dict):  # logit_bias: the same bias in any order is the same answer
             value = sorted(value.items())
-        out[f.name] = list(value) if isinstance(value, list | tuple) else value
+        out[f.name] = _plain(value)
     out["eos_token_ids"] = list(eos_token_ids)
     out["max_model_len"] = max_model_len  # a long answer may stop at the context's end
     return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON values: numpy numbers (which SamplingParams takes) as Python's, tuples as
+    lists, at any depth."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def request_result_key(

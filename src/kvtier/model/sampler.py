@@ -174,7 +174,7 @@ def _build_bias(
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed`` (any Python int; taken modulo 2**64)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)  # numpy integers too
     return gen
 
 

@@ -389,7 +389,8 @@ def check_sequences(state: ServerState, n: int, num_prompts: int) -> None:
 
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.model_names:
-        raise UnknownModel(f"the model {model!r} does not exist; this server serves {state.model_names}")
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        raise UnknownModel(f"the model {shown!r} does not exist; this server serves {state.model_names}")
 
 
 async def encode(
