@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -319,9 +320,10 @@ def test_errors_name_the_problem(server: KvtierServer) -> None:
     r = httpx.post(server.url + "/v1/completions", content=b'{"model": "x", ', headers=headers, timeout=30)
     err = error_of(r, 422)
     assert err["param"] is None and "JSON decode error" in err["message"]
-    err = error_of(httpx.get(server.url + "/v1/nothing", timeout=30), 404)  # OpenAI's body, not FastAPI's
+    auth = {"Authorization": "Bearer key-a"}
+    err = error_of(httpx.get(server.url + "/v1/nothing", headers=auth, timeout=30), 404)  # OpenAI's body
     assert err["type"] == "not_found_error" and "/v1/nothing" in err["message"]
-    err = error_of(httpx.get(server.url + "/v1/completions", timeout=30), 405)
+    err = error_of(httpx.get(server.url + "/v1/completions", headers=auth, timeout=30), 405)
     assert "GET /v1/completions" in err["message"]
     server.wait_idle()  # nothing was left behind by the refused requests
     assert server.metrics()["kvtier:pool_blocks_in_use"] == 0
@@ -382,6 +384,12 @@ def test_what_a_careless_client_sends_gets_a_400_naming_it(server: KvtierServer)
         err = error_of(post(server, "/v1/completions", {**ok, **change}), 422)  # no lax coercion
         assert err["param"] == next(iter(change)), (change, err)
     error_of(post(server, "/v1/completions", {"model": MODEL}, key=None), 401)  # the key before the body
+    no_key = {"Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=b"{garbage", headers=no_key, timeout=30)
+    assert "missing API key" in error_of(r, 401)["message"]  # not the 422 of a parsed body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # a body never sent
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401")  # answered at once, not after a read
     assert client(server).models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client(server).models.retrieve("gpt-9")
@@ -494,7 +502,10 @@ def test_the_served_model_name_is_the_one_clients_and_metrics_see() -> None:
 
 
 def test_debug_stages_is_off_by_default(server: KvtierServer) -> None:
-    assert httpx.get(server.url + "/debug/stages", timeout=10).status_code == 404  # --trace-stages only
+    auth = {"Authorization": "Bearer key-a"}
+    assert (
+        httpx.get(server.url + "/debug/stages", headers=auth, timeout=10).status_code == 404
+    )  # --trace-stages only
 
 
 def test_step_handoff_out_of_range_is_refused_before_the_model_loads() -> None:

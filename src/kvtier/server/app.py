@@ -5,8 +5,8 @@ to add more (the result cache's embeddings route goes there too).
 Errors leave in OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 parameter or a prompt over the context, 401 for a bad key, 404 for an unknown model, 422 for a body of
 the wrong shape, 503 with Retry-After when the bounded queue is full or the server is stopping, 500
-(in that body too) for anything unexpected. The API key is checked before the body: a client without
-one learns nothing of the schema.
+(in that body too) for anything unexpected. The API key is checked before the body is read
+(``KeyFirst``): a client without one makes the server parse nothing and learns nothing of the schema.
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ def create_app_for(
     add_error_handlers(app, settings)
     add_routes(app, state)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(KeyFirst, tenants=state.tenants)
     if loop.stages is not None:
         app.add_middleware(StampArrival)
         app.get("/debug/stages")(_stages(state, loop.stages))
@@ -211,6 +212,29 @@ def create_app_for(
 def _too_large(max_bytes: int) -> JSONResponse:
     message = f"the request body is over this server's limit of {max_bytes} bytes (--max-request-bytes)"
     return _error(413, "invalid_request_error", message)
+
+
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # a load balancer's and a scraper's
+
+
+class KeyFirst:
+    """ASGI middleware: with keys configured, a request to any route but ``OPEN_PATHS`` without a
+    valid key gets 401 before its body is read (a route's own check runs after FastAPI parsed the
+    body: an unauthenticated client could make the server read and parse 32 MiB)."""
+
+    def __init__(self, app: Any, tenants: Tenants) -> None:
+        self.app = app
+        self.tenants = tenants
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.tenants.enabled and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization")
+            try:
+                self.tenants.authenticate(header.decode("latin-1") if header is not None else None)
+            except AuthError as e:
+                await _error(401, "authentication_error", str(e))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

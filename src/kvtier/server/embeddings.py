@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 import kvtier
 from kvtier.engine.embedder import Embedder
-from kvtier.server.app import BodyLimit, ServerSettings, UnknownModel, add_error_handlers
+from kvtier.server.app import BodyLimit, KeyFirst, ServerSettings, UnknownModel, add_error_handlers
 from kvtier.server.auth import Tenants, cache_salt
 from kvtier.server.loop import OpenStreams, QueueFull, ShuttingDown
 from kvtier.server.protocol import BadParam, Int, check_utf8
@@ -107,6 +107,7 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
     app.state.kvtier = state
     add_error_handlers(app, settings)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(KeyFirst, tenants=state.tenants)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
