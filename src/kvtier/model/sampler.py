@@ -23,6 +23,7 @@ never on the other rows of the batch.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -174,7 +175,7 @@ def _build_bias(
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed`` (any Python int; taken modulo 2**64)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)  # numpy integers too
+    gen.manual_seed(operator.index(seed) & 0xFFFF_FFFF_FFFF_FFFF)  # numpy integers too, never a str
     return gen
 
 
