@@ -203,11 +203,11 @@ class Scheduler:
             elif loads is not None:
                 return 0 if loads else None
         num_cached = len(hits) * self.block_size
-        num_new = self._tokens_to_schedule(req, num_cached, budget, first)
-        new_blocks = self._blocks_for(num_cached + (num_new or 0)) - len(hits)
-        if num_new is None or not self._room_for(hits, new_blocks):
+        admission = self._admission(req, hits, num_cached, budget, first)
+        if admission is None:
             self._let_go_of_loaded(req, hits, pinned)
             return None
+        num_new, new_blocks = admission
         if not pinned:
             self._pin_hits(hits)
         req.block_table = hits + self.pool.allocate(new_blocks)
@@ -264,14 +264,22 @@ class Scheduler:
         self.loading.append(req)
         return True
 
-    def _tokens_to_schedule(self, req: Request, num_cached: int, budget: int, first: bool) -> int | None:
-        """The tokens of ``req`` a step that admits it with ``num_cached`` of them cached schedules;
-        None: chunked prefill is off and the rest is over ``budget``, so it waits for a step of its
-        own (``first``: this one is, and may exceed the budget for one long prompt)."""
+    def _admission(
+        self, req: Request, hits: list[int], num_cached: int, budget: int, first: bool
+    ) -> tuple[int, int] | None:
+        """(tokens scheduled, new blocks) of a step that admits ``req`` with its device ``hits``
+        and ``num_cached`` tokens cached; None when it cannot run in this step: chunked prefill is
+        off and the rest is over ``budget`` (it waits for a step of its own; ``first``: this one
+        is, and may exceed the budget for one long prompt), or the pool has no room."""
         remaining = req.num_tokens - num_cached
         if remaining <= budget or self.limits.enable_chunked_prefill:
-            return min(remaining, budget)
-        return remaining if first else None
+            num_new = min(remaining, budget)
+        elif first:
+            num_new = remaining
+        else:
+            return None
+        new_blocks = self._blocks_for(num_cached + num_new) - len(hits)
+        return (num_new, new_blocks) if self._room_for(hits, new_blocks) else None
 
     def _room_for(self, hits: list[int], new_blocks: int) -> bool:
         """Whether the pool can give ``new_blocks`` besides pinning the device ``hits`` (those no
@@ -290,10 +298,7 @@ class Scheduler:
         if not (self.hierarchy.loads_layered(plan) or self.hierarchy.loads_at_once(plan)):
             return True
         num_cached = (len(hits) + plan.num_blocks) * self.block_size
-        num_new = self._tokens_to_schedule(req, num_cached, budget, first)
-        return num_new is not None and self._room_for(
-            hits, self._blocks_for(num_cached + num_new) - len(hits)
-        )
+        return self._admission(req, hits, num_cached, budget, first) is not None
 
     def _load_now(
         self, req: Request, hits: list[int], plan: LoadPlan, block_tokens: list[list[int]]
