@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -217,20 +217,26 @@ def _too_large(max_bytes: int) -> JSONResponse:
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # a load balancer's and a scraper's
 
 
+TENANT_KEY = "kvtier.tenant"  # the ASGI scope's entry KeyFirst fills: the request's tenant or None
+
+
 class KeyFirst:
-    """ASGI middleware: with keys configured, a request to any route but ``OPEN_PATHS`` without a
-    valid key gets 401 before its body is read (a route's own check runs after FastAPI parsed the
-    body: an unauthenticated client could make the server read and parse 32 MiB)."""
+    """ASGI middleware, the one place keys are checked: with keys configured, a request to any
+    route but ``OPEN_PATHS`` without a valid key gets 401 before its body is read (a check in the
+    route ran after FastAPI parsed the body: an unauthenticated client could make the server read
+    and parse 32 MiB). The tenant goes into the scope (``TENANT_KEY``) for the routes."""
 
     def __init__(self, app: Any, tenants: Tenants) -> None:
         self.app = app
         self.tenants = tenants
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.tenants.enabled and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = dict(scope["headers"]).get(b"authorization")
             try:
-                self.tenants.authenticate(header.decode("latin-1") if header is not None else None)
+                scope[TENANT_KEY] = self.tenants.authenticate(
+                    header.decode("latin-1") if header is not None else None
+                )
             except AuthError as e:
                 await _error(401, "authentication_error", str(e))(scope, receive, send)
                 return
@@ -385,16 +391,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     app.post("/detokenize")(_detokenize(state))
 
 
-def authenticate(state: ServerState, request: Request) -> str | None:
-    return state.tenants.authenticate(request.headers.get("authorization"))
-
-
-def tenant_of(state: ServerState) -> Any:
-    """The route dependency that authenticates a request (before its body is validated)."""
-
-    def tenant(request: Request) -> str | None:
-        return authenticate(state, request)
-
+def tenant_of(request: Request) -> str | None:
+    """The request's tenant, as ``KeyFirst`` found it (None: the server is open)."""
+    tenant: str | None = request.scope.get(TENANT_KEY)
     return tenant
 
 
@@ -487,9 +486,7 @@ async def _respond(job: cmpl.Job, request: Request) -> Any:
 
 
 def _completions(state: ServerState) -> Any:
-    async def create_completion(
-        body: CompletionRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
-    ) -> Any:
+    async def create_completion(body: CompletionRequest, request: Request) -> Any:
         parsed = time.perf_counter()
         check_model(state, body.model)
         body.refuse_unsupported()
@@ -506,16 +503,14 @@ def _completions(state: ServerState) -> Any:
             state, False, body.model, body.include_usage, body.n, logprobs is not None, body.stream
         )
         _trace(state, request, job.rid, parsed)
-        await cmpl.submit_all(job, prompts, params, cache_salt(tenant, body.cache_salt))
+        await cmpl.submit_all(job, prompts, params, cache_salt(tenant_of(request), body.cache_salt))
         return await _respond(job, request)
 
     return create_completion
 
 
 def _chat(state: ServerState) -> Any:
-    async def create_chat_completion(
-        body: ChatCompletionRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
-    ) -> Any:
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
         parsed = time.perf_counter()
         check_model(state, body.model)
         body.refuse_unsupported()
@@ -528,7 +523,7 @@ def _chat(state: ServerState) -> Any:
         job = cmpl.Job(state, True, body.model, body.include_usage, body.n, logprobs is not None, body.stream)
         job.rid = job.rid.replace("cmpl-", "chatcmpl-", 1)
         _trace(state, request, job.rid, parsed)
-        await cmpl.submit_all(job, [ids], [params], cache_salt(tenant, body.cache_salt))
+        await cmpl.submit_all(job, [ids], [params], cache_salt(tenant_of(request), body.cache_salt))
         return await _respond(job, request)
 
     return create_chat_completion
@@ -547,8 +542,7 @@ def _trace(state: ServerState, request: Request, request_id: str, parsed: float)
 
 
 def _stages(state: ServerState, stages: StageLog) -> Any:
-    async def debug_stages(request: Request) -> dict[str, Any]:
-        authenticate(state, request)
+    async def debug_stages() -> dict[str, Any]:
         return stages.body()
 
     return debug_stages
@@ -565,16 +559,14 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
 
 
 def _models(state: ServerState) -> Any:
-    async def list_models(request: Request) -> dict[str, Any]:
-        authenticate(state, request)
+    async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(state, name) for name in state.model_names]}
 
     return list_models
 
 
 def _model(state: ServerState) -> Any:
-    async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
-        authenticate(state, request)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
         check_model(state, model_id)
         return _model_card(state, model_id)
 
@@ -603,9 +595,7 @@ async def _version() -> dict[str, str]:
 
 
 def _tokenize(state: ServerState) -> Any:
-    async def tokenize(
-        body: TokenizeRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
-    ) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         check_model(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise BadParam("send exactly one of prompt and messages", "prompt")
@@ -620,9 +610,7 @@ def _tokenize(state: ServerState) -> Any:
 
 
 def _detokenize(state: ServerState) -> Any:
-    async def detokenize(
-        body: DetokenizeRequest, request: Request, tenant: str | None = Depends(tenant_of(state))
-    ) -> dict[str, Any]:
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
         check_model(state, body.model)
         ids = await encode(state, body.tokens, "tokens")
         if state.tokenizer is None:

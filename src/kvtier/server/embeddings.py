@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 import kvtier
 from kvtier.engine.embedder import Embedder
-from kvtier.server.app import BodyLimit, KeyFirst, ServerSettings, UnknownModel, add_error_handlers
+from kvtier.server.app import BodyLimit, KeyFirst, ServerSettings, UnknownModel, add_error_handlers, tenant_of
 from kvtier.server.auth import Tenants, cache_salt
 from kvtier.server.loop import OpenStreams, QueueFull, ShuttingDown
 from kvtier.server.protocol import BadParam, Int, check_utf8
@@ -111,7 +111,7 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-        tenant = state.tenants.authenticate(request.headers.get("authorization"))
+        tenant = tenant_of(request)
         if body.model is not None and body.model not in state.model_names:
             raise UnknownModel(
                 f"the model {body.model!r} does not exist; this server serves {state.model_names}"
@@ -143,8 +143,7 @@ def create_embedding_app(embedder: Embedder, settings: ServerSettings, name: str
         return JSONResponse(body_out, headers={"X-Kvtier-Cached-Inputs": str(cached)})
 
     @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        state.tenants.authenticate(request.headers.get("authorization"))
+    async def list_models() -> dict[str, Any]:
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "kvtier"} for n in state.model_names]
         return {"object": "list", "data": data}
 
